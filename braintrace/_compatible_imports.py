@@ -1,0 +1,69 @@
+"""Every JAX-version-sensitive import in one place.
+
+braintrace runs on jax 0.10.x (CPU machines) and jax 0.11.x (GPU machines). JAX 0.11 merged
+``ClosedJaxpr`` into ``Jaxpr`` and keeps moving internal names; this module detects capabilities
+rather than versions so the rest of the package imports from here only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend as _jex
+from jax.interpreters import ad, batching, mlir
+
+__all__ = [
+    "Primitive",
+    "ClosedJaxpr",
+    "Jaxpr",
+    "Var",
+    "Literal",
+    "ShapedArray",
+    "ad",
+    "batching",
+    "mlir",
+    "is_closed_jaxpr",
+    "jaxpr_of",
+    "consts_of",
+    "new_jaxpr_eqn_params",
+]
+
+Primitive = _jex.core.Primitive
+Jaxpr = _jex.core.Jaxpr
+ClosedJaxpr = getattr(_jex.core, "ClosedJaxpr", Jaxpr)
+Var = _jex.core.Var
+Literal = _jex.core.Literal
+
+try:  # jax >= 0.4.30 exposes ShapedArray from jax.core
+    from jax.core import ShapedArray
+except ImportError:  # pragma: no cover - future layouts
+    from jax._src.core import ShapedArray  # type: ignore
+
+
+def is_closed_jaxpr(obj) -> bool:
+    """True for a closed jaxpr (``ClosedJaxpr`` on jax 0.10, a ``Jaxpr`` with consts on 0.11)."""
+    return hasattr(obj, "jaxpr") and hasattr(obj, "consts")
+
+
+def jaxpr_of(obj):
+    """The open jaxpr (with ``eqns``, ``invars``, ``outvars``) of a closed or open jaxpr."""
+    inner = getattr(obj, "jaxpr", None)
+    return inner if inner is not None and hasattr(inner, "eqns") else obj
+
+
+def consts_of(obj):
+    """The constants of a closed jaxpr (empty for an open one)."""
+    return list(getattr(obj, "consts", ()) or ())
+
+
+def new_jaxpr_eqn_params(eqn) -> dict:
+    """A plain dict copy of an equation's params."""
+    return dict(eqn.params)
+
+
+# ``jax.extend.core.Literal`` values: ``.val`` on every version.
+def literal_value(lit):
+    return lit.val
+
+
+__all__.append("literal_value")
+__all__.append("jax")

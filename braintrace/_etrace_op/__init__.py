@@ -1,0 +1,47 @@
+"""The ETP primitive layer: registries, ``ETPPrimitive``, ``ETPPrimitiveSpec``, the built-in
+primitives with their four rules, and the user-facing wrappers."""
+
+from ._registries import (
+    BATCHED_PRIMITIVES,
+    ETP_PRIMITIVE_SPECS,
+    ETP_PRIMITIVES,
+    ETP_RULES_INIT_DRTRL,
+    ETP_RULES_INIT_PP,
+    ETP_RULES_XY_TO_DW,
+    ETP_RULES_YW_TO_W,
+    ETP_TRAINABLE_INVARS_FNS,
+    ETP_X_INVAR_INDICES,
+    ETP_Y_OUTVAR_INDICES,
+    GRADIENT_ENABLED_PRIMITIVES,
+    get_rule,
+)
+from ._primitive import ETPPrimitive, register_primitive, unregister_primitive
+from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
+from .dense import etp_mm_p, etp_mv_p, matmul
+from .elemwise import element_wise, etp_elemwise_p
+
+__all__ = [
+    "BATCHED_PRIMITIVES",
+    "ETP_PRIMITIVE_SPECS",
+    "ETP_PRIMITIVES",
+    "ETP_RULES_INIT_DRTRL",
+    "ETP_RULES_INIT_PP",
+    "ETP_RULES_XY_TO_DW",
+    "ETP_RULES_YW_TO_W",
+    "ETP_TRAINABLE_INVARS_FNS",
+    "ETP_X_INVAR_INDICES",
+    "ETP_Y_OUTVAR_INDICES",
+    "GRADIENT_ENABLED_PRIMITIVES",
+    "get_rule",
+    "ETPPrimitive",
+    "register_primitive",
+    "unregister_primitive",
+    "ETPPrimitiveSpec",
+    "get_primitive_spec",
+    "register_primitive_spec",
+    "etp_mm_p",
+    "etp_mv_p",
+    "matmul",
+    "etp_elemwise_p",
+    "element_wise",
+]

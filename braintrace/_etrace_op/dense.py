@@ -1,0 +1,180 @@
+r"""Dense matmul ETP primitives ``etp_mm`` (batched) and ``etp_mv`` (unbatched).
+
+Forward:  :math:`y = x W \;(+ b)` with :math:`x \in \mathbb{R}^{B\times I}` (``etp_mm``) or
+:math:`\mathbb{R}^{I}` (``etp_mv``), :math:`W \in \mathbb{R}^{I\times O}`, :math:`b \in \mathbb{R}^{O}`.
+
+Invars: ``x, W[, b]``; static param ``has_bias``; trainable layout ``{'weight': 1[, 'bias': 2]}``.
+
+ETP rules (``g = \partial h/\partial y`` for one hidden state, shape of ``y``):
+
+* ``xy_to_dw(x, g, {W, b})`` — the VJP of the op: :math:`\partial h/\partial W_{ik} = \sum_b x_{bi} g_{bk}`,
+  :math:`\partial h/\partial b_k = \sum_b g_{bk}`.
+* ``yw_to_w(d, trace)`` — the ``y -> W`` link of :math:`D^t \epsilon^{t-1}`: since
+  :math:`\partial y_j/\partial W_{ik} = \delta_{jk} x_i`, the trace is scaled along ``out``:
+  :math:`\epsilon_{W,\dots ik} \leftarrow d_{\dots k}\,\epsilon_{W,\dots ik}`,
+  :math:`\epsilon_{b,\dots k} \leftarrow d_{\dots k}\,\epsilon_{b,\dots k}` (``d`` of shape ``(..., O)``
+  broadcast at axis ``-2`` of the weight trace, so ``in != out`` works with or without batch).
+* ``init_drtrl`` — ``{'weight': (B, I, O, n)[, 'bias': (B, O, n)]}`` for ``etp_mm``;
+  ``{'weight': (I, O, n)[, 'bias': (O, n)]}`` for ``etp_mv``; dtype of the weight.
+* ``init_pp`` — the output-shaped df trace ``(*y.shape, n)``, dtype of ``y``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ._batching import make_x_batching_rule
+from ._spec import ETPPrimitiveSpec, register_primitive_spec
+from ._units import attach, bias_mantissa, split
+
+__all__ = ["etp_mm_p", "etp_mv_p", "matmul"]
+
+
+def _matmul_impl(*args, has_bias=False):
+    x, w = args[0], args[1]
+    y = x @ w
+    if has_bias:
+        y = y + args[2]
+    return y
+
+
+def _dense_trainable_invars(params):
+    """``{'weight': 1}`` or ``{'weight': 1, 'bias': 2}`` depending on ``has_bias``."""
+    layout = {"weight": 1}
+    if params.get("has_bias", False):
+        layout["bias"] = 2
+    return layout
+
+
+def _dense_yw_to_w(hidden_dim, trace, *, has_bias=False):
+    r"""Scale the weight-shaped trace by ``hidden_dim`` along ``out``.
+
+    ``hidden_dim``: ``(..., O)``; ``trace['weight']``: ``(..., I, O)``; ``trace['bias']``: ``(..., O)``.
+    """
+    out = {"weight": trace["weight"] * jnp.expand_dims(hidden_dim, axis=-2)}
+    if has_bias:
+        out["bias"] = trace["bias"] * hidden_dim
+    return out
+
+
+def _dense_xy_to_dw(x, hidden_dim, weights, *, has_bias=False):
+    r"""``{'weight': x^T g[, 'bias': sum_b g]}``: the VJP of ``x @ W (+ b)`` with cotangent ``g``."""
+
+    def fwd(w):
+        return _matmul_impl(x, w["weight"], *([w["bias"]] if has_bias else []), has_bias=has_bias)
+
+    _, vjp = jax.vjp(fwd, dict(weights))
+    return vjp(jnp.asarray(hidden_dim, dtype=jnp.result_type(x, weights["weight"])))[0]
+
+
+def _param_trace_zeros(batch_shape, weight_vars, n):
+    return {
+        k: jnp.zeros((*batch_shape, *v.aval.shape, n), dtype=v.aval.dtype) for k, v in weight_vars.items()
+    }
+
+
+def _mm_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
+    """``{'weight': zeros(B, I, O, n)[, 'bias': zeros(B, O, n)]}``."""
+    return _param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
+
+
+def _mv_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
+    """``{'weight': zeros(I, O, n)[, 'bias': zeros(O, n)]}``."""
+    return _param_trace_zeros((), weight_vars, num_hidden_state)
+
+
+def _output_init_pp(x_var, y_var, weight_vars, num_hidden_state):
+    """The output-shaped df trace ``zeros(*y.shape, n)``."""
+    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
+
+
+_x_rule = make_x_batching_rule(lambda: etp_mv_p, lambda: etp_mm_p)
+_x_rule_mm = make_x_batching_rule(lambda: etp_mm_p, lambda: etp_mm_p)
+
+etp_mm_p = register_primitive_spec(
+    ETPPrimitiveSpec(
+        name="etp_mm",
+        impl=_matmul_impl,
+        yw_to_w=_dense_yw_to_w,
+        xy_to_dw=_dense_xy_to_dw,
+        init_drtrl=_mm_init_drtrl,
+        init_pp=_output_init_pp,
+        trainable_invars_fn=_dense_trainable_invars,
+        x_invar_index=0,
+        batched=True,
+        batching_rule=_x_rule_mm,
+    )
+)
+
+etp_mv_p = register_primitive_spec(
+    ETPPrimitiveSpec(
+        name="etp_mv",
+        impl=_matmul_impl,
+        yw_to_w=_dense_yw_to_w,
+        xy_to_dw=_dense_xy_to_dw,
+        init_drtrl=_mv_init_drtrl,
+        init_pp=_output_init_pp,
+        trainable_invars_fn=_dense_trainable_invars,
+        x_invar_index=0,
+        batched=False,
+        batching_rule=_x_rule,
+    )
+)
+
+
+def matmul(x, weight, bias=None):
+    r"""ETP-marked dense matrix product :math:`y = x W \;(+ b)`.
+
+    Binds ``etp_mm`` when ``x.ndim >= 2`` (``(batch, in)``; more leading axes are flattened into
+    the batch) and ``etp_mv`` when ``x`` is a vector ``(in,)``.
+
+    Parameters
+    ----------
+    x : array or Quantity, shape ``(batch, in)`` or ``(in,)``
+    weight : array or Quantity, shape ``(in, out)``
+    bias : array or Quantity, shape ``(out,)``, optional
+        Its unit must have the dimension of ``unit(x) * unit(weight)``.
+
+    Returns
+    -------
+    array or Quantity of shape ``(batch, out)`` or ``(out,)``
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import braintrace
+    >>> braintrace.matmul(jnp.ones((4, 3)), jnp.ones((3, 5))).shape
+    (4, 5)
+    >>> braintrace.matmul(jnp.ones(3), jnp.ones((3, 5)), bias=jnp.zeros(5)).shape
+    (5,)
+    """
+    x_m, x_u = split(x)
+    w_m, w_u = split(weight)
+    x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
+    if w_m.ndim != 2:
+        raise ValueError(f"matmul: `weight` must be 2-D (in, out), got shape {w_m.shape}.")
+    if x_m.ndim == 0:
+        raise ValueError("matmul: `x` must have at least one axis (in,) or (batch, in), got a scalar.")
+    if x_m.shape[-1] != w_m.shape[0]:
+        raise ValueError(
+            f"matmul: `x` has {x_m.shape[-1]} input features (shape {x_m.shape}) but `weight` expects "
+            f"{w_m.shape[0]} (shape {w_m.shape}); x.shape[-1] must equal weight.shape[0]."
+        )
+    unit = x_u * w_u
+    operands = [x_m, w_m]
+    if bias is not None:
+        b_m = jnp.asarray(bias_mantissa(bias, unit, op="matmul"))
+        if b_m.shape != (w_m.shape[1],):
+            raise ValueError(
+                f"matmul: `bias` must have shape ({w_m.shape[1]},) = (weight.shape[1],), got {b_m.shape}."
+            )
+        operands.append(b_m)
+    lead = x_m.shape[:-1]
+    if x_m.ndim > 2:
+        operands[0] = x_m.reshape((-1, x_m.shape[-1]))
+    p = etp_mv_p if x_m.ndim == 1 else etp_mm_p
+    y = p.bind(*operands, has_bias=bias is not None)
+    if x_m.ndim > 2:
+        y = y.reshape((*lead, y.shape[-1]))
+    return attach(y, unit)
