@@ -67,3 +67,25 @@ def literal_value(lit):
 
 __all__.append("literal_value")
 __all__.append("jax")
+
+
+def bind_equation(eqn, invals):
+    """Bind ``eqn``'s primitive on ``invals`` (``get_bind_params`` returns params alone on new
+    jax and ``(subfuns, params)`` on older releases). Always returns a list of outputs."""
+    res = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], dict):
+        subfuns, params = res
+    else:
+        subfuns, params = (), res
+    with eqn.ctx.manager if hasattr(eqn, "ctx") else _nullcontext():
+        out = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+__all__.append("bind_equation")

@@ -1,0 +1,165 @@
+"""Base classes of the online-learning algorithms."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from braintrace._compiler.diagnostics import CompilationError
+from braintrace._compiler.graph import ETraceGraph, compile_etrace_graph
+
+from .executor import ETraceVjpGraphExecutor, StepValues
+
+__all__ = ["EligibilityTrace", "ETraceAlgorithm", "ETraceVjpAlgorithm"]
+
+
+class EligibilityTrace(brainstate.ShortTermState):
+    """A ``brainstate`` state that holds eligibility traces (a dict of arrays)."""
+
+
+class ETraceAlgorithm(brainstate.nn.Module):
+    """An online-learning algorithm wrapped around a model.
+
+    Call :meth:`compile_graph` once with example inputs, then call the algorithm like the model:
+    ``alg(x)`` runs one step, writes the model's new states and advances the eligibility traces.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+        A model whose states are initialised (``brainstate.nn.init_all_states``).
+    name : str, optional
+    """
+
+    def __init__(self, model, name: Optional[str] = None):
+        super().__init__(name=name)
+        if not isinstance(model, brainstate.nn.Module):
+            raise TypeError(f"`model` must be a brainstate.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.graph: Optional[ETraceGraph] = None
+        self._bound_hidden = None
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.graph is not None
+
+    def compile_graph(self, *inputs) -> "ETraceAlgorithm":
+        """Trace one step with ``inputs`` (used for shapes only), build the graph and the traces."""
+        self.graph = compile_etrace_graph(self.model, *inputs)
+        self._input_avals = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(inputs)]
+        self._input_tree = jax.tree.structure(inputs)
+        self._build()
+        self._bound_hidden = tuple(id(self.graph.module_info.states[h.state_index])
+                                   for h in self.graph.module_info.hidden_leaves)
+        return self
+
+    # subclasses -------------------------------------------------------------------------------
+    def _build(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _step(self, *inputs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reset_state(self, *args, **kwargs):
+        """Zero the eligibility traces (the model's own states are reset by brainstate)."""
+        if self.is_compiled:
+            self._reset_traces()
+
+    def _reset_traces(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # running ----------------------------------------------------------------------------------
+    def _check_inputs(self, inputs):
+        if not self.is_compiled:
+            raise RuntimeError(
+                f"{type(self).__name__} is not compiled: call `alg.compile_graph(*example_inputs)` "
+                f"before running a step."
+            )
+        tree = jax.tree.structure(inputs)
+        avals = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(inputs)]
+        if tree != self._input_tree or [a[0] for a in avals] != [a[0] for a in self._input_avals]:
+            raise ValueError(
+                f"Inputs {[a[0] for a in avals]} differ from the shapes the graph was compiled with "
+                f"{[a[0] for a in self._input_avals]}; call `compile_graph` again with inputs of the new "
+                f"shape (and re-initialise the model's states for a new batch size)."
+            )
+
+    def _current_states(self):
+        """The model's states now, resolved by path (``init_all_states`` creates new objects)."""
+        info = self.graph.module_info
+        try:
+            current = {tuple(map(str, p)): s for p, s in self.model.states().items()}
+        except Exception:  # pragma: no cover
+            current = {}
+        states = []
+        for i, s in enumerate(info.states):
+            p = info.paths[i]
+            states.append(s if p[0] == "<external>" else current.get(p, s))
+        leaves = jax.tree.leaves([s.value for s in states])
+        compiled = info.state_invars()
+        for k, (leaf, var) in enumerate(zip(leaves, compiled)):
+            if tuple(jnp.shape(leaf)) != tuple(var.aval.shape):
+                owner = info.leaf_owner(k)
+                raise ValueError(
+                    f"State {info.path_of(owner)!r} has shape {tuple(jnp.shape(leaf))} but the graph was "
+                    f"compiled for {tuple(var.aval.shape)}; call `compile_graph` again after changing the "
+                    f"batch size."
+                )
+        hidden_ids = tuple(id(states[h.state_index]) for h in info.hidden_leaves)
+        if hidden_ids != self._bound_hidden:
+            # The model's states were re-created: its traces restart with them.
+            self._bound_hidden = hidden_ids
+            self._reset_traces()
+        return states, leaves
+
+    def update(self, *inputs):
+        """Run one step: returns the model's output, writes its states, advances the traces."""
+        self._check_inputs(inputs)
+        return self._step(*inputs)
+
+
+class ETraceVjpAlgorithm(ETraceAlgorithm):
+    """An algorithm whose gradient arrives through a ``custom_vjp`` step (see the executor).
+
+    Subclasses define the trace layout: :meth:`_init_trace_values`, :meth:`_update_traces`
+    (returns the new traces, passed to :meth:`_solve` in the backward pass) and :meth:`_solve`.
+    """
+
+    def _build(self):
+        self.executor = ETraceVjpGraphExecutor(self.graph, self._solve)
+        self.etrace = EligibilityTrace(self._init_trace_values())
+
+    def _reset_traces(self):
+        self.etrace.value = jax.tree.map(jnp.zeros_like, self.etrace.value)
+
+    def _init_trace_values(self) -> Dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update_traces(self, traces: Dict, step: StepValues) -> Dict:  # pragma: no cover
+        raise NotImplementedError
+
+    def _solve(self, traces, cts, weights, aux):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _step(self, *inputs):
+        info = self.graph.module_info
+        states, state_leaves = self._current_states()
+        arg_leaves = jax.tree.leaves(inputs)
+        step = self.executor.step_values(state_leaves, arg_leaves)
+        new_traces = jax.lax.stop_gradient(self._update_traces(self.etrace.value, step))
+        outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step)
+        self.etrace.value = new_traces
+        new_values = jax.tree.unflatten(info.state_treedef, new_state_leaves)
+        for s, v, w in zip(states, new_values, info.written):
+            if w:
+                s.value = v
+        return jax.tree.unflatten(info.out_treedef, outs)
+
+    def relation_weight_vars(self, relation):
+        return {k: v for k, v in relation.trainable_vars.items()}
+
+    def _check_graph(self):
+        if not self.graph.hidden_param_op_relations:  # pragma: no cover - compile raises first
+            raise CompilationError("no relation")

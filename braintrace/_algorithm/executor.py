@@ -1,0 +1,255 @@
+r"""Executors: evaluate one compiled step and the quantities the eligibility traces need.
+
+For every relation ``r`` (``y_r = f_r(x_r, \theta_r)``) and hidden group ``g`` of ``n`` states:
+
+* ``df[r, g]``: shape ``(*unit_shape, n)``, ``df[..., s] = \partial h_s/\partial y_r`` per unit,
+  the JVP of the step with respect to ``y_r`` in the direction of ones (every within-step path from
+  ``y_r`` to each state of the group is included);
+* ``D[g]``: shape ``(*unit_shape, n, n)``, ``D[..., s, j] = \partial h_{t,s}/\partial h_{t-1,j}``
+  with every trainable ETP output held fixed (the intrinsic dynamics), one block per unit.
+
+Both are exact per-unit blocks when the intrinsic dynamics and the ``y -> h`` paths are
+element-wise (the compiler warns otherwise; a mixing path contributes its row sums).
+
+:class:`ETraceVjpGraphExecutor` adds the step as a ``jax.custom_vjp`` function whose backward
+pass hands ``\partial L/\partial h_t`` to an algorithm-specific *solve* and routes the result to
+the parameters that own each relation's trainable operands.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from braintrace._compatible_imports import Literal, bind_equation, consts_of
+from braintrace._compiler.graph import ETraceGraph, HiddenGroup, _is_cut
+from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked
+from braintrace._compiler.perturbation import add_hidden_perturbation_in_module
+
+__all__ = ["ETraceGraphExecutor", "ETraceVjpGraphExecutor", "StepValues"]
+
+
+def _read(env, v):
+    return v.val if isinstance(v, Literal) else env[v]
+
+
+class StepValues:
+    """Per-step values of the relations: ``x``, ``y``, trainable operands, ``df`` and ``D``."""
+
+    def __init__(self, xs, weights, aux, df, d):
+        self.xs = xs  # relation -> x value (or None)
+        self.weights = weights  # relation -> {key: value}
+        self.aux = aux  # relation -> tuple of aux operands (sparse index arrays)
+        self.df = df  # (relation, group position) -> (*unit, n)
+        self.d = d  # group index -> (*unit, n, n)
+
+
+class ETraceGraphExecutor:
+    """Evaluates the step of an :class:`~braintrace.ETraceGraph` and its hidden Jacobians."""
+
+    def __init__(self, graph: ETraceGraph):
+        self.graph = graph
+        info = graph.module_info
+        self.info = info
+        self.jaxpr = info.jaxpr
+        self.consts = consts_of(info.closed_jaxpr)
+        self.cut_eqns = [i for i, e in enumerate(self.jaxpr.eqns) if _is_cut(e)]
+        self.state_out = info.state_outvars()
+
+    # -- plain evaluation ---------------------------------------------------------------------
+    def evaluate(self, state_leaves, arg_leaves, eqn_hook=None):
+        """``(out_leaves, new_state_leaves, env)`` of one step."""
+        outs, env = eval_jaxpr_hooked(self.jaxpr, self.consts, [*state_leaves, *arg_leaves], eqn_hook=eqn_hook)
+        n = self.info.num_out_leaves
+        return outs[:n], outs[n:], env
+
+    def _hidden_values(self, outs_states, group: HiddenGroup):
+        vals = []
+        for h in group.hidden_leaves:
+            v = outs_states[h.leaf]
+            vals.append(v if h.slot is None else v[..., h.slot])
+        return vals
+
+    # -- Jacobians ----------------------------------------------------------------------------
+    def step_values(self, state_leaves, arg_leaves) -> StepValues:
+        """Everything the trace updates need, computed without gradients."""
+        graph = self.graph
+        state_leaves = [jax.lax.stop_gradient(s) for s in state_leaves]
+        arg_leaves = [jax.lax.stop_gradient(a) for a in arg_leaves]
+        _, _, env = self.evaluate(state_leaves, arg_leaves)
+        cut_vals = [env[self.jaxpr.eqns[i].outvars[0]] for i in self.cut_eqns]
+        hidden_in = [state_leaves[h.leaf] for h in self.info.hidden_leaves]
+        leaf_ids = [(h.leaf, h.slot) for h in self.info.hidden_leaves]
+        cut_pos = {eqn_i: k for k, eqn_i in enumerate(self.cut_eqns)}
+
+        def g_fn(hidden_vals, ys):
+            # state leaves with hidden values substituted (slots of a group state share a leaf).
+            leaves = list(state_leaves)
+            for (leaf, slot), val in zip(leaf_ids, hidden_vals):
+                leaves[leaf] = val if slot is None else leaves[leaf].at[..., slot].set(val[..., slot])
+
+            def hook(i, eqn, invals):
+                k = cut_pos.get(i)
+                if k is None:
+                    return None
+                outs = bind_equation(eqn, invals)
+                outs[0] = ys[k]
+                return outs
+
+            _, new_states, _ = self.evaluate(leaves, arg_leaves, eqn_hook=hook)
+            return new_states
+
+        primals = (hidden_in, cut_vals)
+        _, lin = jax.linearize(g_fn, *primals)
+        zero_h = [jnp.zeros_like(h) for h in hidden_in]
+        zero_y = [jnp.zeros_like(y) for y in cut_vals]
+
+        d = {}
+        for g in graph.hidden_groups:
+            cols = []
+            for hj in g.hidden_leaves:
+                k = self.info.hidden_leaves.index(hj)
+                th = list(zero_h)
+                one = jnp.ones(hj.shape, hj.dtype)
+                th[k] = one if hj.slot is None else jnp.zeros_like(hidden_in[k]).at[..., hj.slot].set(one)
+                # every hidden leaf sharing the same state leaf carries the same tangent slot
+                for k2, hk in enumerate(self.info.hidden_leaves):
+                    if k2 != k and hk.leaf == hj.leaf:
+                        th[k2] = th[k]
+                out = lin(th, zero_y)
+                cols.append(jnp.stack(self._hidden_values(out, g), axis=-1))  # (*unit, n) over s
+            d[g.index] = jnp.stack(cols, axis=-1)  # (*unit, n_s, n_j)
+
+        df, xs, weights, aux = {}, {}, {}, {}
+        for r in graph.hidden_param_op_relations:
+            k = cut_pos.get(r.eqn_index)
+            if k is None:  # a gradient-enabled relation (element_wise): perturb its output
+                ty = self._jvp_gradient_enabled(state_leaves, arg_leaves, r, env)
+            else:
+                ty_list = list(zero_y)
+                ty_list[k] = jnp.ones_like(cut_vals[k])
+                ty = lin(zero_h, ty_list)
+            for gi, g in enumerate(r.hidden_groups):
+                df[(r.index, gi)] = jnp.stack(self._hidden_values(ty, g), axis=-1)
+            xs[r.index] = _read(env, r.x_var) if r.x_var is not None else None
+            weights[r.index] = {key: _read(env, v) for key, v in r.trainable_vars.items()}
+            aux[r.index] = tuple(_read(env, v) for v in r.aux_vars)
+        return StepValues(xs, weights, aux, df, d)
+
+    def _jvp_gradient_enabled(self, state_leaves, arg_leaves, relation, env):
+        """``dh/dy`` for a relation whose primitive is walked through (its y is not cut)."""
+        y0 = env[relation.y_var]
+        cut = set(self.cut_eqns)
+        cut_outs = {i: env[self.jaxpr.eqns[i].outvars[0]] for i in cut}
+
+        def fn(y):
+            def hook(i, eqn, invals):
+                if i == relation.eqn_index:
+                    outs = bind_equation(eqn, invals)
+                    outs[0] = y
+                    return outs
+                if i in cut:
+                    outs = bind_equation(eqn, invals)
+                    outs[0] = cut_outs[i]
+                    return outs
+                return None
+
+            _, new_states, _ = self.evaluate(state_leaves, arg_leaves, eqn_hook=hook)
+            return new_states
+
+        return jax.jvp(fn, (y0,), (jnp.ones_like(y0),))[1]
+
+
+class ETraceVjpGraphExecutor(ETraceGraphExecutor):
+    """Adds :meth:`call`: the step as a ``custom_vjp`` function with an online backward pass.
+
+    ``solve(trace_data, cts, weights, aux) -> {relation index: {key: grad}}`` receives
+    ``cts[(relation, group position)]`` of shape ``(*unit, n)`` (``dL/dh`` of the group's states).
+    """
+
+    def __init__(self, graph: ETraceGraph, solve: Callable):
+        super().__init__(graph)
+        self.solve = solve
+        rel_eqns = {r.eqn_index: r for r in graph.hidden_param_op_relations}
+
+        def stop_trainables(i, eqn, invals):
+            r = rel_eqns.get(i)
+            if r is None:
+                return None
+            invals = list(invals)
+            for idx in r.trainable_invar_indices.values():
+                invals[idx] = jax.lax.stop_gradient(invals[idx])
+            return bind_equation(eqn, invals)
+
+        self._perturbed, self.perturbation = add_hidden_perturbation_in_module(self.info, stop_trainables)
+        self._call = self._make_call()
+
+    def _trainable_values(self, state_leaves, arg_leaves):
+        _, _, env = self.evaluate(state_leaves, arg_leaves)
+        return {
+            r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()}
+            for r in self.graph.hidden_param_op_relations
+        }
+
+    def _make_call(self):
+        graph = self.graph
+        hidden = self.info.hidden_leaves
+        perturbed = self._perturbed
+
+        @jax.custom_vjp
+        def call(state_leaves, arg_leaves, trace_data, weights, aux):
+            outs, new_states = perturbed(state_leaves, arg_leaves, self.perturbation.zeros())
+            return outs, new_states
+
+        def fwd(state_leaves, arg_leaves, trace_data, weights, aux):
+            (outs, new_states), vjp_f = jax.vjp(
+                lambda s, a, p: perturbed(s, a, p), state_leaves, arg_leaves, self.perturbation.zeros()
+            )
+            _, vjp_t = jax.vjp(lambda s: self._trainable_values(s, arg_leaves), state_leaves)
+            return (outs, new_states), (vjp_f, vjp_t, trace_data, weights, aux)
+
+        def bwd(res, cts):
+            vjp_f, vjp_t, trace_data, weights, aux = res
+            ct_states, ct_args, ct_perts = vjp_f(cts)
+            group_cts = {}
+            for r in graph.hidden_param_op_relations:
+                for gi, g in enumerate(r.hidden_groups):
+                    group_cts[(r.index, gi)] = jnp.stack(
+                        [ct_perts[hidden.index(h)] for h in g.hidden_leaves], axis=-1
+                    )
+            grads = self.solve(trace_data, group_cts, weights, aux)
+            tv_ct = {
+                r.index: {k: jnp.asarray(grads[r.index][k], dtype=jnp.result_type(weights[r.index][k]))
+                          for k in r.trainable_vars}
+                for r in graph.hidden_param_op_relations
+            }
+            (ct_from_relations,) = vjp_t(tv_ct)
+            ct_states = [_add_ct(a, b) for a, b in zip(ct_states, ct_from_relations)]
+            zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
+            return ct_states, ct_args, zeros(trace_data), zeros(weights), zeros(aux)
+
+        call.defvjp(fwd, bwd)
+        return call
+
+    def call(self, state_leaves, arg_leaves, trace_data, step: StepValues):
+        """``(out_leaves, new_state_leaves)`` with the online backward pass attached."""
+        return self._call(list(state_leaves), list(arg_leaves), trace_data, step.weights, step.aux)
+
+
+def _zero_cotangent(x):
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    import numpy as np
+
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def _add_ct(a, b):
+    if getattr(a, "dtype", None) == jax.dtypes.float0:
+        return a
+    if getattr(b, "dtype", None) == jax.dtypes.float0:
+        return a
+    return a + b

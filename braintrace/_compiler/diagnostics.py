@@ -1,0 +1,81 @@
+"""Errors and diagnostics of the ETP compiler.
+
+Every weight the compiler excludes from online learning, and every approximation it has to make,
+becomes a :class:`CompilationRecord` (kept on the graph) and a Python warning naming the weight
+and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import warnings
+from typing import Optional, Tuple
+
+__all__ = [
+    "CompilationError",
+    "NotSupportedError",
+    "DiagnosticKind",
+    "DiagnosticLevel",
+    "CompilationRecord",
+    "ETraceCompilationWarning",
+    "emit",
+]
+
+
+class CompilationError(ValueError):
+    """The model cannot be compiled into an eligibility-trace graph as written."""
+
+
+class NotSupportedError(CompilationError, NotImplementedError):
+    """The model uses a construct the compiler refuses rather than mis-handle (e.g. an ETP
+    primitive inside ``lax.cond`` / ``scan`` / ``while_loop`` within one step)."""
+
+
+class ETraceCompilationWarning(UserWarning):
+    """Warning category of compiler diagnostics."""
+
+
+class DiagnosticLevel(enum.Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class DiagnosticKind(enum.Enum):
+    #: An ETP primitive's output reaches no hidden state (or only through another trainable ETP op).
+    WEIGHT_NOT_REACHING_HIDDEN = "weight_not_reaching_hidden"
+    #: A ParamState is used by plain JAX ops only: it gets its within-step gradient.
+    PLAIN_PARAMETER = "plain_parameter"
+    #: A trainable operand of an ETP primitive depends on something other than parameters.
+    TRAINABLE_DEPENDS_ON_STATE = "trainable_depends_on_state"
+    #: ``y`` and the hidden states it drives have incompatible shapes.
+    SHAPE_MISMATCH = "shape_mismatch"
+    #: The ``y -> h`` or ``h -> h`` path mixes units; D-RTRL keeps only per-unit blocks.
+    NON_DIAGONAL_PATH = "non_diagonal_path"
+    #: Hidden states of different shapes drive each other; the cross terms are dropped.
+    CROSS_GROUP_COUPLING = "cross_group_coupling"
+    #: A hidden state that no ETP relation drives.
+    HIDDEN_WITHOUT_RELATION = "hidden_without_relation"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompilationRecord:
+    """One compiler diagnostic: what, about which object, and why."""
+
+    kind: DiagnosticKind
+    level: DiagnosticLevel
+    message: str
+    subject: Optional[Tuple[str, ...]] = None
+
+    def __str__(self):
+        return f"[{self.level.value}] {self.kind.value}: {self.message}"
+
+
+def emit(records: list, kind: DiagnosticKind, level: DiagnosticLevel, message: str, subject=None):
+    """Append a record and, for warnings, raise a Python warning with the same text."""
+    rec = CompilationRecord(kind, level, message, tuple(subject) if subject is not None else None)
+    records.append(rec)
+    if level is DiagnosticLevel.WARNING:
+        warnings.warn(message, ETraceCompilationWarning, stacklevel=4)
+    return rec

@@ -1,0 +1,424 @@
+"""Hidden groups, hidden-param-op relations, and the compiled eligibility-trace graph.
+
+Semantics (from the primitive layer's specification):
+
+* A **hidden group** is a set of hidden states of the same shape that drive each other within
+  one step through the intrinsic dynamics (every non-``gradient_enabled`` ETP output held fixed).
+  Its Jacobian ``D = dh_t/dh_{t-1}`` is kept as one ``n x n`` block per unit.
+* A **relation** is an ETP equation whose output ``y`` reaches at least one hidden state without
+  passing through another trainable (non-``gradient_enabled``) ETP equation, and whose trainable
+  operands are computed from ``ParamState`` values only.
+* Every ETP equation that consumes a parameter but is not a relation, and every approximation
+  the compiler must make, is reported as a :class:`~braintrace.CompilationRecord` (and a warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+from braintrace._compatible_imports import Literal
+from braintrace._etrace_op._registries import (
+    BATCHED_PRIMITIVES,
+    ETP_PRIMITIVES,
+    ETP_TRAINABLE_INVARS_FNS,
+    ETP_X_INVAR_INDICES,
+    ETP_Y_OUTVAR_INDICES,
+    GRADIENT_ENABLED_PRIMITIVES,
+    default_trainable_invars,
+)
+
+from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
+from .module_info import HiddenLeaf, ModuleInfo, extract_module_info
+
+__all__ = [
+    "HiddenGroup",
+    "HiddenParamOpRelation",
+    "ETraceGraph",
+    "find_hidden_groups_from_module",
+    "find_hidden_param_op_relations_from_module",
+    "compile_etrace_graph",
+]
+
+#: Primitives that are not element-wise: on a ``y -> h`` or ``h -> h`` path they mix units.
+_MIXING = frozenset(
+    {
+        "dot_general", "conv_general_dilated", "reduce_sum", "reduce_max", "reduce_min",
+        "reduce_prod", "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "transpose",
+        "gather", "scatter", "scatter-add", "scatter_add", "sort", "rev", "dynamic_slice",
+        "dynamic_update_slice", "fft", "reduce_precision_mix", "top_k", "concatenate", "pad",
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenGroup:
+    """``n`` hidden states of one shape that drive each other within a step.
+
+    ``shape`` is the per-state shape (the group's *unit* shape, batch axis included).
+    """
+
+    index: int
+    hidden_leaves: Tuple[HiddenLeaf, ...]
+    shape: Tuple[int, ...]
+    dtype: object
+
+    @property
+    def num_state(self) -> int:
+        return len(self.hidden_leaves)
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        return tuple(h.name for h in self.hidden_leaves)
+
+    def __repr__(self):
+        return f"HiddenGroup(index={self.index}, states={list(self.names)}, shape={self.shape})"
+
+
+@dataclasses.dataclass(frozen=True)
+class HiddenParamOpRelation:
+    """One ETP equation connected to the hidden groups its output drives.
+
+    Attributes
+    ----------
+    primitive : ETPPrimitive
+    eqn_index : int
+        Position of the equation in the step jaxpr.
+    params : dict
+        The equation's static params.
+    trainable_vars : dict
+        Trainable key -> jaxpr variable (``trainable_invars_fn`` of the primitive).
+    trainable_invar_indices : dict
+        Trainable key -> position in ``eqn.invars``.
+    x_var, y_var : jaxpr variables (``x_var`` is ``None`` for input-free primitives)
+    aux_vars : tuple
+        Operands that are neither ``x`` nor trainable (sparse index arrays), in invar order.
+    hidden_groups : tuple of HiddenGroup
+    batch_ndims : tuple of int
+        Per group, the number of leading batch axes of the group's unit shape that ``y`` does not
+        index itself (0 or 1 for a batched primitive's own batch axis handled by the rules).
+    param_paths : dict
+        Trainable key -> tuple of owning ``ParamState`` paths.
+    """
+
+    index: int
+    primitive: object
+    eqn_index: int
+    params: dict
+    trainable_vars: Dict[str, object]
+    trainable_invar_indices: Dict[str, int]
+    x_var: Optional[object]
+    y_var: object
+    aux_vars: Tuple
+    hidden_groups: Tuple[HiddenGroup, ...]
+    batch_ndims: Tuple[int, ...]
+    param_paths: Dict[str, Tuple[str, ...]]
+
+    def __repr__(self):
+        return (
+            f"HiddenParamOpRelation(primitive={self.primitive.name}, keys={list(self.trainable_vars)}, "
+            f"params={dict(self.param_paths)}, groups={[g.index for g in self.hidden_groups]})"
+        )
+
+
+@dataclasses.dataclass
+class ETraceGraph:
+    """The compiled graph of one model step.
+
+    Attributes
+    ----------
+    module_info : ModuleInfo
+    hidden_groups : tuple of HiddenGroup
+    hidden_param_op_relations : tuple of HiddenParamOpRelation
+    records : list of CompilationRecord
+    relation_param_states : tuple of int
+        Indices of parameter states that own at least one relation's trainable operand.
+    """
+
+    module_info: ModuleInfo
+    hidden_groups: Tuple[HiddenGroup, ...]
+    hidden_param_op_relations: Tuple[HiddenParamOpRelation, ...]
+    records: List[CompilationRecord]
+    relation_param_states: Tuple[int, ...]
+
+    def summary(self) -> str:
+        lines = [f"ETraceGraph: {len(self.hidden_groups)} hidden group(s), "
+                 f"{len(self.hidden_param_op_relations)} relation(s)"]
+        lines += [f"  {g!r}" for g in self.hidden_groups]
+        lines += [f"  {r!r}" for r in self.hidden_param_op_relations]
+        lines += [f"  {rec}" for rec in self.records]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# dependency propagation
+# ----------------------------------------------------------------------------------------------
+
+
+def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None) -> Dict:
+    """Forward label propagation: ``labels[var]`` is the union of its inputs' labels.
+
+    ``seeds``: var -> set of labels (also applied to equation outputs). ``blocks(eqn)`` True: the
+    equation's outputs get no labels from its inputs (they keep only their seeds).
+    """
+    labels: Dict = {}
+    for v in jaxpr.invars:
+        labels[v] = set(seeds.get(v, ()))
+    for v in jaxpr.constvars:
+        labels[v] = set()
+    for eqn in jaxpr.eqns:
+        incoming = set()
+        if not blocks(eqn):
+            for v in eqn.invars:
+                if not isinstance(v, Literal):
+                    incoming |= labels.get(v, set())
+        if incoming and on_mixing is not None and eqn.primitive.name in _MIXING:
+            on_mixing(eqn, incoming)
+        for v in eqn.outvars:
+            labels[v] = incoming | set(seeds.get(v, ()))
+    return labels
+
+
+def _is_cut(eqn) -> bool:
+    """ETP outputs held fixed: every non-gradient-enabled ETP equation."""
+    return eqn.primitive in ETP_PRIMITIVES and eqn.primitive not in GRADIENT_ENABLED_PRIMITIVES
+
+
+def _labels_of(labels, v):
+    return set() if isinstance(v, Literal) else labels.get(v, set())
+
+
+def find_hidden_groups_from_module(info: ModuleInfo, records: Optional[list] = None) -> Tuple[HiddenGroup, ...]:
+    """Group the hidden states of ``info`` by their within-step intrinsic coupling."""
+    records = [] if records is None else records
+    jaxpr = info.jaxpr
+    leaves = info.hidden_leaves
+    in_vars = info.state_invars()
+    out_vars = info.state_outvars()
+    seeds = {}
+    for k, h in enumerate(leaves):
+        seeds.setdefault(in_vars[h.leaf], set()).add(k)
+    mixing = set()
+    labels = _propagate(jaxpr, seeds, _is_cut, lambda e, inc: mixing.add(e.primitive.name))
+    parent = list(range(len(leaves)))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    reported = set()
+    for i, h in enumerate(leaves):
+        for j in _labels_of(labels, out_vars[h.leaf]):
+            if leaves[j].shape == h.shape:
+                parent[find(i)] = find(j)
+            elif (i, j) not in reported:
+                reported.add((i, j))
+                emit(records, DiagnosticKind.CROSS_GROUP_COUPLING, DiagnosticLevel.WARNING,
+                     f"Hidden state {h.name!r} {h.shape} depends on {leaves[j].name!r} {leaves[j].shape} "
+                     f"within one step, but their shapes differ, so they cannot share per-unit blocks; "
+                     f"the coupling is dropped from the eligibility traces.", (h.name, leaves[j].name))
+    if mixing:
+        emit(records, DiagnosticKind.NON_DIAGONAL_PATH, DiagnosticLevel.WARNING,
+             f"The intrinsic hidden dynamics use unit-mixing operations ({', '.join(sorted(mixing))}); "
+             f"D-RTRL keeps only the per-unit diagonal blocks of dh_t/dh_(t-1), computed as row sums "
+             f"of the Jacobian. Mark mixing weights with an ETP primitive to make them relations.")
+    members: Dict[int, List[int]] = {}
+    for i in range(len(leaves)):
+        members.setdefault(find(i), []).append(i)
+    groups = []
+    for idx in sorted(members.values(), key=min):
+        hl = tuple(leaves[i] for i in idx)
+        groups.append(HiddenGroup(len(groups), hl, hl[0].shape, hl[0].dtype))
+    return tuple(groups)
+
+
+def _param_sources(jaxpr, info: ModuleInfo):
+    """Label every var with the flat input positions it depends on."""
+    seeds = {v: {i} for i, v in enumerate(jaxpr.invars)}
+    return _propagate(jaxpr, seeds, lambda eqn: False)
+
+
+def find_hidden_param_op_relations_from_module(
+    info: ModuleInfo, groups: Tuple[HiddenGroup, ...], records: Optional[list] = None
+) -> Tuple[HiddenParamOpRelation, ...]:
+    """The relations of ``info``'s step (see the module docstring), with diagnostics."""
+    records = [] if records is None else records
+    jaxpr = info.jaxpr
+    out_vars = info.state_outvars()
+    group_of = {}
+    for g in groups:
+        for h in g.hidden_leaves:
+            group_of[(h.leaf, h.slot)] = g
+    etp_eqns = [(i, e) for i, e in enumerate(jaxpr.eqns) if e.primitive in ETP_PRIMITIVES]
+
+    # y -> h reach, blocked by trainable ETP equations (their own y is a fresh seed).
+    seeds = {}
+    for i, e in etp_eqns:
+        y = e.outvars[ETP_Y_OUTVAR_INDICES.get(e.primitive, 0)]
+        seeds.setdefault(y, set()).add(i)
+    mixing: Dict[int, set] = {}
+
+    def note_mixing(eqn, incoming):
+        for i in incoming:
+            mixing.setdefault(i, set()).add(eqn.primitive.name)
+
+    reach_labels = _propagate(jaxpr, seeds, _is_cut, note_mixing)
+    reached: Dict[int, List[HiddenLeaf]] = {}
+    for h in info.hidden_leaves:
+        for i in _labels_of(reach_labels, out_vars[h.leaf]):
+            reached.setdefault(i, []).append(h)
+
+    sources = _param_sources(jaxpr, info)
+    n_state_leaves = info.num_state_leaves
+    param_leaf_owner = {}
+    for si in info.param_states:
+        a, b = info.state_leaf_ranges[si]
+        for leaf in range(a, b):
+            param_leaf_owner[leaf] = si
+
+    def describe(var):
+        owners = sorted({param_leaf_owner[s] for s in _labels_of(sources, var) if s in param_leaf_owner})
+        return tuple(info.path_of(o) for o in owners)
+
+    relations = []
+    for i, e in etp_eqns:
+        prim = e.primitive
+        layout = ETP_TRAINABLE_INVARS_FNS.get(prim, default_trainable_invars)(dict(e.params))
+        tvars = {k: e.invars[idx] for k, idx in layout.items()}
+        names = sorted({p for v in tvars.values() for p in describe(v)})
+        label = f"{prim.name} (equation {i}) with weight(s) {names or '[constant]'}"
+        if i not in reached:
+            if names:
+                emit(records, DiagnosticKind.WEIGHT_NOT_REACHING_HIDDEN, DiagnosticLevel.WARNING,
+                     f"Weight(s) {names} of {prim.name} get no eligibility trace: the op's output reaches "
+                     f"no hidden state except through another trainable ETP op. They are learned with "
+                     f"their within-step gradient.", tuple(names))
+            continue
+        bad = []
+        for k, v in tvars.items():
+            if isinstance(v, Literal):
+                continue
+            src = _labels_of(sources, v)
+            if any((s >= n_state_leaves) or (s not in param_leaf_owner) for s in src):
+                bad.append(k)
+        if bad:
+            emit(records, DiagnosticKind.TRAINABLE_DEPENDS_ON_STATE, DiagnosticLevel.WARNING,
+                 f"{label}: trainable operand(s) {bad} depend on inputs or non-parameter states, so the "
+                 f"op cannot carry an eligibility trace; its weights use the within-step gradient.",
+                 tuple(names))
+            continue
+        if not names:
+            continue
+        y = e.outvars[ETP_Y_OUTVAR_INDICES.get(prim, 0)]
+        gs, bnds = [], []
+        ok = True
+        for h in reached[i]:
+            g = group_of[(h.leaf, h.slot)]
+            if g in gs:
+                continue
+            yshape = tuple(y.aval.shape)
+            if prim in BATCHED_PRIMITIVES:
+                fits, bnd = yshape == g.shape, 1
+            else:
+                k = len(g.shape) - len(yshape)
+                fits, bnd = k >= 0 and g.shape[k:] == yshape, k
+            if not fits:
+                emit(records, DiagnosticKind.SHAPE_MISMATCH, DiagnosticLevel.WARNING,
+                     f"{label}: output shape {yshape} does not match the shape {g.shape} of the hidden "
+                     f"states {list(g.names)} it drives (they must be equal, or y may lack leading batch "
+                     f"axes); the weights use the within-step gradient.", tuple(names))
+                ok = False
+                break
+            gs.append(g)
+            bnds.append(bnd)
+        if not ok:
+            continue
+        if i in mixing:
+            emit(records, DiagnosticKind.NON_DIAGONAL_PATH, DiagnosticLevel.WARNING,
+                 f"{label}: the path from its output to the hidden states uses unit-mixing operations "
+                 f"({', '.join(sorted(mixing[i]))}); the trace keeps only the per-unit diagonal of dh/dy.",
+                 tuple(names))
+        xi = ETP_X_INVAR_INDICES.get(prim, 0)
+        used = set(layout.values()) | ({xi} if xi is not None else set())
+        aux = tuple(v for j, v in enumerate(e.invars) if j not in used)
+        relations.append(
+            HiddenParamOpRelation(
+                index=len(relations),
+                primitive=prim,
+                eqn_index=i,
+                params=dict(e.params),
+                trainable_vars=tvars,
+                trainable_invar_indices=dict(layout),
+                x_var=e.invars[xi] if xi is not None else None,
+                y_var=y,
+                aux_vars=aux,
+                hidden_groups=tuple(gs),
+                batch_ndims=tuple(bnds),
+                param_paths={k: describe(v) for k, v in tvars.items()},
+            )
+        )
+    return tuple(relations)
+
+
+def compile_etrace_graph(model, *inputs) -> ETraceGraph:
+    """Trace one step ``model(*inputs)`` and build its :class:`ETraceGraph`.
+
+    Raises
+    ------
+    CompilationError
+        If the step has no hidden state or no ETP relation (the message says what to change).
+    NotSupportedError
+        For ETP primitives inside control flow within the step.
+
+    Examples
+    --------
+    >>> import brainstate, jax, jax.numpy as jnp, braintrace
+    >>> class RNN(brainstate.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = brainstate.ParamState(jnp.eye(3) * 0.5)
+    ...     def init_state(self, batch_size=None, **kw):
+    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+    ...     def update(self, x):
+    ...         self.h.value = jnp.tanh(braintrace.matmul(self.h.value, self.w.value) + x)
+    ...         return self.h.value
+    >>> model = RNN(); brainstate.nn.init_all_states(model, batch_size=2)
+    >>> g = braintrace.compile_etrace_graph(model, jnp.zeros((2, 3)))
+    >>> [r.primitive.name for r in g.hidden_param_op_relations]
+    ['etp_mm']
+    """
+    info = extract_module_info(model, *inputs)
+    records: List[CompilationRecord] = []
+    if not info.hidden_leaves:
+        raise CompilationError(
+            f"{type(model).__name__} has no hidden state: online learning needs brainstate.HiddenState "
+            f"(or HiddenGroupState / HiddenTreeState) values written in update(). Did you call "
+            f"brainstate.nn.init_all_states(model) before compiling?"
+        )
+    groups = find_hidden_groups_from_module(info, records)
+    relations = find_hidden_param_op_relations_from_module(info, groups, records)
+    if not relations:
+        raise CompilationError(
+            f"{type(model).__name__} has no ETP relation: no parameter reaches a hidden state through an "
+            f"ETP primitive. Mark trainable ops with braintrace.matmul / element_wise / conv / "
+            f"sparse_matmul / lora_matmul."
+            + (f" Diagnostics: {'; '.join(map(str, records))}" if records else "")
+        )
+    driven = {(h.leaf, h.slot) for r in relations for g in r.hidden_groups for h in g.hidden_leaves}
+    for h in info.hidden_leaves:
+        if (h.leaf, h.slot) not in driven:
+            emit(records, DiagnosticKind.HIDDEN_WITHOUT_RELATION, DiagnosticLevel.INFO,
+                 f"Hidden state {h.name!r} is driven by no ETP relation.", (h.name,))
+    rel_params = set()
+    for r in relations:
+        for paths in r.param_paths.values():
+            rel_params.update(paths)
+    rel_state_idx = tuple(i for i in info.param_states if info.path_of(i) in rel_params)
+    for i in info.param_states:
+        if i not in rel_state_idx:
+            emit(records, DiagnosticKind.PLAIN_PARAMETER, DiagnosticLevel.INFO,
+                 f"Parameter {info.path_of(i)!r} is not used by an ETP relation; it receives its "
+                 f"within-step gradient.", (info.path_of(i),))
+    return ETraceGraph(info, groups, relations, records, rel_state_idx)
