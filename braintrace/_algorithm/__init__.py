@@ -2,6 +2,8 @@
 
 from .base import EligibilityTrace, ETraceAlgorithm, ETraceVjpAlgorithm
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
+from .learner import ALGORITHMS, compile
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
 
 __all__ = [
@@ -10,6 +12,11 @@ __all__ = [
     "ETraceVjpAlgorithm",
     "D_RTRL",
     "ParamDimVjpAlgorithm",
+    "ES_D_RTRL",
+    "IODimVjpAlgorithm",
+    "pp_prop",
+    "ALGORITHMS",
+    "compile",
     "ETraceGraphExecutor",
     "ETraceVjpGraphExecutor",
 ]

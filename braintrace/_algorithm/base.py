@@ -50,7 +50,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.graph = compile_etrace_graph(self.model, *inputs)
         self._input_avals = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(inputs)]
         self._input_tree = jax.tree.structure(inputs)
+        self._num_inputs = len(inputs)
         self._build()
+        self._initial_values = [s.value for s in self.graph.module_info.states]
         self._bound_hidden = tuple(id(self.graph.module_info.states[h.state_index])
                                    for h in self.graph.module_info.hidden_leaves)
         return self

@@ -1,0 +1,169 @@
+"""The sequence driver: scan an online algorithm over time and accumulate its gradients."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import brainstate
+import jax
+import jax.numpy as jnp
+
+from .base import ETraceAlgorithm
+from .d_rtrl import D_RTRL
+from .pp_prop import IODimVjpAlgorithm
+
+__all__ = ["compile", "ALGORITHMS"]
+
+#: Algorithm names accepted by :func:`compile`.
+ALGORITHMS = {
+    "d_rtrl": D_RTRL,
+    "es_d_rtrl": IODimVjpAlgorithm,
+    "pp_prop": IODimVjpAlgorithm,
+}
+
+
+def compile(
+    model,
+    algorithm: Union[str, type, ETraceAlgorithm] = "d_rtrl",
+    *example_inputs,
+    batch_size: Optional[int] = None,
+    **options,
+) -> ETraceAlgorithm:
+    """Initialise ``model``'s states, wrap it in ``algorithm`` and compile the graph.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+    algorithm : str, class or ETraceAlgorithm
+        ``'d_rtrl'``, ``'es_d_rtrl'`` / ``'pp_prop'``, an algorithm class (``braintrace.D_RTRL``), or
+        an uncompiled instance wrapping ``model``.
+    *example_inputs
+        One step's inputs (shapes only).
+    batch_size : int, optional
+        When given, ``brainstate.nn.init_all_states(model, batch_size=batch_size)`` runs first.
+    **options
+        Passed to the algorithm's constructor (e.g. ``decay_or_rank=0.9`` for pp_prop).
+
+    Returns
+    -------
+    ETraceAlgorithm
+        Compiled and ready: call it per step, or use :meth:`ETraceAlgorithm.etrace_grad`.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, braintrace
+    >>> class Leaky(brainstate.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = brainstate.ParamState(jnp.full((2, 3), 0.1))
+    ...     def init_state(self, batch_size=None, **kw):
+    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+    ...     def update(self, x):
+    ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
+    ...         return self.h.value
+    >>> learner = braintrace.compile(Leaky(), 'pp_prop', jnp.zeros((4, 2)), batch_size=4, decay_or_rank=0.8)
+    >>> xs, ys = jnp.ones((10, 4, 2)), jnp.zeros((10, 4, 3))
+    >>> grads = learner.etrace_grad(xs, ys, step_fn=lambda out, y: jnp.mean((out - y) ** 2))
+    >>> grads[('w',)].shape
+    (2, 3)
+    """
+    if batch_size is not None:
+        brainstate.nn.init_all_states(model, batch_size=batch_size)
+    if isinstance(algorithm, str):
+        try:
+            cls = ALGORITHMS[algorithm.lower()]
+        except KeyError:
+            raise ValueError(
+                f"Unknown algorithm {algorithm!r}; expected one of {sorted(ALGORITHMS)} or an "
+                f"ETraceAlgorithm class."
+            ) from None
+        alg = cls(model, **options)
+    elif isinstance(algorithm, type) and issubclass(algorithm, ETraceAlgorithm):
+        alg = algorithm(model, **options)
+    elif isinstance(algorithm, ETraceAlgorithm):
+        if options:
+            raise TypeError("Options cannot be passed with an algorithm instance.")
+        if algorithm.model is not model:
+            raise ValueError("The algorithm instance wraps a different model.")
+        alg = algorithm
+    else:
+        raise TypeError(f"`algorithm` must be a name, an ETraceAlgorithm class or instance, got {algorithm!r}.")
+    alg.compile_graph(*example_inputs)
+    return alg
+
+
+def _etrace_grad(
+    self: ETraceAlgorithm,
+    *sequences,
+    step_fn: Optional[Callable] = None,
+    return_value: bool = False,
+    reset: bool = True,
+):
+    """Run the model online over time-major ``sequences`` and sum the per-step gradients.
+
+    The first ``len(example_inputs)`` sequences are the model's inputs at each step; the others
+    are passed to ``step_fn`` with the step's output: ``loss_t = step_fn(output_t, *others_t)``.
+    The whole loop runs in one ``jit``-compiled ``scan``; memory does not grow with its length.
+
+    Parameters
+    ----------
+    *sequences : arrays with a leading time axis
+    step_fn : callable
+        ``(output, *targets) -> scalar loss`` of one step.
+    return_value : bool
+        Also return the per-step losses, shape ``(T,)``.
+    reset : bool
+        Restore the model's non-parameter states to their values at compile time and zero the
+        traces before the sequence.
+
+    Returns
+    -------
+    dict of gradients keyed like ``model.states(brainstate.ParamState)`` (and the losses).
+    """
+    if not self.is_compiled:
+        raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_grad`.")
+    if step_fn is None or not callable(step_fn):
+        raise TypeError("`step_fn` must be a callable `(output, *targets) -> scalar loss`.")
+    n_in = self._num_inputs
+    if len(sequences) < n_in:
+        raise ValueError(f"etrace_grad needs at least {n_in} input sequence(s), got {len(sequences)}.")
+    lengths = {jnp.shape(s)[0] for s in jax.tree.leaves(sequences)}
+    if len(lengths) != 1:
+        raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
+    params = self.model.states(brainstate.ParamState)
+    key = (step_fn, bool(return_value), bool(reset))
+    cache = self.__dict__.setdefault("_etrace_grad_cache", {})
+    if key not in cache:
+
+        def run(*seqs):
+            if reset:
+                self._restore_initial_states()
+            inputs, targets = seqs[:n_in], seqs[n_in:]
+
+            def body(acc, step_seqs):
+                xs_t, ys_t = step_seqs
+                grads, loss = brainstate.transform.grad(
+                    lambda: step_fn(self(*xs_t), *ys_t), params, return_value=True
+                )()
+                return jax.tree.map(jnp.add, acc, grads), loss
+
+            zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in params.items()})
+            total, losses = brainstate.transform.scan(body, zeros, (inputs, targets))
+            return total, losses
+
+        cache[key] = brainstate.transform.jit(run)
+    grads, losses = cache[key](*sequences)
+    return (grads, losses) if return_value else grads
+
+
+def _restore_initial_states(self: ETraceAlgorithm):
+    info = self.graph.module_info
+    states, _ = self._current_states()
+    for s, init, w in zip(states, self._initial_values, info.written):
+        if w and not isinstance(s, brainstate.ParamState):
+            s.value = init
+    self._reset_traces()
+
+
+ETraceAlgorithm.etrace_grad = _etrace_grad
+ETraceAlgorithm._restore_initial_states = _restore_initial_states

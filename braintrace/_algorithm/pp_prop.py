@@ -1,0 +1,180 @@
+r"""ES-D-RTRL / pp_prop: input-output eligibility traces in ``O(B (I + O))`` memory.
+
+For each relation ``y = f(x, \theta)`` and hidden group with per-unit block ``D_t``:
+
+.. math::
+    \epsilon_x \leftarrow \lambda\,\epsilon_x + x_t, \qquad
+    \epsilon_f \leftarrow \lambda\,D_t\,\epsilon_f + (1-\lambda)\,df_t,
+
+    \nabla_\theta L_t = \mathrm{xy\_to\_dw}\!\left(\epsilon_x,\;
+        \sum_s \frac{\partial L_t}{\partial h_{t,s}} \odot \frac{\epsilon_{f,s}}{1-\lambda^{t+1}}\right).
+
+Keys that need no ``x`` (``bias``, and every key of an input-free primitive such as
+``element_wise``) keep the exact per-unit trace :math:`\epsilon \leftarrow D_t\epsilon + df_t`
+(the same memory as :math:`\epsilon_f`) and are solved with ``xy_to_dw`` of that trace.
+
+``decay_or_rank``: a float is :math:`\lambda \in (0, 1)`; an int ``r > 0`` means
+:math:`\lambda = (r-1)/(r+1)`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+from braintrace._etrace_op._registries import BATCHED_PRIMITIVES, ETP_X_INVAR_INDICES, get_rule
+from braintrace._etrace_op._trace_ops import rule_kwargs
+
+from .base import ETraceVjpAlgorithm
+from .executor import StepValues
+
+__all__ = ["IODimVjpAlgorithm", "ES_D_RTRL", "pp_prop", "decay_from_decay_or_rank"]
+
+
+def decay_from_decay_or_rank(decay_or_rank) -> float:
+    """``lambda`` from a float in (0, 1) or an int rank ``r > 0`` (``(r - 1) / (r + 1)``)."""
+    if isinstance(decay_or_rank, bool) or not isinstance(decay_or_rank, numbers.Real):
+        raise TypeError(
+            f"`decay_or_rank` must be a float in (0, 1) or an int > 0, got {decay_or_rank!r}."
+        )
+    if isinstance(decay_or_rank, numbers.Integral):
+        if decay_or_rank <= 0:
+            raise ValueError(f"`decay_or_rank` as a rank must be an int > 0, got {decay_or_rank}.")
+        return (decay_or_rank - 1) / (decay_or_rank + 1)
+    lam = float(decay_or_rank)
+    if not 0.0 < lam < 1.0:
+        raise ValueError(f"`decay_or_rank` as a decay must lie in (0, 1), got {lam}.")
+    return lam
+
+
+def _contract(d, e):
+    """``(D e)[..., s] = sum_j D[..., s, j] e[..., j]``."""
+    return jnp.einsum("...sj,...j->...s", d, e)
+
+
+def _exact_keys(relation):
+    if ETP_X_INVAR_INDICES.get(relation.primitive, 0) is None:
+        return tuple(relation.trainable_vars)
+    return tuple(k for k in relation.trainable_vars if k == "bias")
+
+
+def _xy_to_dw(relation, x, g, weights, kwargs, batch_ndim):
+    """``xy_to_dw`` summed over the batch axes ``y`` does not carry itself."""
+    rule = get_rule(relation.primitive, "xy_to_dw")
+    if relation.primitive in BATCHED_PRIMITIVES or batch_ndim == 0:
+        return rule(x, g, weights, **kwargs)
+    fn = lambda gb: rule(x, gb, weights, **kwargs)
+    for _ in range(batch_ndim):
+        fn = jax.vmap(fn)
+    out = fn(g)
+    return jax.tree.map(lambda a: a.sum(axis=tuple(range(batch_ndim))), out)
+
+
+class IODimVjpAlgorithm(ETraceVjpAlgorithm):
+    r"""ES-D-RTRL / pp_prop (input-output eligibility traces).
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+    decay_or_rank : float or int
+        ``lambda`` in (0, 1), or an int rank ``r > 0`` meaning ``lambda = (r-1)/(r+1)``.
+
+    Examples
+    --------
+    >>> import brainstate, jax, jax.numpy as jnp, braintrace
+    >>> class Leaky(brainstate.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = brainstate.ParamState(jnp.ones((2, 3)) * 0.1)
+    ...     def init_state(self, batch_size=None, **kw):
+    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+    ...     def update(self, x):
+    ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
+    ...         return self.h.value
+    >>> model = Leaky(); brainstate.nn.init_all_states(model, batch_size=4)
+    >>> alg = braintrace.pp_prop(model, decay_or_rank=0.9)
+    >>> _ = alg.compile_graph(jnp.zeros((4, 2)))
+    >>> g = brainstate.transform.grad(lambda x: alg(x).sum(), model.states(brainstate.ParamState))(jnp.ones((4, 2)))
+    >>> g[('w',)].shape
+    (2, 3)
+    """
+
+    def __init__(self, model, decay_or_rank=0.9, name=None):
+        super().__init__(model, name=name)
+        self.decay = decay_from_decay_or_rank(decay_or_rank)
+
+    def _relation_groups(self):
+        for r in self.graph.hidden_param_op_relations:
+            for gi, g in enumerate(r.hidden_groups):
+                yield r, gi, g
+
+    def _needs_x(self, r):
+        return r.x_var is not None and len(_exact_keys(r)) < len(r.trainable_vars)
+
+    def _init_trace_values(self) -> Dict:
+        vals = {"count": jnp.zeros((), jnp.int32)}
+        for r in self.graph.hidden_param_op_relations:
+            if self._needs_x(r):
+                vals[f"x{r.index}"] = jnp.zeros(r.x_var.aval.shape, r.x_var.aval.dtype)
+        for r, gi, g in self._relation_groups():
+            n = g.num_state
+            if self._needs_x(r):
+                init_pp = get_rule(r.primitive, "init_pp")
+                f = init_pp(r.x_var, r.y_var, dict(r.trainable_vars), n)
+                vals[f"f{r.index}_g{gi}"] = jnp.zeros((*g.shape, n), f.dtype)
+            for k in _exact_keys(r):
+                vals[f"e{r.index}_g{gi}_{k}"] = jnp.zeros((*g.shape, n), r.y_var.aval.dtype)
+        return vals
+
+    def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
+        lam = self.decay
+        new = {"count": traces["count"] + 1}
+        for r in self.graph.hidden_param_op_relations:
+            if self._needs_x(r):
+                k = f"x{r.index}"
+                new[k] = (lam * traces[k] + step.xs[r.index]).astype(traces[k].dtype)
+        for r, gi, g in self._relation_groups():
+            d, df = step.d[g.index], step.df[(r.index, gi)]
+            if self._needs_x(r):
+                k = f"f{r.index}_g{gi}"
+                new[k] = (lam * _contract(d, traces[k]) + (1 - lam) * df).astype(traces[k].dtype)
+            for key in _exact_keys(r):
+                k = f"e{r.index}_g{gi}_{key}"
+                new[k] = (_contract(d, traces[k]) + df).astype(traces[k].dtype)
+        return new
+
+    def _solve(self, traces, cts, weights, aux):
+        lam = self.decay
+        t = traces["count"]  # number of steps taken, including this one
+        grads = {}
+        for r, gi, g in self._relation_groups():
+            ct = cts[(r.index, gi)]
+            kwargs = rule_kwargs(r.params, aux[r.index])
+            bnd = r.batch_ndims[gi]
+            x_tr = traces[f"x{r.index}"] if self._needs_x(r) else None
+            part = {}
+            if self._needs_x(r):
+                correction = 1.0 - jnp.asarray(lam, ct.dtype) ** t.astype(ct.dtype)
+                gsig = (ct * traces[f"f{r.index}_g{gi}"]).sum(-1) / correction
+                full = _xy_to_dw(r, x_tr, gsig, weights[r.index], kwargs, bnd)
+                part.update({k: v for k, v in full.items() if k not in _exact_keys(r)})
+            for key in _exact_keys(r):
+                gk = (ct * traces[f"e{r.index}_g{gi}_{key}"]).sum(-1)
+                x_for = x_tr if x_tr is not None else (jnp.zeros(r.x_var.aval.shape, r.x_var.aval.dtype)
+                                                       if r.x_var is not None else None)
+                part[key] = _xy_to_dw(r, x_for, gk, weights[r.index], kwargs, bnd)[key]
+            prev = grads.get(r.index)
+            grads[r.index] = part if prev is None else jax.tree.map(jnp.add, prev, part)
+        return grads
+
+
+#: Public names of :class:`IODimVjpAlgorithm`.
+ES_D_RTRL = IODimVjpAlgorithm
+
+
+def pp_prop(model, decay_or_rank=0.9, name=None) -> IODimVjpAlgorithm:
+    """ES-D-RTRL (pp_prop) around ``model``; see :class:`IODimVjpAlgorithm`."""
+    return IODimVjpAlgorithm(model, decay_or_rank=decay_or_rank, name=name)
