@@ -12,7 +12,7 @@ import importlib.util
 import pathlib
 import sys
 
-__all__ = ["load_kernels"]
+__all__ = ["load_kernels", "kernel_module"]
 
 
 def load_kernels():
@@ -37,3 +37,9 @@ def load_kernels():
     sys.modules["braintrace_kernels"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def kernel_module(name: str):
+    """The kernel module ``braintrace_kernels.<name>`` (e.g. ``'dense'``, ``'csr'``, ``'lora'``)."""
+    load_kernels()
+    return importlib.import_module(f"braintrace_kernels.{name}")

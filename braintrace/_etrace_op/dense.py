@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from . import _trace_ops
 from ._batching import make_x_batching_rule
+from ._fused import fused_op
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._units import attach, bias_mantissa, split
 
@@ -178,3 +181,85 @@ def matmul(x, weight, bias=None):
     if x_m.ndim > 2:
         y = y.reshape((*lead, y.shape[-1]))
     return attach(y, unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# D-RTRL trace operations as fused primitives (reference from the rules; Pallas kernel on GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense_update_reference(trace, d, x, df):
+    r"""``new[b,i,o,s] = sum_j yw_to_w(d[b,:,s,j], trace[b,...,j]) + xy_to_dw(x_b, df[b,:,s])``.
+
+    Shapes: trace ``(B, I, O, n)``, d ``(B, O, n, n)``, x ``(B, I)``, df ``(B, O, n)``.
+    """
+    w = jnp.zeros(trace.shape[1:3], trace.dtype)
+    ops = _trace_ops._default_ops(etp_mm_p)
+    return ops.update({"weight": trace}, d, x, df, {"weight": w}, {"has_bias": False}, 1)["weight"]
+
+
+def _dense_solve_reference(trace, ct):
+    r"""``dW[i,o] = sum_b sum_s yw_to_w(ct[b,:,s], trace[b,...,s])``; trace ``(B, I, O, n)``, ct ``(B, O, n)``."""
+    ops = _trace_ops._default_ops(etp_mm_p)
+    return ops.solve({"weight": trace}, ct, {}, {"has_bias": False}, 1)["weight"]
+
+
+def _dense_update_kernel(trace, d, x, df, *, interpret):
+    from braintrace._kernel_import import kernel_module
+
+    return kernel_module("dense").dense_trace_update(trace, d, x, df, interpret=interpret)
+
+
+def _dense_solve_kernel(trace, ct, *, interpret):
+    from braintrace._kernel_import import kernel_module
+
+    return kernel_module("dense").dense_trace_solve(trace, ct, interpret=interpret).astype(trace.dtype)
+
+
+#: Fused dense D-RTRL trace update ``eps <- D eps + x (x) df`` (one pass over the trace).
+dense_trace_update_p = fused_op("dense_trace_update", _dense_update_reference, _dense_update_kernel)
+#: Dense gradient solve ``dW = sum_b sum_s eps * dL/dh``.
+dense_trace_solve_p = fused_op("dense_trace_solve", _dense_solve_reference, _dense_solve_kernel)
+
+
+def _flat_batch(a, batch_ndim, tail_ndim):
+    """Collapse ``batch_ndim`` leading axes into one (adding one when there are none)."""
+    lead = a.shape[: a.ndim - tail_ndim]
+    return a.reshape((int(np.prod(lead)) if lead else 1, *a.shape[a.ndim - tail_ndim :]))
+
+
+def _dense_ops_update(trace, d, x, df, weights, params, batch_ndim):
+    """Dense D-RTRL update through the fused primitive; trace leaves in the rule layout."""
+    bshape = trace["weight"].shape[:-3]
+    n = df.shape[-1]
+    I, O = weights["weight"].shape
+    d2, df2 = _flat_batch(d, len(bshape), 3), _flat_batch(df, len(bshape), 2)
+    x2 = jnp.broadcast_to(x, (*bshape, I)) if x.ndim < len(bshape) + 1 else x
+    x2 = _flat_batch(x2, len(bshape), 1)
+    out = {"weight": dense_trace_update_p.bind(_flat_batch(trace["weight"], len(bshape), 3), d2, x2, df2)}
+    out["weight"] = out["weight"].reshape((*bshape, I, O, n))
+    if "bias" in trace:
+        tb = _flat_batch(trace["bias"], len(bshape), 2)[:, None]
+        ones = jnp.ones((tb.shape[0], 1), tb.dtype)
+        out["bias"] = dense_trace_update_p.bind(tb, d2, ones, df2)[:, 0].reshape((*bshape, O, n))
+    return out
+
+
+def _dense_ops_solve(trace, ct, weights, params, batch_ndim):
+    bshape = trace["weight"].shape[:-3]
+    ct2 = _flat_batch(ct, len(bshape), 2)
+    out = {"weight": dense_trace_solve_p.bind(_flat_batch(trace["weight"], len(bshape), 3), ct2)}
+    if "bias" in trace:
+        tb = _flat_batch(trace["bias"], len(bshape), 2)[:, None]
+        out["bias"] = dense_trace_solve_p.bind(tb, ct2)[0]
+    return out
+
+
+def _dense_ops_init(primitive):
+    return _trace_ops._default_ops(primitive).init
+
+
+for _p in (etp_mm_p, etp_mv_p):
+    _trace_ops.ETP_DRTRL_TRACE_OPS[_p] = _trace_ops.DRTRLTraceOps(
+        init=_dense_ops_init(_p), update=_dense_ops_update, solve=_dense_ops_solve
+    )
