@@ -40,6 +40,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self.model = model
         self.graph: Optional[ETraceGraph] = None
         self._bound_hidden = None
+        self._epoch = 0
 
     @property
     def is_compiled(self) -> bool:
@@ -111,10 +112,21 @@ class ETraceAlgorithm(brainstate.nn.Module):
                 )
         hidden_ids = tuple(id(states[h.state_index]) for h in info.hidden_leaves)
         if hidden_ids != self._bound_hidden:
-            # The model's states were re-created: its traces restart with them.
+            # The model's states were re-created (init_all_states): its traces restart with them.
+            # This is seen while a step is traced, and the traced program is then reused for every
+            # later step, so the restart is a runtime check on an epoch stored with the traces: the
+            # first step run with the new states zeroes them, later steps do not.
             self._bound_hidden = hidden_ids
-            self._reset_traces()
+            self._epoch += 1
         return states, leaves
+
+    def _restart_if_new_epoch(self, traces):
+        if self._epoch == 0:
+            return traces
+        stale = traces["epoch"] != self._epoch
+        body = {k: v for k, v in traces.items() if k != "epoch"}
+        body = jax.lax.cond(stale, lambda t: jax.tree.map(jnp.zeros_like, t), lambda t: t, body)
+        return {**body, "epoch": jnp.asarray(self._epoch, jnp.int32)}
 
     def update(self, *inputs):
         """Run one step: returns the model's output, writes its states, advances the traces."""
@@ -131,10 +143,13 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
 
     def _build(self):
         self.executor = ETraceVjpGraphExecutor(self.graph, self._solve)
-        self.etrace = EligibilityTrace(self._init_trace_values())
+        self.etrace = EligibilityTrace({**self._init_trace_values(), "epoch": jnp.zeros((), jnp.int32)})
 
     def _reset_traces(self):
-        self.etrace.value = jax.tree.map(jnp.zeros_like, self.etrace.value)
+        self.etrace.value = {
+            **jax.tree.map(jnp.zeros_like, self.etrace.value),
+            "epoch": jnp.asarray(self._epoch, jnp.int32),
+        }
 
     def _init_trace_values(self) -> Dict:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -150,7 +165,9 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         states, state_leaves = self._current_states()
         arg_leaves = jax.tree.leaves(inputs)
         step = self.executor.step_values(state_leaves, arg_leaves)
-        new_traces = jax.lax.stop_gradient(self._update_traces(self.etrace.value, step))
+        old = self._restart_if_new_epoch(self.etrace.value)
+        new_traces = jax.lax.stop_gradient(self._update_traces(old, step))
+        new_traces["epoch"] = old["epoch"]
         outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step)
         self.etrace.value = new_traces
         new_values = jax.tree.unflatten(info.state_treedef, new_state_leaves)

@@ -155,7 +155,17 @@ class ETraceGraph:
 # ----------------------------------------------------------------------------------------------
 
 
-def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None) -> Dict:
+def _live_towards(jaxpr, targets, blocks=lambda eqn: False) -> set:
+    """Variables from which some variable in ``targets`` can be computed (a backward slice that
+    does not pass through equations for which ``blocks(eqn)`` holds)."""
+    live = {v for v in targets if not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if not blocks(eqn) and any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return live
+
+
+def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None, live=None) -> Dict:
     """Forward label propagation: ``labels[var]`` is the union of its inputs' labels.
 
     ``seeds``: var -> set of labels (also applied to equation outputs). ``blocks(eqn)`` True: the
@@ -172,7 +182,12 @@ def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None) -> Dict:
             for v in eqn.invars:
                 if not isinstance(v, Literal):
                     incoming |= labels.get(v, set())
-        if incoming and on_mixing is not None and eqn.primitive.name in _MIXING:
+        if (
+            incoming
+            and on_mixing is not None
+            and eqn.primitive.name in _MIXING
+            and (live is None or any(v in live for v in eqn.outvars))
+        ):
             on_mixing(eqn, incoming)
         for v in eqn.outvars:
             labels[v] = incoming | set(seeds.get(v, ()))
@@ -199,7 +214,8 @@ def find_hidden_groups_from_module(info: ModuleInfo, records: Optional[list] = N
     for k, h in enumerate(leaves):
         seeds.setdefault(in_vars[h.leaf], set()).add(k)
     mixing = set()
-    labels = _propagate(jaxpr, seeds, _is_cut, lambda e, inc: mixing.add(e.primitive.name))
+    live = _live_towards(jaxpr, out_vars, _is_cut)
+    labels = _propagate(jaxpr, seeds, _is_cut, lambda e, inc: mixing.add(e.primitive.name), live)
     parent = list(range(len(leaves)))
 
     def find(a):
@@ -264,7 +280,7 @@ def find_hidden_param_op_relations_from_module(
         for i in incoming:
             mixing.setdefault(i, set()).add(eqn.primitive.name)
 
-    reach_labels = _propagate(jaxpr, seeds, _is_cut, note_mixing)
+    reach_labels = _propagate(jaxpr, seeds, _is_cut, note_mixing, _live_towards(jaxpr, out_vars, _is_cut))
     reached: Dict[int, List[HiddenLeaf]] = {}
     for h in info.hidden_leaves:
         for i in _labels_of(reach_labels, out_vars[h.leaf]):
