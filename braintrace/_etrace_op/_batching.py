@@ -13,7 +13,6 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-
 __all__ = ["make_x_batching_rule"]
 
 

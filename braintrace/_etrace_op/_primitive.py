@@ -8,7 +8,6 @@ transpose, batching) is derived from one implementation function; only the four 
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from typing import Callable, Dict, Optional
 
@@ -33,6 +32,7 @@ from ._registries import (
     GRADIENT_ENABLED_PRIMITIVES,
     default_trainable_invars,
 )
+from ._trace_ops import ETP_DRTRL_TRACE_OPS
 
 __all__ = ["ETPPrimitive", "register_primitive", "unregister_primitive"]
 
@@ -129,6 +129,7 @@ def unregister_primitive(primitive) -> None:
         ETP_PRIMITIVE_SPECS,
     ):
         table.pop(primitive, None)
+    ETP_DRTRL_TRACE_OPS.pop(primitive, None)
     if ETP_PRIMITIVES_BY_NAME.get(primitive.name) is primitive:
         del ETP_PRIMITIVES_BY_NAME[primitive.name]
 
@@ -204,6 +205,9 @@ def register_primitive(
         raise TypeError(f"`impl_fn` must be callable, got {type(impl_fn).__name__}.")
     if trainable_invars_fn is not None and not callable(trainable_invars_fn):
         raise TypeError("`trainable_invars_fn` must be a callable `params -> {key: invar_index}`.")
+    for arg, fn in (("batching_rule", batching_rule), ("kernel_fn", kernel_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"`{arg}` must be callable or None, got {type(fn).__name__}.")
     if x_invar_index is not None and (not isinstance(x_invar_index, int) or x_invar_index < 0):
         raise ValueError(f"`x_invar_index` must be a non-negative int or None, got {x_invar_index!r}.")
     if not isinstance(y_outvar_index, int) or y_outvar_index < 0:
@@ -246,10 +250,23 @@ def register_primitive(
     mlir.register_lowering(p, mlir.lower_fun(impl_fn, multiple_results=multiple_results))
 
     def _jvp(primals, tangents, **params):
-        tans = tuple(
-            _zero_tangent(pr) if isinstance(t, ad.Zero) else t for pr, t in zip(primals, tangents)
+        # Differentiate only through the operands with a nonzero tangent: instantiating the symbolic
+        # zeros would make the linearised op do the work of every operand (a second matmul in
+        # `jvp(matmul, w)` whose x-tangent is zero).
+        active = [not isinstance(t, ad.Zero) for t in tangents]
+        if not any(active):
+            active = [True] * len(primals)
+            tangents = [_zero_tangent(pr) for pr in primals]
+
+        def restricted(*active_primals):
+            it = iter(active_primals)
+            return impl_fn(*(next(it) if a else pr for pr, a in zip(primals, active)), **params)
+
+        out, out_t = jax.jvp(
+            restricted,
+            tuple(pr for pr, a in zip(primals, active) if a),
+            tuple(t for t, a in zip(tangents, active) if a),
         )
-        out, out_t = jax.jvp(partial(impl_fn, **params), tuple(primals), tans)
         return (list(out), list(out_t)) if multiple_results else (out, out_t)
 
     ad.primitive_jvps[p] = _jvp

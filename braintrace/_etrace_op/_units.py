@@ -25,9 +25,11 @@ def bias_mantissa(bias, unit, *, op: str):
             f"{op}: `bias` has unit {b_unit}, which is incompatible with the unit of x @ weight "
             f"({unit}); give the bias a unit of the same dimension."
         )
-    if isinstance(bias, u.Quantity):
-        return bias.to_decimal(unit) if not unit.is_unitless else bias.to_decimal()
-    return bias
+    if b_unit == unit:
+        return u.get_mantissa(bias)
+    # Express the bias in ``unit``, scale included: with x in mV and weight in 1/V the product unit
+    # is the dimensionless 10^-3, and a plain bias of 1 has the mantissa 1000 in it.
+    return u.Quantity(bias).to_decimal(unit)
 
 
 def attach(mantissa, unit):
