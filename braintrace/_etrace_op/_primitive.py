@@ -262,11 +262,14 @@ def register_primitive(
             it = iter(active_primals)
             return impl_fn(*(next(it) if a else pr for pr, a in zip(primals, active)), **params)
 
-        out, out_t = jax.jvp(
+        _, out_t = jax.jvp(
             restricted,
             tuple(pr for pr, a in zip(primals, active) if a),
             tuple(t for t, a in zip(tangents, active) if a),
         )
+        # The primal output re-binds the primitive, so a differentiated jaxpr keeps the ETP marker
+        # and the primal lowers to the selected backend's implementation.
+        out = p.bind(*primals, **params)
         return (list(out), list(out_t)) if multiple_results else (out, out_t)
 
     ad.primitive_jvps[p] = _jvp
