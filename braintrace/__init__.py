@@ -40,6 +40,19 @@ __all__ = [
     "lora_matmul",
 ]
 
+from ._algorithm import (  # noqa: E402
+    D_RTRL,
+    ES_D_RTRL,
+    EligibilityTrace,
+    ETraceAlgorithm,
+    ETraceGraphExecutor,
+    ETraceVjpAlgorithm,
+    ETraceVjpGraphExecutor,
+    IODimVjpAlgorithm,
+    ParamDimVjpAlgorithm,
+    compile,
+    pp_prop,
+)
 from ._compiler import (  # noqa: E402
     CompilationError,
     CompilationRecord,
@@ -56,19 +69,6 @@ from ._compiler import (  # noqa: E402
     extract_module_info,
     find_hidden_groups_from_module,
     find_hidden_param_op_relations_from_module,
-)
-from ._algorithm import (  # noqa: E402
-    D_RTRL,
-    ES_D_RTRL,
-    EligibilityTrace,
-    ETraceAlgorithm,
-    ETraceGraphExecutor,
-    ETraceVjpAlgorithm,
-    ETraceVjpGraphExecutor,
-    IODimVjpAlgorithm,
-    ParamDimVjpAlgorithm,
-    compile,
-    pp_prop,
 )
 
 __all__ += [
@@ -98,4 +98,7 @@ __all__ += [
     "ParamDimVjpAlgorithm",
     "compile",
     "pp_prop",
+    "nn",
 ]
+
+from . import nn  # noqa: E402

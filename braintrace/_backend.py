@@ -129,8 +129,10 @@ def _dispatching_lowering(primitive, platform: str):
         if mode is None:
             fn = impl_fn
         else:
+
             def fn(*a, **p):
                 return kernel_fn(*a, interpret=(mode == "interpret"), **p)
+
         return mlir.lower_fun(fn, multiple_results=multiple)(ctx, *args, **params)
 
     return rule

@@ -7,7 +7,6 @@ rather than versions so the rest of the package imports from here only.
 
 from __future__ import annotations
 
-import jax
 import jax.extend as _jex
 from jax.interpreters import ad, batching, mlir
 

@@ -2,9 +2,9 @@
 
 from .base import EligibilityTrace, ETraceAlgorithm, ETraceVjpAlgorithm
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
-from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
-from .learner import ALGORITHMS, compile
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
+from .learner import ALGORITHMS, compile
+from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 
 __all__ = [
     "EligibilityTrace",

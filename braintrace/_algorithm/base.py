@@ -54,8 +54,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self._num_inputs = len(inputs)
         self._build()
         self._initial_values = [s.value for s in self.graph.module_info.states]
-        self._bound_hidden = tuple(id(self.graph.module_info.states[h.state_index])
-                                   for h in self.graph.module_info.hidden_leaves)
+        self._bound_hidden = tuple(
+            id(self.graph.module_info.states[h.state_index]) for h in self.graph.module_info.hidden_leaves
+        )
         return self
 
     # subclasses -------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ the parameters that own each relation's trainable operands.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from braintrace._compatible_imports import Literal, bind_equation, consts_of
-from braintrace._compiler.graph import ETraceGraph, HiddenGroup, _is_cut
-from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked
+from braintrace._compiler.graph import ETraceGraph, HiddenGroup
+from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked, is_trainable_etp_eqn
 from braintrace._compiler.perturbation import add_hidden_perturbation_in_module
 
 __all__ = ["ETraceGraphExecutor", "ETraceVjpGraphExecutor", "StepValues"]
@@ -55,13 +55,15 @@ class ETraceGraphExecutor:
         self.info = info
         self.jaxpr = info.jaxpr
         self.consts = consts_of(info.closed_jaxpr)
-        self.cut_eqns = [i for i, e in enumerate(self.jaxpr.eqns) if _is_cut(e)]
+        self.cut_eqns = [i for i, e in enumerate(self.jaxpr.eqns) if is_trainable_etp_eqn(e)]
         self.state_out = info.state_outvars()
 
     # -- plain evaluation ---------------------------------------------------------------------
     def evaluate(self, state_leaves, arg_leaves, eqn_hook=None):
         """``(out_leaves, new_state_leaves, env)`` of one step."""
-        outs, env = eval_jaxpr_hooked(self.jaxpr, self.consts, [*state_leaves, *arg_leaves], eqn_hook=eqn_hook)
+        outs, env = eval_jaxpr_hooked(
+            self.jaxpr, self.consts, [*state_leaves, *arg_leaves], eqn_hook=eqn_hook
+        )
         n = self.info.num_out_leaves
         return outs[:n], outs[n:], env
 
@@ -221,8 +223,10 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
                     )
             grads = self.solve(trace_data, group_cts, weights, aux)
             tv_ct = {
-                r.index: {k: jnp.asarray(grads[r.index][k], dtype=jnp.result_type(weights[r.index][k]))
-                          for k in r.trainable_vars}
+                r.index: {
+                    k: jnp.asarray(grads[r.index][k], dtype=jnp.result_type(weights[r.index][k]))
+                    for k in r.trainable_vars
+                }
                 for r in graph.hidden_param_op_relations
             }
             (ct_from_relations,) = vjp_t(tv_ct)

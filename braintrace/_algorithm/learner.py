@@ -87,7 +87,9 @@ def compile(
             raise ValueError("The algorithm instance wraps a different model.")
         alg = algorithm
     else:
-        raise TypeError(f"`algorithm` must be a name, an ETraceAlgorithm class or instance, got {algorithm!r}.")
+        raise TypeError(
+            f"`algorithm` must be a name, an ETraceAlgorithm class or instance, got {algorithm!r}."
+        )
     alg.compile_graph(*example_inputs)
     return alg
 

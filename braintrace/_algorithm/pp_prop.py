@@ -37,9 +37,7 @@ __all__ = ["IODimVjpAlgorithm", "ES_D_RTRL", "pp_prop", "decay_from_decay_or_ran
 def decay_from_decay_or_rank(decay_or_rank) -> float:
     """``lambda`` from a float in (0, 1) or an int rank ``r > 0`` (``(r - 1) / (r + 1)``)."""
     if isinstance(decay_or_rank, bool) or not isinstance(decay_or_rank, numbers.Real):
-        raise TypeError(
-            f"`decay_or_rank` must be a float in (0, 1) or an int > 0, got {decay_or_rank!r}."
-        )
+        raise TypeError(f"`decay_or_rank` must be a float in (0, 1) or an int > 0, got {decay_or_rank!r}.")
     if isinstance(decay_or_rank, numbers.Integral):
         if decay_or_rank <= 0:
             raise ValueError(f"`decay_or_rank` as a rank must be an int > 0, got {decay_or_rank}.")
@@ -97,7 +95,8 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     >>> model = Leaky(); brainstate.nn.init_all_states(model, batch_size=4)
     >>> alg = braintrace.pp_prop(model, decay_or_rank=0.9)
     >>> _ = alg.compile_graph(jnp.zeros((4, 2)))
-    >>> g = brainstate.transform.grad(lambda x: alg(x).sum(), model.states(brainstate.ParamState))(jnp.ones((4, 2)))
+    >>> params = model.states(brainstate.ParamState)
+    >>> g = brainstate.transform.grad(lambda x: alg(x).sum(), params)(jnp.ones((4, 2)))
     >>> g[('w',)].shape
     (2, 3)
     """
@@ -163,8 +162,11 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                 part.update({k: v for k, v in full.items() if k not in _exact_keys(r)})
             for key in _exact_keys(r):
                 gk = (ct * traces[f"e{r.index}_g{gi}_{key}"]).sum(-1)
-                x_for = x_tr if x_tr is not None else (jnp.zeros(r.x_var.aval.shape, r.x_var.aval.dtype)
-                                                       if r.x_var is not None else None)
+                x_for = (
+                    x_tr
+                    if x_tr is not None
+                    else (jnp.zeros(r.x_var.aval.shape, r.x_var.aval.dtype) if r.x_var is not None else None)
+                )
                 part[key] = _xy_to_dw(r, x_for, gk, weights[r.index], kwargs, bnd)[key]
             prev = grads.get(r.index)
             grads[r.index] = part if prev is None else jax.tree.map(jnp.add, prev, part)

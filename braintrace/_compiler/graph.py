@@ -24,11 +24,11 @@ from braintrace._etrace_op._registries import (
     ETP_TRAINABLE_INVARS_FNS,
     ETP_X_INVAR_INDICES,
     ETP_Y_OUTVAR_INDICES,
-    GRADIENT_ENABLED_PRIMITIVES,
     default_trainable_invars,
 )
 
 from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
+from .jaxpr_tools import is_trainable_etp_eqn
 from .module_info import HiddenLeaf, ModuleInfo, extract_module_info
 
 __all__ = [
@@ -43,10 +43,32 @@ __all__ = [
 #: Primitives that are not element-wise: on a ``y -> h`` or ``h -> h`` path they mix units.
 _MIXING = frozenset(
     {
-        "dot_general", "conv_general_dilated", "reduce_sum", "reduce_max", "reduce_min",
-        "reduce_prod", "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "transpose",
-        "gather", "scatter", "scatter-add", "scatter_add", "sort", "rev", "dynamic_slice",
-        "dynamic_update_slice", "fft", "reduce_precision_mix", "top_k", "concatenate", "pad",
+        "dot_general",
+        "conv_general_dilated",
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "argmax",
+        "argmin",
+        "cumsum",
+        "cumprod",
+        "cummax",
+        "cummin",
+        "transpose",
+        "gather",
+        "scatter",
+        "scatter-add",
+        "scatter_add",
+        "sort",
+        "rev",
+        "dynamic_slice",
+        "dynamic_update_slice",
+        "fft",
+        "reduce_precision_mix",
+        "top_k",
+        "concatenate",
+        "pad",
     }
 )
 
@@ -142,8 +164,10 @@ class ETraceGraph:
     relation_param_states: Tuple[int, ...]
 
     def summary(self) -> str:
-        lines = [f"ETraceGraph: {len(self.hidden_groups)} hidden group(s), "
-                 f"{len(self.hidden_param_op_relations)} relation(s)"]
+        lines = [
+            f"ETraceGraph: {len(self.hidden_groups)} hidden group(s), "
+            f"{len(self.hidden_param_op_relations)} relation(s)"
+        ]
         lines += [f"  {g!r}" for g in self.hidden_groups]
         lines += [f"  {r!r}" for r in self.hidden_param_op_relations]
         lines += [f"  {rec}" for rec in self.records]
@@ -194,16 +218,13 @@ def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None, live=None) -> Dict:
     return labels
 
 
-def _is_cut(eqn) -> bool:
-    """ETP outputs held fixed: every non-gradient-enabled ETP equation."""
-    return eqn.primitive in ETP_PRIMITIVES and eqn.primitive not in GRADIENT_ENABLED_PRIMITIVES
-
-
 def _labels_of(labels, v):
     return set() if isinstance(v, Literal) else labels.get(v, set())
 
 
-def find_hidden_groups_from_module(info: ModuleInfo, records: Optional[list] = None) -> Tuple[HiddenGroup, ...]:
+def find_hidden_groups_from_module(
+    info: ModuleInfo, records: Optional[list] = None
+) -> Tuple[HiddenGroup, ...]:
     """Group the hidden states of ``info`` by their within-step intrinsic coupling."""
     records = [] if records is None else records
     jaxpr = info.jaxpr
@@ -214,8 +235,8 @@ def find_hidden_groups_from_module(info: ModuleInfo, records: Optional[list] = N
     for k, h in enumerate(leaves):
         seeds.setdefault(in_vars[h.leaf], set()).add(k)
     mixing = set()
-    live = _live_towards(jaxpr, out_vars, _is_cut)
-    labels = _propagate(jaxpr, seeds, _is_cut, lambda e, inc: mixing.add(e.primitive.name), live)
+    live = _live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
+    labels = _propagate(jaxpr, seeds, is_trainable_etp_eqn, lambda e, inc: mixing.add(e.primitive.name), live)
     parent = list(range(len(leaves)))
 
     def find(a):
@@ -231,15 +252,24 @@ def find_hidden_groups_from_module(info: ModuleInfo, records: Optional[list] = N
                 parent[find(i)] = find(j)
             elif (i, j) not in reported:
                 reported.add((i, j))
-                emit(records, DiagnosticKind.CROSS_GROUP_COUPLING, DiagnosticLevel.WARNING,
-                     f"Hidden state {h.name!r} {h.shape} depends on {leaves[j].name!r} {leaves[j].shape} "
-                     f"within one step, but their shapes differ, so they cannot share per-unit blocks; "
-                     f"the coupling is dropped from the eligibility traces.", (h.name, leaves[j].name))
+                emit(
+                    records,
+                    DiagnosticKind.CROSS_GROUP_COUPLING,
+                    DiagnosticLevel.WARNING,
+                    f"Hidden state {h.name!r} {h.shape} depends on {leaves[j].name!r} {leaves[j].shape} "
+                    f"within one step, but their shapes differ, so they cannot share per-unit blocks; "
+                    f"the coupling is dropped from the eligibility traces.",
+                    (h.name, leaves[j].name),
+                )
     if mixing:
-        emit(records, DiagnosticKind.NON_DIAGONAL_PATH, DiagnosticLevel.WARNING,
-             f"The intrinsic hidden dynamics use unit-mixing operations ({', '.join(sorted(mixing))}); "
-             f"D-RTRL keeps only the per-unit diagonal blocks of dh_t/dh_(t-1), computed as row sums "
-             f"of the Jacobian. Mark mixing weights with an ETP primitive to make them relations.")
+        emit(
+            records,
+            DiagnosticKind.NON_DIAGONAL_PATH,
+            DiagnosticLevel.WARNING,
+            f"The intrinsic hidden dynamics use unit-mixing operations ({', '.join(sorted(mixing))}); "
+            f"D-RTRL keeps only the per-unit diagonal blocks of dh_t/dh_(t-1), computed as row sums "
+            f"of the Jacobian. Mark mixing weights with an ETP primitive to make them relations.",
+        )
     members: Dict[int, List[int]] = {}
     for i in range(len(leaves)):
         members.setdefault(find(i), []).append(i)
@@ -280,7 +310,9 @@ def find_hidden_param_op_relations_from_module(
         for i in incoming:
             mixing.setdefault(i, set()).add(eqn.primitive.name)
 
-    reach_labels = _propagate(jaxpr, seeds, _is_cut, note_mixing, _live_towards(jaxpr, out_vars, _is_cut))
+    reach_labels = _propagate(
+        jaxpr, seeds, is_trainable_etp_eqn, note_mixing, _live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
+    )
     reached: Dict[int, List[HiddenLeaf]] = {}
     for h in info.hidden_leaves:
         for i in _labels_of(reach_labels, out_vars[h.leaf]):
@@ -307,10 +339,15 @@ def find_hidden_param_op_relations_from_module(
         label = f"{prim.name} (equation {i}) with weight(s) {names or '[constant]'}"
         if i not in reached:
             if names:
-                emit(records, DiagnosticKind.WEIGHT_NOT_REACHING_HIDDEN, DiagnosticLevel.WARNING,
-                     f"Weight(s) {names} of {prim.name} get no eligibility trace: the op's output reaches "
-                     f"no hidden state except through another trainable ETP op. They are learned with "
-                     f"their within-step gradient.", tuple(names))
+                emit(
+                    records,
+                    DiagnosticKind.WEIGHT_NOT_REACHING_HIDDEN,
+                    DiagnosticLevel.WARNING,
+                    f"Weight(s) {names} of {prim.name} get no eligibility trace: the op's output reaches "
+                    f"no hidden state except through another trainable ETP op. They are learned with "
+                    f"their within-step gradient.",
+                    tuple(names),
+                )
             continue
         bad = []
         for k, v in tvars.items():
@@ -320,10 +357,14 @@ def find_hidden_param_op_relations_from_module(
             if any((s >= n_state_leaves) or (s not in param_leaf_owner) for s in src):
                 bad.append(k)
         if bad:
-            emit(records, DiagnosticKind.TRAINABLE_DEPENDS_ON_STATE, DiagnosticLevel.WARNING,
-                 f"{label}: trainable operand(s) {bad} depend on inputs or non-parameter states, so the "
-                 f"op cannot carry an eligibility trace; its weights use the within-step gradient.",
-                 tuple(names))
+            emit(
+                records,
+                DiagnosticKind.TRAINABLE_DEPENDS_ON_STATE,
+                DiagnosticLevel.WARNING,
+                f"{label}: trainable operand(s) {bad} depend on inputs or non-parameter states, so the "
+                f"op cannot carry an eligibility trace; its weights use the within-step gradient.",
+                tuple(names),
+            )
             continue
         if not names:
             continue
@@ -341,10 +382,15 @@ def find_hidden_param_op_relations_from_module(
                 k = len(g.shape) - len(yshape)
                 fits, bnd = k >= 0 and g.shape[k:] == yshape, k
             if not fits:
-                emit(records, DiagnosticKind.SHAPE_MISMATCH, DiagnosticLevel.WARNING,
-                     f"{label}: output shape {yshape} does not match the shape {g.shape} of the hidden "
-                     f"states {list(g.names)} it drives (they must be equal, or y may lack leading batch "
-                     f"axes); the weights use the within-step gradient.", tuple(names))
+                emit(
+                    records,
+                    DiagnosticKind.SHAPE_MISMATCH,
+                    DiagnosticLevel.WARNING,
+                    f"{label}: output shape {yshape} does not match the shape {g.shape} of the hidden "
+                    f"states {list(g.names)} it drives (they must be equal, or y may lack leading batch "
+                    f"axes); the weights use the within-step gradient.",
+                    tuple(names),
+                )
                 ok = False
                 break
             gs.append(g)
@@ -352,10 +398,14 @@ def find_hidden_param_op_relations_from_module(
         if not ok:
             continue
         if i in mixing:
-            emit(records, DiagnosticKind.NON_DIAGONAL_PATH, DiagnosticLevel.WARNING,
-                 f"{label}: the path from its output to the hidden states uses unit-mixing operations "
-                 f"({', '.join(sorted(mixing[i]))}); the trace keeps only the per-unit diagonal of dh/dy.",
-                 tuple(names))
+            emit(
+                records,
+                DiagnosticKind.NON_DIAGONAL_PATH,
+                DiagnosticLevel.WARNING,
+                f"{label}: the path from its output to the hidden states uses unit-mixing operations "
+                f"({', '.join(sorted(mixing[i]))}); the trace keeps only the per-unit diagonal of dh/dy.",
+                tuple(names),
+            )
         xi = ETP_X_INVAR_INDICES.get(prim, 0)
         used = set(layout.values()) | ({xi} if xi is not None else set())
         aux = tuple(v for j, v in enumerate(e.invars) if j not in used)
@@ -425,8 +475,13 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
     driven = {(h.leaf, h.slot) for r in relations for g in r.hidden_groups for h in g.hidden_leaves}
     for h in info.hidden_leaves:
         if (h.leaf, h.slot) not in driven:
-            emit(records, DiagnosticKind.HIDDEN_WITHOUT_RELATION, DiagnosticLevel.INFO,
-                 f"Hidden state {h.name!r} is driven by no ETP relation.", (h.name,))
+            emit(
+                records,
+                DiagnosticKind.HIDDEN_WITHOUT_RELATION,
+                DiagnosticLevel.INFO,
+                f"Hidden state {h.name!r} is driven by no ETP relation.",
+                (h.name,),
+            )
     rel_params = set()
     for r in relations:
         for paths in r.param_paths.values():
@@ -434,7 +489,12 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
     rel_state_idx = tuple(i for i in info.param_states if info.path_of(i) in rel_params)
     for i in info.param_states:
         if i not in rel_state_idx:
-            emit(records, DiagnosticKind.PLAIN_PARAMETER, DiagnosticLevel.INFO,
-                 f"Parameter {info.path_of(i)!r} is not used by an ETP relation; it receives its "
-                 f"within-step gradient.", (info.path_of(i),))
+            emit(
+                records,
+                DiagnosticKind.PLAIN_PARAMETER,
+                DiagnosticLevel.INFO,
+                f"Parameter {info.path_of(i)!r} is not used by an ETP relation; it receives its "
+                f"within-step gradient.",
+                (info.path_of(i),),
+            )
     return ETraceGraph(info, groups, relations, records, rel_state_idx)

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import jax
 
 from braintrace._compatible_imports import Literal, bind_equation, consts_of, jaxpr_of
-from braintrace._etrace_op._registries import ETP_PRIMITIVES
+from braintrace._etrace_op._registries import ETP_PRIMITIVES, GRADIENT_ENABLED_PRIMITIVES
 
 from .diagnostics import NotSupportedError
 
@@ -17,6 +17,7 @@ __all__ = [
     "CALL_PRIMITIVES",
     "CONTROL_FLOW_PRIMITIVES",
     "sub_jaxprs",
+    "is_trainable_etp_eqn",
     "contains_etp",
     "inline_calls",
     "eval_jaxpr_hooked",
@@ -43,6 +44,12 @@ def sub_jaxprs(eqn) -> List:
     for value in eqn.params.values():
         visit(value)
     return found
+
+
+def is_trainable_etp_eqn(eqn) -> bool:
+    """A trainable ETP equation: an ETP primitive that is not ``gradient_enabled``. The compiler
+    holds its output fixed when it computes hidden Jacobians (it is a boundary of ``y -> h``)."""
+    return eqn.primitive in ETP_PRIMITIVES and eqn.primitive not in GRADIENT_ENABLED_PRIMITIVES
 
 
 def contains_etp(jaxpr) -> bool:

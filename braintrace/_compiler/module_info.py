@@ -127,7 +127,9 @@ def extract_module_info(model, *inputs) -> ModuleInfo:
         If an ETP primitive sits inside control flow within the step.
     """
     if not callable(model):
-        raise CompilationError(f"The model must be a callable brainstate.nn.Module, got {type(model).__name__}.")
+        raise CompilationError(
+            f"The model must be a callable brainstate.nn.Module, got {type(model).__name__}."
+        )
     with brainstate.StateTraceStack() as trace:
         jax.eval_shape(lambda *a: model(*a), *inputs)
     trace.recovery_original_values()
@@ -188,7 +190,9 @@ def extract_module_info(model, *inputs) -> ModuleInfo:
             base = ".".join(paths[i])
             if group_type is not None and isinstance(s, group_type):
                 for slot in range(aval.shape[-1]):
-                    hidden.append(HiddenLeaf(i, leaf, slot, f"{base}[{slot}]", tuple(aval.shape[:-1]), aval.dtype))
+                    hidden.append(
+                        HiddenLeaf(i, leaf, slot, f"{base}[{slot}]", tuple(aval.shape[:-1]), aval.dtype)
+                    )
             else:
                 name = base if b - a == 1 else f"{base}#{leaf - a}"
                 hidden.append(HiddenLeaf(i, leaf, None, name, tuple(aval.shape), aval.dtype))

@@ -2,10 +2,15 @@ r"""Hidden perturbations: how the algorithms obtain :math:`\partial L/\partial h
 
 A zero-valued perturbation :math:`p_s` is added to the new value of every hidden state ``s``;
 then :math:`\partial L/\partial p_s` is the partial derivative of the loss with respect to that
-new value *as an output of the step*. The perturbation must not flow into the computation of the
-other hidden states of the same step (that path is already part of the eligibility trace), so
-the step is evaluated in two passes: the first computes every value; the second recomputes only
-what depends on a hidden state's new value, with that value replaced by ``first-pass value + p``.
+new value *as an output of the step*.
+
+Paths from ``h_s`` to another hidden state of the same step that avoid trainable ETP ops are
+already inside the eligibility traces (they are part of ``df``: ``y -> h_s -> h_r``), so the
+perturbation must not flow along them. Paths through a trainable ETP op (``h_1 -> W_2 -> h_2``
+in a stacked network) are in no trace, so it must. The step is therefore evaluated with two
+environments: the *dynamics* one, which a perturbation reaches only through trainable ETP
+outputs, and the *perturbed* one seen by the outputs and by ETP inputs, in which every hidden
+state's new value is its dynamics value plus the perturbation.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from braintrace._compatible_imports import Literal, consts_of
+from braintrace._compatible_imports import Literal, bind_equation, consts_of
 
-from .jaxpr_tools import eval_jaxpr_hooked
+from .jaxpr_tools import eval_jaxpr_hooked, is_trainable_etp_eqn
 from .module_info import HiddenLeaf, ModuleInfo
 
 __all__ = ["HiddenPerturbation", "add_hidden_perturbation_in_module"]
@@ -46,8 +51,19 @@ def _downstream(jaxpr, roots) -> set:
 #: Pure data-movement primitives through which a group state's slot is traced back to the value
 #: the step computed for it (``jnp.stack`` and ``.at[..., i].set`` build group values this way).
 _MOVES = frozenset(
-    {"broadcast_in_dim", "reshape", "squeeze", "expand_dims", "concatenate", "stack", "scatter",
-     "dynamic_update_slice", "convert_element_type", "copy", "copy_p"}
+    {
+        "broadcast_in_dim",
+        "reshape",
+        "squeeze",
+        "expand_dims",
+        "concatenate",
+        "stack",
+        "scatter",
+        "dynamic_update_slice",
+        "convert_element_type",
+        "copy",
+        "copy_p",
+    }
 )
 
 
@@ -105,7 +121,8 @@ def add_hidden_perturbation_in_module(
 
     ``perts`` is a list with one array per hidden state (see :class:`HiddenPerturbation`); the
     output leaves see ``new value + pert`` for every hidden state, the returned new state values
-    do not. ``eqn_hook`` is passed to the first pass (the executor uses it to stop gradients).
+    do not. ``eqn_hook(index, eqn, invals)`` may replace the binding of a trainable ETP equation
+    (the executor uses it to stop gradients at the trainable operands of relations).
     """
     jaxpr = info.jaxpr
     consts = consts_of(info.closed_jaxpr)
@@ -125,27 +142,47 @@ def add_hidden_perturbation_in_module(
     pert = HiddenPerturbation(info.hidden_leaves)
 
     def fn(state_leaves, arg_leaves, perts):
-        args = [*state_leaves, *arg_leaves]
-        _, env1 = eval_jaxpr_hooked(jaxpr, consts, args, eqn_hook=eqn_hook)
+        # env_d: the step's dynamics; a perturbation reaches it only through trainable ETP outputs.
+        # env_p: what the outputs (and ETP inputs) see: each hidden state's new value is its
+        # dynamics value plus the perturbation.
+        env_d, env_p = {}, {}
 
-        def make_hook(v):
-            def hook(_):
-                val = env1[v]
+        def read(env, v):
+            return v.val if isinstance(v, Literal) else env[v]
+
+        def define(v, val_d, val_p):
+            if type(v).__name__ == "DropVar":
+                return
+            env_d[v] = val_d
+            if v in by_var:
                 for k, slot in by_var[v]:
-                    val = val + perts[k] if slot is None else val.at[..., slot].add(perts[k])
-                return val
+                    val_d = val_d + perts[k] if slot is None else val_d.at[..., slot].add(perts[k])
+                env_p[v] = val_d
+            else:
+                env_p[v] = val_p
 
-            return hook
+        for v, c in zip(jaxpr.constvars, consts):
+            define(v, c, c)
+        for v, a in zip(jaxpr.invars, [*state_leaves, *arg_leaves]):
+            define(v, a, a)
 
-        def reuse(i, eqn, invals):
-            if any((not isinstance(v, Literal)) and v in affected for v in eqn.invars):
-                return None
-            return [env1[v] for v in eqn.outvars]
+        def run(i, eqn, invals):
+            outs = eqn_hook(i, eqn, invals) if eqn_hook is not None else None
+            return outs if outs is not None else bind_equation(eqn, invals)
 
-        outs, _ = eval_jaxpr_hooked(
-            jaxpr, consts, args, eqn_hook=reuse, var_hook={v: make_hook(v) for v in by_var}
-        )
-        new_states = [env1[v] if not isinstance(v, Literal) else v.val for v in state_out]
-        return outs[:n_out], new_states
+        for i, eqn in enumerate(jaxpr.eqns):
+            if is_trainable_etp_eqn(eqn):
+                outs_d = outs_p = run(i, eqn, [read(env_p, v) for v in eqn.invars])
+            else:
+                outs_d = run(i, eqn, [read(env_d, v) for v in eqn.invars])
+                if any((not isinstance(v, Literal)) and v in affected for v in eqn.invars):
+                    outs_p = run(i, eqn, [read(env_p, v) for v in eqn.invars])
+                else:
+                    outs_p = outs_d
+            for v, a, b in zip(eqn.outvars, outs_d, outs_p):
+                define(v, a, b)
+        outs = [read(env_p, v) for v in jaxpr.outvars[:n_out]]
+        new_states = [read(env_d, v) for v in state_out]
+        return outs, new_states
 
     return fn, pert

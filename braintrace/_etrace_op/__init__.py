@@ -1,6 +1,7 @@
 """The ETP primitive layer: registries, ``ETPPrimitive``, ``ETPPrimitiveSpec``, the built-in
 primitives with their four rules, and the user-facing wrappers."""
 
+from ._primitive import ETPPrimitive, register_primitive, unregister_primitive
 from ._registries import (
     BATCHED_PRIMITIVES,
     ETP_PRIMITIVE_SPECS,
@@ -15,10 +16,12 @@ from ._registries import (
     GRADIENT_ENABLED_PRIMITIVES,
     get_rule,
 )
-from ._primitive import ETPPrimitive, register_primitive, unregister_primitive
 from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
+from .conv import conv, etp_conv_p
 from .dense import etp_mm_p, etp_mv_p, matmul
 from .elemwise import element_wise, etp_elemwise_p
+from .lora import etp_lora_mm_p, etp_lora_mv_p, lora_matmul
+from .sparse import SparsePattern, etp_sp_mm_p, etp_sp_mv_p, sparse_matmul
 
 __all__ = [
     "BATCHED_PRIMITIVES",
@@ -44,4 +47,13 @@ __all__ = [
     "matmul",
     "etp_elemwise_p",
     "element_wise",
+    "etp_conv_p",
+    "conv",
+    "etp_sp_mm_p",
+    "etp_sp_mv_p",
+    "SparsePattern",
+    "sparse_matmul",
+    "etp_lora_mm_p",
+    "etp_lora_mv_p",
+    "lora_matmul",
 ]

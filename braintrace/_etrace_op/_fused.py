@@ -19,7 +19,9 @@ from braintrace._compatible_imports import Primitive, batching, mlir
 __all__ = ["fused_op"]
 
 
-def fused_op(name: str, reference: Callable, kernel: Callable, *, multiple_results: bool = False) -> Primitive:
+def fused_op(
+    name: str, reference: Callable, kernel: Callable, *, multiple_results: bool = False
+) -> Primitive:
     """A primitive computing ``reference(*arrays, **params)``, lowered to ``kernel`` under 'pallas'.
 
     ``kernel(*arrays, interpret: bool, **params)`` must compute the same function.

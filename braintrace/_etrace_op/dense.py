@@ -199,7 +199,10 @@ def _dense_update_reference(trace, d, x, df):
 
 
 def _dense_solve_reference(trace, ct):
-    r"""``dW[i,o] = sum_b sum_s yw_to_w(ct[b,:,s], trace[b,...,s])``; trace ``(B, I, O, n)``, ct ``(B, O, n)``."""
+    r"""``dW[i,o] = sum_b sum_s yw_to_w(ct[b,:,s], trace[b,...,s])``.
+
+    Shapes: trace ``(B, I, O, n)``, ct ``(B, O, n)``.
+    """
     ops = _trace_ops._default_ops(etp_mm_p)
     return ops.solve({"weight": trace}, ct, {}, {"has_bias": False}, 1)["weight"]
 

@@ -1,0 +1,50 @@
+"""Run settings of the two scales: ``cpu`` (the smoke run of ``pytest benchmarks``) and ``gpu``
+(``pytest benchmarks --gpu``, the real sizes, planned to finish in under 8 minutes on an H100).
+
+Times are medians of ``rounds`` runs; each run is ``iters`` kernel calls (op benchmarks) or ``T``
+online-learning steps (end to end) inside one jitted loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+__all__ = ["SETTINGS", "scale_of", "SESSION_START", "seconds_left"]
+
+SETTINGS = {
+    "gpu": {
+        "op_iters": 50,
+        "op_rounds": 5,
+        "e2e_T": 100,
+        "e2e_rounds": 5,
+        "memory_T": (100, 1000, 10000),
+        "memory_workers": 3,  # subprocesses compiling at once; their GPU runs are serialized by a lock
+        "memory_timeout_s": 240,
+        # wall-clock budget of the whole session; memory jobs that would start later are skipped
+        "budget_s": float(os.environ.get("BENCH_BUDGET_S", 450)),
+    },
+    "cpu": {
+        "op_iters": 2,
+        "op_rounds": 2,
+        "e2e_T": 8,
+        "e2e_rounds": 2,
+        "memory_T": (8, 64),
+        "memory_workers": 1,
+        "memory_timeout_s": 120,
+        "budget_s": float(os.environ.get("BENCH_BUDGET_S", 600)),
+    },
+}
+
+#: When the benchmark session started (``time.monotonic``); set again by ``pytest_configure``.
+SESSION_START = [time.monotonic()]
+
+
+def scale_of(config) -> str:
+    """``'gpu'`` under ``--gpu``, else ``'cpu'``."""
+    return "gpu" if config.getoption("gpu", default=False) else "cpu"
+
+
+def seconds_left(scale: str) -> float:
+    """Seconds left of the session's wall-clock budget."""
+    return SETTINGS[scale]["budget_s"] - (time.monotonic() - SESSION_START[0])

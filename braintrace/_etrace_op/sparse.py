@@ -1,0 +1,358 @@
+r"""Sparse matmul ETP primitives ``etp_sp_mm`` (batched) and ``etp_sp_mv`` (unbatched).
+
+Forward: :math:`y = x\,W \;(+ b)` where :math:`W \in \mathbb{R}^{I\times O}` is sparse with ``nnz``
+trainable non-zeros ``w_p`` at ``(r_p, c_p)``: :math:`y_{\dots c} = \sum_{p:\,c_p = c} x_{\dots r_p} w_p`,
+``x`` of shape ``(B, I)`` (``etp_sp_mm``) or ``(I,)`` (``etp_sp_mv``), ``b`` of shape ``(O,)``.
+
+Invars: ``x, weight_data (nnz,)[, bias (O,)], row_ids (nnz,), col_ids (nnz,)`` — the index arrays
+(int32, COO order = the order of ``weight_data``) are operands, never compile-time constants, so a
+pattern with 10^6 non-zeros neither bloats the HLO nor gets constant-folded. Static params:
+``sparse_mat`` (a hashable :class:`SparsePattern`: shape, nnz, format — no arrays) and ``has_bias``.
+Trainable layout ``{'weight': 1[, 'bias': 2]}``; the index arrays reach the ETP rules as the keyword
+``aux=(row_ids, col_ids)``.
+
+ETP rules (``g = \partial h/\partial y`` for one hidden state, ``y``-shaped):
+
+* ``xy_to_dw(x, g, {w, b})`` — the VJP of the op, an SDDMM:
+  :math:`\partial h/\partial w_p = \sum_b x_{b r_p}\, g_{b c_p}`,
+  :math:`\partial h/\partial b_c = \sum_b g_{bc}`.
+* ``yw_to_w(d, trace)`` — :math:`\partial y_j/\partial w_p = \delta_{j c_p} x_{r_p}`, so non-zero ``p``
+  follows unit ``c_p``: :math:`\epsilon_{w,\dots p} \leftarrow d_{\dots c_p}\,\epsilon_{w,\dots p}` (a gather
+  by column, no scatter), :math:`\epsilon_{b,\dots c} \leftarrow d_{\dots c}\,\epsilon_{b,\dots c}`. Hence
+  ``yw_to_w(v, xy_to_dw(x, g)) == xy_to_dw(x, v * g)`` per key (per batch element, or for ``v``
+  shared by the batch), and the rule-derived D-RTRL update
+  :math:`\epsilon_p \leftarrow D_{c_p}\epsilon_p + x_{r_p} df_{c_p}` and solve
+  :math:`dw_p = \sum_b \epsilon_p\,(\partial L/\partial h)_{c_p}` are exact.
+* ``init_drtrl`` — ``{'weight': (B, nnz, n)[, 'bias': (B, O, n)]}`` for ``etp_sp_mm``,
+  ``{'weight': (nnz, n)[, 'bias': (O, n)]}`` for ``etp_sp_mv``; dtype of each weight.
+* ``init_pp`` — the output-shaped df trace ``(*y.shape, n)``, dtype of ``y``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from functools import partial
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+import saiunit as u
+
+from ._batching import make_x_batching_rule
+from ._spec import ETPPrimitiveSpec, register_primitive_spec
+from ._units import attach, bias_mantissa, split
+
+__all__ = ["SparsePattern", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul", "sparse_pattern"]
+
+_FORMATS = ("csr", "csc", "coo")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsePattern:
+    """Hashable descriptor of a sparse ``(I, O)`` weight: the static ``sparse_mat`` param.
+
+    It holds no arrays: the index arrays travel as operands of the primitive.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(I, O)`` = (input features, output features).
+    nnz : int
+        Number of stored non-zeros (length of ``weight_data`` and of each index array).
+    format : str
+        The format the pattern came from: ``'csr'``, ``'csc'`` or ``'coo'`` (informational; the
+        primitive always receives COO ``row_ids, col_ids`` in the order of ``weight_data``).
+
+    Examples
+    --------
+    >>> from braintrace._etrace_op.sparse import SparsePattern
+    >>> SparsePattern(shape=(50, 40), nnz=200, format='csr')
+    SparsePattern(shape=(50, 40), nnz=200, format='csr')
+    """
+
+    shape: Tuple[int, int]
+    nnz: int
+    format: str = "coo"
+
+    def __post_init__(self):
+        shape = tuple(int(s) for s in self.shape)
+        if len(shape) != 2 or min(shape) < 0:
+            raise ValueError(
+                f"SparsePattern: `shape` must be (in, out) of non-negative ints, got {self.shape!r}."
+            )
+        if int(self.nnz) < 0:
+            raise ValueError(f"SparsePattern: `nnz` must be non-negative, got {self.nnz!r}.")
+        if self.format not in _FORMATS:
+            raise ValueError(f"SparsePattern: `format` must be one of {_FORMATS}, got {self.format!r}.")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "nnz", int(self.nnz))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+
+def _unpack(args, has_bias):
+    """``(x, weight_data, bias or None, row_ids, col_ids)`` from the operand list."""
+    bias = args[2] if has_bias else None
+    return args[0], args[1], bias, args[-2], args[-1]
+
+
+def _sparse_impl(*args, sparse_mat, has_bias=False):
+    x, data, bias, row_ids, col_ids = _unpack(args, has_bias)
+    contrib = jnp.take(x, row_ids, axis=-1) * data  # (..., nnz)
+    y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
+    y = y.at[..., col_ids].add(contrib)
+    if has_bias:
+        y = y + bias
+    return y
+
+
+def _sparse_trainable_invars(params):
+    """``{'weight': 1}`` or ``{'weight': 1, 'bias': 2}`` depending on ``has_bias``."""
+    layout = {"weight": 1}
+    if params.get("has_bias", False):
+        layout["bias"] = 2
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------
+# The four ETP rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _sparse_yw_to_w(hidden_dim, trace, *, sparse_mat, has_bias=False, aux):
+    r"""Scale each non-zero's trace by ``hidden_dim`` at its column (gather by ``col_ids``).
+
+    ``hidden_dim``: ``(..., O)``; ``trace['weight']``: ``(..., nnz)``; ``trace['bias']``: ``(..., O)``.
+    """
+    _, col_ids = aux
+    out = {"weight": trace["weight"] * jnp.take(hidden_dim, col_ids, axis=-1)}
+    if has_bias:
+        out["bias"] = trace["bias"] * hidden_dim
+    return out
+
+
+def _sparse_xy_to_dw(x, hidden_dim, weights, *, sparse_mat, has_bias=False, aux):
+    r"""``{'weight': sum_b x[b, r_p] g[b, c_p][, 'bias': sum_b g]}``: the VJP of the op."""
+    row_ids, col_ids = aux
+
+    def fwd(w):
+        operands = [x, w["weight"]] + ([w["bias"]] if has_bias else []) + [row_ids, col_ids]
+        return _sparse_impl(*operands, sparse_mat=sparse_mat, has_bias=has_bias)
+
+    _, vjp = jax.vjp(fwd, dict(weights))
+    return vjp(jnp.asarray(hidden_dim, dtype=jnp.result_type(x, weights["weight"])))[0]
+
+
+def _param_trace_zeros(batch_shape, weight_vars, n):
+    return {
+        k: jnp.zeros((*batch_shape, *v.aval.shape, n), dtype=v.aval.dtype) for k, v in weight_vars.items()
+    }
+
+
+def _sp_mm_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
+    """``{'weight': zeros(B, nnz, n)[, 'bias': zeros(B, O, n)]}``."""
+    return _param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
+
+
+def _sp_mv_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
+    """``{'weight': zeros(nnz, n)[, 'bias': zeros(O, n)]}``."""
+    return _param_trace_zeros((), weight_vars, num_hidden_state)
+
+
+def _sparse_init_pp(x_var, y_var, weight_vars, num_hidden_state):
+    """The output-shaped df trace ``zeros(*y.shape, n)``."""
+    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
+
+
+# Per-primitive names (the dense module's convention); both primitives share the rules.
+_sp_mm_yw_to_w = _sp_mv_yw_to_w = _sparse_yw_to_w
+_sp_mm_xy_to_dw = _sp_mv_xy_to_dw = _sparse_xy_to_dw
+_sp_mm_init_pp = _sp_mv_init_pp = _sparse_init_pp
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+_x_rule_mv = make_x_batching_rule(lambda: etp_sp_mv_p, lambda: etp_sp_mm_p)
+_x_rule_mm = make_x_batching_rule(lambda: etp_sp_mm_p, lambda: etp_sp_mm_p)
+
+etp_sp_mm_p = register_primitive_spec(
+    ETPPrimitiveSpec(
+        name="etp_sp_mm",
+        impl=_sparse_impl,
+        yw_to_w=_sp_mm_yw_to_w,
+        xy_to_dw=_sp_mm_xy_to_dw,
+        init_drtrl=_sp_mm_init_drtrl,
+        init_pp=_sp_mm_init_pp,
+        trainable_invars_fn=_sparse_trainable_invars,
+        x_invar_index=0,
+        batched=True,
+        batching_rule=_x_rule_mm,
+    )
+)
+
+etp_sp_mv_p = register_primitive_spec(
+    ETPPrimitiveSpec(
+        name="etp_sp_mv",
+        impl=_sparse_impl,
+        yw_to_w=_sp_mv_yw_to_w,
+        xy_to_dw=_sp_mv_xy_to_dw,
+        init_drtrl=_sp_mv_init_drtrl,
+        init_pp=_sp_mv_init_pp,
+        trainable_invars_fn=_sparse_trainable_invars,
+        x_invar_index=0,
+        batched=False,
+        batching_rule=_x_rule_mv,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# User-facing wrapper
+# ---------------------------------------------------------------------------------------------
+
+
+def _accepted_types():
+    """``{format: (types...)}`` for saiunit's sparse classes and, when imported, brainevent's."""
+    from saiunit import sparse as ss
+
+    types = {"csr": [ss.CSR], "csc": [ss.CSC], "coo": [ss.COO]}
+    brainevent = sys.modules.get("brainevent")  # only an already-imported brainevent can be passed
+    if brainevent is not None:
+        for fmt, name in (("csr", "CSR"), ("csc", "CSC")):
+            cls = getattr(brainevent, name, None)
+            if isinstance(cls, type):
+                types[fmt].append(cls)
+    return {k: tuple(v) for k, v in types.items()}
+
+
+def _int_index(arr, what):
+    if isinstance(arr, u.Quantity):
+        arr = arr.mantissa
+    arr = jnp.asarray(arr)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(f"sparse_matmul: `{what}` must have an integer dtype, got {arr.dtype}.")
+    if arr.ndim != 1:
+        raise ValueError(f"sparse_matmul: `{what}` must be 1-D, got shape {arr.shape}.")
+    return arr.astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=1)  # one compiled program for eager callers, inlined under jit
+def _expand_ptr(indptr, nnz):
+    """The major-axis index of each stored element of a compressed (CSR/CSC) matrix."""
+    counts = jnp.diff(indptr)
+    return jnp.repeat(jnp.arange(counts.shape[0], dtype=jnp.int32), counts, total_repeat_length=nnz)
+
+
+def sparse_pattern(sparse_mat):
+    r"""``(SparsePattern, row_ids, col_ids)`` of a sparse matrix, indices in the order of its data.
+
+    Accepts ``saiunit.sparse.CSR`` / ``CSC`` / ``COO`` and, when brainevent is imported,
+    ``brainevent.CSR`` / ``CSC``. The index arrays are returned as ``int32`` JAX arrays computed with
+    ``jnp`` (traced when the matrix's index arrays are traced).
+    """
+    types = _accepted_types()
+    fmt = next((f for f, cls in types.items() if isinstance(sparse_mat, cls)), None)
+    if fmt is None:
+        names = ", ".join(f"{c.__module__.split('.')[0]}.{c.__name__}" for cs in types.values() for c in cs)
+        raise TypeError(
+            f"sparse_matmul: `sparse_mat` must be one of {names}; got {type(sparse_mat).__name__}. "
+            f"Build one with e.g. saiunit.sparse.CSR.fromdense(dense)."
+        )
+    shape = tuple(int(s) for s in sparse_mat.shape)
+    if len(shape) != 2:
+        raise ValueError(f"sparse_matmul: `sparse_mat` must be 2-D (in, out), got shape {shape}.")
+    if fmt == "coo":
+        row_ids = _int_index(sparse_mat.row, "sparse_mat.row")
+        col_ids = _int_index(sparse_mat.col, "sparse_mat.col")
+        if row_ids.shape != col_ids.shape:
+            raise ValueError(
+                f"sparse_matmul: `sparse_mat.row` and `sparse_mat.col` must have the same length, "
+                f"got {row_ids.shape} and {col_ids.shape}."
+            )
+    else:
+        indices = _int_index(sparse_mat.indices, "sparse_mat.indices")
+        indptr = _int_index(sparse_mat.indptr, "sparse_mat.indptr")
+        major = shape[0] if fmt == "csr" else shape[1]
+        if indptr.shape != (major + 1,):
+            raise ValueError(
+                f"sparse_matmul: `sparse_mat.indptr` of a {fmt.upper()} matrix of shape {shape} must have "
+                f"shape ({major + 1},), got {indptr.shape}."
+            )
+        ptr_ids = _expand_ptr(indptr, indices.shape[0])
+        row_ids, col_ids = (ptr_ids, indices) if fmt == "csr" else (indices, ptr_ids)
+    return SparsePattern(shape=shape, nnz=int(row_ids.shape[0]), format=fmt), row_ids, col_ids
+
+
+def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
+    r"""ETP-marked sparse matrix product :math:`y = x\,\mathrm{sparse}(w) \;(+ b)`.
+
+    ``sparse_mat`` gives the structure (its own data is ignored); ``weight_data`` holds the
+    trainable non-zeros in the order of ``sparse_mat.data``. Binds ``etp_sp_mm`` when
+    ``x.ndim >= 2`` (``(batch, in)``; more leading axes are flattened into the batch) and
+    ``etp_sp_mv`` when ``x`` is a vector ``(in,)``. The index arrays are operands of the primitive:
+    to keep them out of the compiled program as constants, pass the sparse matrix (or its index
+    arrays, e.g. ``saiunit.sparse.CSR((data, indices, indptr), shape=...)`` built inside the jitted
+    function) as traced inputs.
+
+    Parameters
+    ----------
+    x : array or Quantity, shape ``(batch, in)`` or ``(in,)``
+    weight_data : array or Quantity, shape ``(nnz,)``
+    sparse_mat : saiunit.sparse.CSR, CSC or COO, or brainevent.CSR / CSC, shape ``(in, out)``
+    bias : array or Quantity, shape ``(out,)``, optional
+        Its unit must have the dimension of ``unit(x) * unit(weight_data)``.
+
+    Returns
+    -------
+    array or Quantity of shape ``(batch, out)`` or ``(out,)``
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> import braintrace
+    >>> from saiunit import sparse as ss
+    >>> csr = ss.CSR.fromdense(jnp.array([[0., 1., 0.], [2., 0., 3.]]))
+    >>> braintrace.sparse_matmul(jnp.array([[1., 1.]]), csr.data, sparse_mat=csr)
+    Array([[2., 1., 3.]], dtype=float32)
+    """
+    pattern, row_ids, col_ids = sparse_pattern(sparse_mat)
+    x_m, x_u = split(x)
+    w_m, w_u = split(weight_data)
+    x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
+    n_in, n_out = pattern.shape
+    if w_m.shape != (pattern.nnz,):
+        raise ValueError(
+            f"sparse_matmul: `weight_data` must have shape ({pattern.nnz},) = (nnz,) of `sparse_mat`, "
+            f"got {w_m.shape}."
+        )
+    if x_m.ndim == 0:
+        raise ValueError("sparse_matmul: `x` must have at least one axis (in,) or (batch, in), got a scalar.")
+    if x_m.shape[-1] != n_in:
+        raise ValueError(
+            f"sparse_matmul: `x` has {x_m.shape[-1]} input features (shape {x_m.shape}) but `sparse_mat` "
+            f"has shape {pattern.shape}; x.shape[-1] must equal sparse_mat.shape[0]."
+        )
+    unit = x_u * w_u
+    operands = [x_m, w_m]
+    if bias is not None:
+        b_m = jnp.asarray(bias_mantissa(bias, unit, op="sparse_matmul"))
+        if b_m.shape != (n_out,):
+            raise ValueError(
+                f"sparse_matmul: `bias` must have shape ({n_out},) = (sparse_mat.shape[1],), got {b_m.shape}."
+            )
+        operands.append(b_m)
+    operands += [row_ids, col_ids]
+    lead = x_m.shape[:-1]
+    if x_m.ndim > 2:
+        operands[0] = x_m.reshape((-1, n_in))
+    p = etp_sp_mv_p if x_m.ndim == 1 else etp_sp_mm_p
+    y = p.bind(*operands, sparse_mat=pattern, has_bias=bias is not None)
+    if x_m.ndim > 2:
+        y = y.reshape((*lead, n_out))
+    return attach(y, unit)

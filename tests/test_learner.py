@@ -1,0 +1,273 @@
+"""``braintrace.compile`` + ``etrace_grad``, memory in T, bad input, units, and trace resets."""
+
+from __future__ import annotations
+
+import warnings
+
+import brainstate
+import jax.numpy as jnp
+import numpy as np
+import online_models as om
+import pytest
+import saiunit as u
+
+import braintrace
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+STEPS = 10
+ALGORITHMS = {
+    "d_rtrl": ({}, lambda m: braintrace.D_RTRL(m)),
+    "pp_prop": ({"decay_or_rank": 0.8}, lambda m: braintrace.pp_prop(m, 0.8)),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    with om.float64():
+        yield
+
+
+# ------------------------------------------------------------------------------------------------
+# etrace_grad
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_etrace_grad_equals_summed_per_step_gradients(name):
+    options, make = ALGORITHMS[name]
+    spec = om.two_state(batch=3, recurrent=True)
+    xs, targets = om.make_data(spec, STEPS)
+
+    module = om.build_module(spec, init=False)
+    learner = braintrace.compile(module, name, xs[0], batch_size=spec.batch, **options)
+    grads, losses = learner.etrace_grad(xs, targets, step_fn=om.loss_fn, return_value=True)
+    assert set(grads) == {(n,) for n in spec.params}
+
+    reference = om.build_module(spec)
+    per_step, per_step_losses = om.run_online(make(reference), reference, xs, targets)
+    om.assert_grads_close(
+        {k[-1]: v for k, v in grads.items()},
+        {k: v.sum(0) for k, v in per_step.items()},
+        tol=1e-12,
+        what=f"etrace_grad ({name}) vs summed per-step gradients",
+    )
+    assert losses.shape == (STEPS,)
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(per_step_losses), rtol=1e-12)
+
+    # the sequence restarts from the compiled initial states: a second call gives the same result
+    again = learner.etrace_grad(xs, targets, step_fn=om.loss_fn)
+    for k in grads:
+        np.testing.assert_allclose(np.asarray(again[k]), np.asarray(grads[k]), rtol=1e-12, atol=0)
+
+
+def test_return_value_false_returns_only_gradients():
+    spec = om.leaky_ff(batch=2)
+    xs, targets = om.make_data(spec, 4)
+    learner = braintrace.compile(om.build_module(spec, init=False), "d_rtrl", xs[0], batch_size=2)
+    grads = learner.etrace_grad(xs, targets, step_fn=om.loss_fn)
+    assert isinstance(grads, dict) and set(grads) == {(n,) for n in spec.params}
+
+
+# ------------------------------------------------------------------------------------------------
+# memory does not grow with T (Clarification 17: with a BPTT control that does)
+# ------------------------------------------------------------------------------------------------
+
+
+def _temp_bytes(fn, *args):
+    return brainstate.transform.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_online_memory_does_not_grow_with_sequence_length():
+    """``etrace_grad`` compiled for T=10 and T=1000 needs the same temporary memory under D-RTRL and
+    pp_prop, while the BPTT control (``grad`` through ``scan`` of the same model) grows with T."""
+    spec = om.two_state(batch=4, n_hid=16, recurrent=True)
+    x0 = jnp.zeros(spec.input_shape())
+    seqs = {
+        steps: (jnp.zeros((steps, *spec.input_shape())), jnp.zeros((steps, *spec.output_shape())))
+        for steps in (10, 1000)
+    }
+
+    module = om.build_module(spec)
+    params = module.states(brainstate.ParamState)
+
+    def bptt(xs, ys):
+        def total():
+            def body(acc, inp):
+                x, y = inp
+                return acc + om.loss_fn(module(x), y), None
+
+            acc, _ = brainstate.transform.scan(body, jnp.zeros(()), (xs, ys))
+            return acc
+
+        return brainstate.transform.grad(total, params)()
+
+    bptt_10, bptt_1000 = (_temp_bytes(bptt, *seqs[t]) for t in (10, 1000))
+    # BPTT keeps (at least) both hidden states of every step for the backward pass ...
+    assert bptt_1000 - bptt_10 >= 990 * 2 * spec.batch * 16 * 8, (bptt_10, bptt_1000)
+
+    for name, (options, _) in ALGORITHMS.items():
+        learner = braintrace.compile(
+            om.build_module(spec, init=False), name, x0, batch_size=spec.batch, **options
+        )
+        online = lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=om.loss_fn)
+        online_10, online_1000 = (_temp_bytes(online, *seqs[t]) for t in (10, 1000))
+        # ... the online learners keep none of them
+        assert online_1000 <= online_10 + 1024, (name, online_10, online_1000, bptt_10, bptt_1000)
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_step_before_compile_graph_is_a_runtime_error():
+    spec = om.leaky_ff(batch=2)
+    alg = braintrace.D_RTRL(om.build_module(spec))
+    with pytest.raises(RuntimeError, match="compile_graph"):
+        alg(jnp.zeros(spec.input_shape()))
+    with pytest.raises(RuntimeError, match="compile_graph"):
+        alg.etrace_grad(jnp.zeros((3, *spec.input_shape())), jnp.zeros((3, 2, 2)), step_fn=om.loss_fn)
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (3, 3), (3,)])
+def test_input_shape_differs_from_compile_time(shape):
+    spec = om.leaky_ff(batch=2, n_in=3)
+    alg = braintrace.D_RTRL(om.build_module(spec))
+    alg.compile_graph(jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="compile"):
+        alg(jnp.zeros(shape))
+
+
+def test_unknown_algorithm_name_lists_the_names():
+    spec = om.leaky_ff(batch=2)
+    with pytest.raises(ValueError) as info:
+        braintrace.compile(om.build_module(spec), "bptt", jnp.zeros(spec.input_shape()))
+    for name in ("d_rtrl", "pp_prop", "es_d_rtrl"):
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_loss_independent_of_output_gives_zero_gradients(name):
+    """A step loss that ignores the model's output: the run completes and every gradient is exactly
+    zero (no error and no warning is raised)."""
+    options, _ = ALGORITHMS[name]
+    spec = om.leaky_ff(batch=2)
+    xs, targets = om.make_data(spec, 4)
+    learner = braintrace.compile(om.build_module(spec, init=False), name, xs[0], batch_size=2, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads, losses = learner.etrace_grad(
+            xs, targets, step_fn=lambda out, y: jnp.sum(y**2), return_value=True
+        )
+    for k, g in grads.items():
+        assert np.all(np.asarray(g) == 0), k
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(jnp.sum(targets**2, axis=(1, 2))), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# units
+# ------------------------------------------------------------------------------------------------
+
+
+class UnitLeaky(brainstate.nn.Module):
+    """``V' = α V + (1 − α)(x W + b)`` with ``V``, ``W``, ``b`` in mV, ``τ`` in ms, ``α = exp(−1 ms/τ)``."""
+
+    def __init__(self, spec):
+        super().__init__()
+        p = spec.params
+        self.W = brainstate.ParamState(p["W"] * u.mV)
+        self.b = brainstate.ParamState(p["b"] * u.mV)
+        self.tau = brainstate.ParamState(p["tau"] * u.ms)
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.V = brainstate.HiddenState(jnp.zeros((batch_size, self.W.value.shape[1])) * u.mV)
+
+    def update(self, x):
+        a = braintrace.element_wise(self.tau.value, fn=lambda t: jnp.exp(-1.0 * u.ms / t))
+        self.V.value = a * self.V.value + (1 - a) * braintrace.matmul(x, self.W.value, self.b.value)
+        return self.V.value
+
+
+def _unitless_leaky(batch=3, n_in=3, n_hid=4):
+    """The same model on mantissas (mV, ms)."""
+    rng = om._keys(30, 3)
+    params = {
+        "W": om._nrm(rng[0], (n_in, n_hid), 0.8),
+        "b": om._nrm(rng[1], (n_hid,), 0.3),
+        "tau": om._uniform(rng[2], (n_hid,), 2.0, 8.0),
+    }
+    ops = {
+        "alpha": om.Op("elem", {"weight": "tau"}, fn=lambda t: jnp.exp(-1.0 / t)),
+        "in": om.Op("dense", {"weight": "W", "bias": "b"}, x_fn=lambda p, h, x: x),
+    }
+
+    def step(p, h, x, ys):
+        a = ys["alpha"]
+        return {"V": a * h["V"] + (1 - a) * ys["in"]}
+
+    return om.PlainSpec(
+        "unit_leaky", params, {"V": (n_hid,)}, (("V",),), ops, step, lambda p, h, x: h["V"], (n_in,), batch
+    )
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_quantities_run_end_to_end(name):
+    """Hidden state and weights in mV, time constant in ms: both algorithms run, the gradients carry
+    the parameters' units and shapes, and their mantissas equal the oracle on the unitless model."""
+    options, make = ALGORITHMS[name]
+    spec = _unitless_leaky()
+    xs, targets = om.make_data(spec, STEPS)
+    module = UnitLeaky(spec)
+    brainstate.nn.init_all_states(module, batch_size=spec.batch)
+    loss = lambda out, y: om.loss_fn(out / u.mV, y)
+    got, _ = om.run_online(make(module), module, xs, targets, loss=loss)
+    units = {"W": u.mV, "b": u.mV, "tau": u.ms}
+    mantissas = {}
+    for k, g in got.items():
+        assert isinstance(g, u.Quantity) and g.unit == units[k], (k, type(g), getattr(g, "unit", None))
+        assert g.shape == (STEPS, *spec.params[k].shape)
+        assert np.all(np.isfinite(np.asarray(g.mantissa)))
+        mantissas[k] = g.mantissa
+    want = (
+        om.masked_rtrl(spec, xs, targets)
+        if name == "d_rtrl"
+        else om.pp_prop_oracle(spec, xs, targets, options["decay_or_rank"])
+    )
+    om.assert_grads_close(mantissas, want, what=f"{name} with saiunit quantities (mantissas)")
+
+
+# ------------------------------------------------------------------------------------------------
+# re-initialising the model's states restarts the traces
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_traces_reset_when_states_are_reinitialised(name):
+    """After ``brainstate.nn.init_all_states`` again, the run restarts: the gradients of the steps
+    that follow equal those of a fresh run (the first step's, and the next ones', which show that
+    the traces restart once and then accumulate again)."""
+    _, make = ALGORITHMS[name]
+    spec = om.two_state(batch=2, recurrent=True)
+    xs, targets = om.make_data(spec, 5)
+
+    fresh = om.build_module(spec)
+    first, _ = om.run_online(make(fresh), fresh, xs[:3], targets[:3])
+
+    module = om.build_module(spec)
+    alg = make(module)
+    om.run_online(alg, module, xs[3:], targets[3:])  # two steps: traces and states move away
+    brainstate.nn.init_all_states(module, batch_size=spec.batch)
+    # A new jitted step: brainstate's jit keeps the state objects it traced, and init_all_states
+    # creates new ones.
+    again, _ = om.run_online(alg, module, xs[:3], targets[:3], compile_graph=False)
+    errors = {t: {k: om.rel_err(again[k][t], first[k][t]) for k in first} for t in range(3)}
+    om.assert_grads_close(
+        {k: v[0] for k, v in again.items()},
+        {k: v[0] for k, v in first.items() if k != "W_rec"},
+        tol=1e-12,
+        what=f"{name}: first step after re-init vs a fresh run",
+    )
+    om.assert_grads_close(
+        again, first, tol=1e-12, what=f"{name}: steps 1-3 after re-init vs a fresh run {errors}"
+    )
