@@ -121,14 +121,15 @@ def backend(name: str, *, interpret: bool = False) -> Iterator[None]:
 
 
 def _dispatching_lowering(primitive, platform: str):
-    impl_fn, kernel_fn = primitive.impl_fn, primitive.kernel_fn
     multiple = primitive.multiple_results
 
     def rule(ctx, *args, **params):
+        # Read the implementations when lowering, so a kernel swapped in later is used.
         mode = kernel_mode(platform)
         if mode is None:
-            fn = impl_fn
+            fn = primitive.impl_fn
         else:
+            kernel_fn = primitive.kernel_fn
 
             def fn(*a, **p):
                 return kernel_fn(*a, interpret=(mode == "interpret"), **p)

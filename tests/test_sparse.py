@@ -17,7 +17,11 @@ from saiunit import sparse as ss
 import braintrace
 from braintrace._compatible_imports import jaxpr_of
 from braintrace._etrace_op import etp_sp_mm_p, etp_sp_mv_p, get_rule
-from braintrace._etrace_op._trace_ops import ETP_DRTRL_TRACE_OPS, get_drtrl_trace_ops, rule_kwargs
+from braintrace._etrace_op._trace_ops import (
+    ETP_DRTRL_TRACE_OPS,
+    _default_ops,
+    rule_kwargs,
+)
 from braintrace._etrace_op.sparse import SparsePattern, sparse_pattern
 
 N_IN, N_OUT, BATCH = 7, 5, 3
@@ -286,22 +290,35 @@ def test_init_shapes(dtype, batched, has_bias, n):
     ],
     indirect=["dtype"],
 )
-def test_default_trace_ops_match_dense_oracle(dtype, mode, has_bias, n):
-    assert etp_sp_mm_p not in ETP_DRTRL_TRACE_OPS and etp_sp_mv_p not in ETP_DRTRL_TRACE_OPS
+@pytest.mark.parametrize("which", ["default", "fused"])
+def test_default_trace_ops_match_dense_oracle(dtype, mode, has_bias, n, which):
+    """The rule-derived trace operations (rule layout ``(*batch, nnz, n)``) and the registered fused
+    CSR operations (kernel layout ``(nnz, n, B)``) both follow the dense masked-RTRL recursion
+    restricted to the pattern."""
     case = Case(dtype, "csr", mode == "mm", has_bias, seed=11)
     x, weights = case.x, case.weights
     batch_shape = () if mode == "mv" else (BATCH,)
-    ops = get_drtrl_trace_ops(case.prim)
+    fused = which == "fused"
+    ops = ETP_DRTRL_TRACE_OPS[case.prim] if fused else _default_ops(case.prim)
     eqn = case.eqn()
     layout = {"weight": 1, **({"bias": 2} if has_bias else {})}
     wv = {k: eqn.invars[i] for k, i in layout.items()}
     trace = ops.init(eqn.invars[0], eqn.outvars[0], wv, n, batch_shape, case.kw)
-    assert trace["weight"].shape == (*batch_shape, case.nnz, n)
+    nb = int(np.prod(batch_shape)) if batch_shape else 1
+    if fused:
+        assert trace["weight"].shape == (case.nnz, n, nb)
+    else:
+        assert trace["weight"].shape == (*batch_shape, case.nnz, n)
+
+    def rule_layout(w):
+        """The weight trace in the rule layout ``(*batch, nnz, n)``."""
+        w = npy(w)
+        return np.moveaxis(w, -1, 0).reshape((*batch_shape, case.nnz, n)) if fused else w
 
     rng = np.random.default_rng(12)
     trace = {k: arr(rng.standard_normal(v.shape), dtype) for k, v in trace.items()}
     # Dense masked-RTRL oracle: the (I, O) trace restricted to the pattern.
-    e = np.einsum("...ps,pi,pk->...iks", npy(trace["weight"]), case.r1, case.c1)
+    e = np.einsum("...ps,pi,pk->...iks", rule_layout(trace["weight"]), case.r1, case.c1)
     eb = npy(trace["bias"]) if has_bias else None
     xe = np.broadcast_to(npy(x), (*batch_shape, N_IN))
     step = jax.jit(
@@ -319,7 +336,8 @@ def test_default_trace_ops_match_dense_oracle(dtype, mode, has_bias, n):
         trace, grads = step(trace, *map(jax.device_put, (d, df, ct)))
         d, df, ct = npy(d), npy(df), npy(ct)
         e = np.einsum("...ksj,...ikj->...iks", d, e) + np.einsum("...i,...ks->...iks", xe, df)
-        assert_close(trace["weight"], np.einsum("...iks,pi,pk->...ps", e, case.r1, case.c1), dtype)
+        expected = np.einsum("...iks,pi,pk->...ps", e, case.r1, case.c1)
+        assert_close(rule_layout(trace["weight"]), expected, dtype)
         dense_grad = np.einsum("...ks,...iks->...ik", ct, e).reshape(-1, N_IN, N_OUT).sum(0)
         assert_close(grads["weight"], np.einsum("ik,pi,pk->p", dense_grad, case.r1, case.c1), dtype)
         if has_bias:

@@ -231,30 +231,53 @@ def _flat_batch(a, batch_ndim, tail_ndim):
     return a.reshape((int(np.prod(lead)) if lead else 1, *a.shape[a.ndim - tail_ndim :]))
 
 
+def fused_dense_update(trace, d, x, df):
+    """The fused dense update of one weight-shaped trace leaf in the rule layout.
+
+    trace ``(*batch, I, O, n)``, d ``(*batch, O, n, n)``, x ``(*batch, I)`` or ``(I,)`` (broadcast),
+    df ``(*batch, O, n)``; ``batch`` may be empty.
+    """
+    bshape = trace.shape[:-3]
+    I, O, n = trace.shape[-3:]
+    x = jnp.broadcast_to(x, (*bshape, I))
+    new = dense_trace_update_p.bind(
+        _flat_batch(trace, len(bshape), 3),
+        _flat_batch(d, len(bshape), 3),
+        _flat_batch(x, len(bshape), 1).astype(trace.dtype),
+        _flat_batch(df, len(bshape), 2).astype(trace.dtype),
+    )
+    return new.reshape(trace.shape)
+
+
+def fused_dense_solve(trace, ct):
+    """``sum_batch sum_s trace * ct`` of a trace leaf ``(*batch, I, O, n)``: ``(I, O)``."""
+    bshape = trace.shape[:-3]
+    return dense_trace_solve_p.bind(_flat_batch(trace, len(bshape), 3), _flat_batch(ct, len(bshape), 2))
+
+
+def fused_bias_update(trace, d, df):
+    """The bias trace ``(*batch, O, n)``: the dense update with ``I = 1`` and ``x = 1``."""
+    ones = jnp.ones((*trace.shape[:-2], 1), trace.dtype)
+    return fused_dense_update(trace[..., None, :, :], d, ones, df)[..., 0, :, :]
+
+
+def fused_bias_solve(trace, ct):
+    """``sum_batch sum_s trace * ct`` of a bias trace ``(*batch, O, n)``: ``(O,)``."""
+    return fused_dense_solve(trace[..., None, :, :], ct)[0]
+
+
 def _dense_ops_update(trace, d, x, df, weights, params, batch_ndim):
     """Dense D-RTRL update through the fused primitive; trace leaves in the rule layout."""
-    bshape = trace["weight"].shape[:-3]
-    n = df.shape[-1]
-    I, O = weights["weight"].shape
-    d2, df2 = _flat_batch(d, len(bshape), 3), _flat_batch(df, len(bshape), 2)
-    x2 = jnp.broadcast_to(x, (*bshape, I)) if x.ndim < len(bshape) + 1 else x
-    x2 = _flat_batch(x2, len(bshape), 1)
-    out = {"weight": dense_trace_update_p.bind(_flat_batch(trace["weight"], len(bshape), 3), d2, x2, df2)}
-    out["weight"] = out["weight"].reshape((*bshape, I, O, n))
+    out = {"weight": fused_dense_update(trace["weight"], d, x, df)}
     if "bias" in trace:
-        tb = _flat_batch(trace["bias"], len(bshape), 2)[:, None]
-        ones = jnp.ones((tb.shape[0], 1), tb.dtype)
-        out["bias"] = dense_trace_update_p.bind(tb, d2, ones, df2)[:, 0].reshape((*bshape, O, n))
+        out["bias"] = fused_bias_update(trace["bias"], d, df)
     return out
 
 
 def _dense_ops_solve(trace, ct, weights, params, batch_ndim):
-    bshape = trace["weight"].shape[:-3]
-    ct2 = _flat_batch(ct, len(bshape), 2)
-    out = {"weight": dense_trace_solve_p.bind(_flat_batch(trace["weight"], len(bshape), 3), ct2)}
+    out = {"weight": fused_dense_solve(trace["weight"], ct).astype(weights["weight"].dtype)}
     if "bias" in trace:
-        tb = _flat_batch(trace["bias"], len(bshape), 2)[:, None]
-        out["bias"] = dense_trace_solve_p.bind(tb, ct2)[0]
+        out["bias"] = fused_bias_solve(trace["bias"], ct).astype(weights["bias"].dtype)
     return out
 
 

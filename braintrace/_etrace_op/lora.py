@@ -50,6 +50,7 @@ from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps
 from ._units import attach, bias_mantissa, split
+from .dense import fused_bias_solve, fused_bias_update, fused_dense_solve, fused_dense_update
 
 __all__ = ["etp_lora_mm_p", "etp_lora_mv_p", "lora_matmul"]
 
@@ -149,15 +150,6 @@ _lora_mm_init_pp = _lora_mv_init_pp = _lora_init_pp
 # ---------------------------------------------------------------------------------------------
 
 
-def _propagate(d, eps):
-    r"""``out[..., k, s] = sum_j d[..., k, s, j] * eps[..., k, j]``; ``d`` ``(*unit, O, n, n)``
-    broadcasts against ``eps`` ``(*unit, [I or r,] O, n)`` (pass ``d`` expanded at axis -4)."""
-    acc = d[..., :, 0] * eps[..., 0:1]
-    for j in range(1, eps.shape[-1]):
-        acc = acc + d[..., :, j] * eps[..., j : j + 1]
-    return acc
-
-
 def _make_trace_ops(get_primitive):
     def init(x_var, y_var, weight_vars, n, batch_shape, params):
         if get_primitive() in BATCHED_PRIMITIVES:
@@ -168,33 +160,29 @@ def _make_trace_ops(get_primitive):
         r"""``E <- D E + x ⊗ df``; ``eps_A <- D eps_A + (xB) ⊗ (alpha df)``; ``eps_b <- D eps_b + df``.
 
         ``x``: ``(*batch, I)`` or ``(I,)`` (``etp_lora_mv`` under a batched model); ``df``:
-        ``(*batch, O, n)``; ``d``: ``(*batch, O, n, n)``.
+        ``(*batch, O, n)``; ``d``: ``(*batch, O, n, n)``. Each leaf goes through the fused dense
+        trace update (a Pallas kernel under the ``'pallas'`` backend).
         """
         alpha = params.get("alpha", 1.0)
-        d_row = jnp.expand_dims(d, axis=-4)  # broadcast over the I / r axis of a trace leaf
         z = x @ weights["lora_b"]
         new = {
-            "lora_b": _propagate(d_row, trace["lora_b"]) + x[..., :, None, None] * df[..., None, :, :],
-            "lora_a": _propagate(d_row, trace["lora_a"])
-            + z[..., :, None, None] * (alpha * df)[..., None, :, :],
+            "lora_b": fused_dense_update(trace["lora_b"], d, x, df),
+            "lora_a": fused_dense_update(trace["lora_a"], d, alpha * z, df),
         }
         if "bias" in trace:
-            new["bias"] = _propagate(d, trace["bias"]) + df
+            new["bias"] = fused_bias_update(trace["bias"], d, df)
         return {k: v.astype(trace[k].dtype) for k, v in new.items()}
 
     def solve(trace, ct, weights, params, batch_ndim):
         r"""``dB = alpha (sum_b sum_s ct E) A^T``; ``dA``, ``db``: ``sum_b sum_s ct eps``."""
         alpha = params.get("alpha", 1.0)
-        ct_row = jnp.expand_dims(ct, axis=-3)  # (*batch, 1, O, n)
-        lead = tuple(range(trace["lora_b"].ndim - 3))
-        e_grad = jnp.sum(ct_row * trace["lora_b"], axis=(*lead, -1))  # (I, O)
         grads = {
-            "lora_b": _lora_b_from_e(e_grad, weights["lora_a"], alpha),
-            "lora_a": jnp.sum(ct_row * trace["lora_a"], axis=(*lead, -1)),
+            "lora_b": _lora_b_from_e(fused_dense_solve(trace["lora_b"], ct), weights["lora_a"], alpha),
+            "lora_a": fused_dense_solve(trace["lora_a"], ct),
         }
         if "bias" in trace:
-            grads["bias"] = jnp.sum(ct * trace["bias"], axis=(*lead, -1))
-        return grads
+            grads["bias"] = fused_bias_solve(trace["bias"], ct)
+        return {k: v.astype(weights[k].dtype) for k, v in grads.items()}
 
     return DRTRLTraceOps(init=init, update=update, solve=solve)
 

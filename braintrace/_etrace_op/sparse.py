@@ -37,11 +37,16 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import saiunit as u
 
 from ._batching import make_x_batching_rule
+from ._fused import fused_op
+from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
+from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps
 from ._units import attach, bias_mantissa, split
+from .dense import fused_bias_solve, fused_bias_update
 
 __all__ = ["SparsePattern", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul", "sparse_pattern"]
 
@@ -356,3 +361,104 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
     if x_m.ndim > 2:
         y = y.reshape((*lead, n_out))
     return attach(y, unit)
+
+
+# ---------------------------------------------------------------------------------------------
+# D-RTRL trace operations: fused CSR update and solve over the non-zeros
+# ---------------------------------------------------------------------------------------------
+#
+# The weight trace lives in the kernel's layout for the whole run: non-zero-major, batch-minor,
+# ``(nnz, n, B)``, so one program's gathers by row and column each fetch a contiguous run of ``B``
+# values. Per-unit vectors are passed unit-major: ``d_t (O, n, n, B)``, ``df_t``/``ct_t (O, n, B)``,
+# ``x_t (I, B)`` (small transposes per step). The bias trace keeps the rule layout ``(*batch, O, n)``.
+
+
+def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
+    r"""``new[p,s,b] = sum_j d_t[c_p,s,j,b] trace[p,j,b] + x_t[r_p,b] df_t[c_p,s,b]``.
+
+    This is ``yw_to_w`` (the gather of ``d`` by column) plus ``xy_to_dw`` per batch element (the
+    product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout.
+    """
+    d_p = jnp.take(d_t, col_ids, axis=0)  # (nnz, n, n, B)
+    carried = jnp.sum(d_p * trace[:, None, :, :], axis=2)
+    inst = jnp.take(x_t, row_ids, axis=0)[:, None, :] * jnp.take(df_t, col_ids, axis=0)
+    return (carried + inst).astype(trace.dtype)
+
+
+def _csr_solve_reference(trace, ct_t, row_ids, col_ids):
+    r"""``dw[p] = sum_b sum_s trace[p,s,b] ct_t[c_p,s,b]`` (``yw_to_w`` of ``ct`` summed over b, s)."""
+    return jnp.sum(trace * jnp.take(ct_t, col_ids, axis=0), axis=(1, 2)).astype(trace.dtype)
+
+
+def _csr_update_kernel(trace, d_t, x_t, df_t, row_ids, col_ids, *, interpret):
+    from braintrace._kernel_import import kernel_module
+
+    return kernel_module("csr").csr_trace_update(trace, d_t, x_t, df_t, row_ids, col_ids, interpret=interpret)
+
+
+def _csr_solve_kernel(trace, ct_t, row_ids, col_ids, *, interpret):
+    from braintrace._kernel_import import kernel_module
+
+    out = kernel_module("csr").csr_trace_solve(trace, ct_t, col_ids, interpret=interpret)
+    return out.astype(trace.dtype)
+
+
+#: Fused CSR D-RTRL trace update over the non-zeros (kernel layout ``(nnz, n, B)``).
+csr_trace_update_p = fused_op("csr_trace_update", _csr_update_reference, _csr_update_kernel)
+#: CSR gradient solve ``dw_p = sum_b sum_s eps_p ct[c_p]``.
+csr_trace_solve_p = fused_op("csr_trace_solve", _csr_solve_reference, _csr_solve_kernel)
+
+
+def _unit_major(a, tail_ndim):
+    """``(*batch, *tail) -> (*tail, B)`` with the batch axes flattened (``B = 1`` without any)."""
+    lead = a.shape[: a.ndim - tail_ndim]
+    flat = a.reshape((int(np.prod(lead)) if lead else 1, *a.shape[a.ndim - tail_ndim :]))
+    return jnp.moveaxis(flat, 0, -1)
+
+
+def _make_csr_trace_ops(primitive):
+    batched = primitive in BATCHED_PRIMITIVES
+
+    def init(x_var, y_var, weight_vars, n, batch_shape, params):
+        bshape = tuple(x_var.aval.shape[:1]) if batched else tuple(batch_shape)
+        w = weight_vars["weight"].aval
+        out = {"weight": jnp.zeros((w.shape[0], n, int(np.prod(bshape)) if bshape else 1), w.dtype)}
+        if "bias" in weight_vars:
+            b = weight_vars["bias"].aval
+            out["bias"] = jnp.zeros((*bshape, *b.shape, n), b.dtype)
+        return out
+
+    def update(trace, d, x, df, weights, params, batch_ndim):
+        row_ids, col_ids = params["aux"]
+        bshape = df.shape[:-2]
+        num_in = params["sparse_mat"].shape[0]
+        x_full = jnp.broadcast_to(x, (*bshape, num_in)).astype(trace["weight"].dtype)
+        dt = trace["weight"].dtype
+        out = {
+            "weight": csr_trace_update_p.bind(
+                trace["weight"],
+                _unit_major(d.astype(dt), 3),
+                _unit_major(x_full, 1),
+                _unit_major(df.astype(dt), 2),
+                row_ids,
+                col_ids,
+            )
+        }
+        if "bias" in trace:
+            out["bias"] = fused_bias_update(trace["bias"], d, df)
+        return out
+
+    def solve(trace, ct, weights, params, batch_ndim):
+        row_ids, col_ids = params["aux"]
+        dt = trace["weight"].dtype
+        ct_t = _unit_major(ct.astype(dt), 2)
+        out = {"weight": csr_trace_solve_p.bind(trace["weight"], ct_t, row_ids, col_ids)}
+        if "bias" in trace:
+            out["bias"] = fused_bias_solve(trace["bias"], ct).astype(weights["bias"].dtype)
+        return out
+
+    return DRTRLTraceOps(init=init, update=update, solve=solve)
+
+
+for _p in (etp_sp_mm_p, etp_sp_mv_p):
+    ETP_DRTRL_TRACE_OPS[_p] = _make_csr_trace_ops(_p)
