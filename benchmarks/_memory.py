@@ -118,7 +118,7 @@ def run_subprocess(job: dict, timeout: float) -> dict:
         return {**base, "status": "timeout", "message": f"no result within {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
+            return json.loads(line[len(MARK) :])
     tail = (proc.stderr or proc.stdout)[-1500:]
     status = "oom" if is_oom(tail) else "error"
     return {**base, "status": status, "message": f"exit status {proc.returncode}: {tail.strip()[-300:]}"}

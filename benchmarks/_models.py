@@ -82,8 +82,12 @@ SPECS: Dict[str, Dict[str, Spec]] = {
         "dense": Spec("dense", "(a) dense RNN, 512 units, B=64", 512, 64, 32, 8),
         "csr": Spec("csr", "(b) CSR RNN, 4096 units, 5%, B=32", 4096, 32, 32, 8, density=0.05),
         "lora": Spec("lora", "(c) LoRA RNN, 1024 units, rank 16, B=64", 1024, 64, 32, 8, rank=16),
-        "snn": Spec("snn", "(d) LIF SNN, 50k neurons, 25M synapses, B=8", 50_000, 8, 100, 10, syn_per_neuron=500),
-        "snn_b1": Spec("snn", "(d) LIF SNN, 50k neurons, 25M synapses, B=1", 50_000, 1, 100, 10, syn_per_neuron=500),
+        "snn": Spec(
+            "snn", "(d) LIF SNN, 50k neurons, 25M synapses, B=8", 50_000, 8, 100, 10, syn_per_neuron=500
+        ),
+        "snn_b1": Spec(
+            "snn", "(d) LIF SNN, 50k neurons, 25M synapses, B=1", 50_000, 1, 100, 10, syn_per_neuron=500
+        ),
     },
     "cpu": {
         "dense": Spec("dense", "(a) dense RNN, 32 units, B=4", 32, 4, 8, 4),

@@ -96,7 +96,10 @@ def make_loop(
 
 
 def time_per_call(fn, args, *, carry=None, vary=(), iters=100, repeats=5) -> float:
-    """Median seconds per ``fn(*args)`` over ``repeats`` jitted loops of ``iters`` calls (see :func:`make_loop`)."""
+    """Median seconds per ``fn(*args)`` over ``repeats`` jitted loops of ``iters`` calls.
+
+    See :func:`make_loop` for ``carry`` and ``vary``.
+    """
     run = make_loop(fn, args, carry=carry, vary=vary, iters=iters)
     times = []
     for _ in range(repeats):

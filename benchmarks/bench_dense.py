@@ -20,9 +20,11 @@ SIZES = {
     "cpu": [{"B": 2, "I": 16, "O": 32, "n": 1}],
 }
 
+
 def pytest_generate_tests(metafunc):
     if {"size", "op", "backend"} <= set(metafunc.fixturenames):
         metafunc.parametrize("size,op,backend", op_params(SIZES[scale_of(metafunc.config)], OPS))
+
 
 def test_dense_trace(op_benchmark, kernels, interpret, size, op, backend):
     op_benchmark(cached_cases(FAMILY, kernels, interpret, size)[op], backend, FAMILY)

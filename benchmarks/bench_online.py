@@ -1,9 +1,9 @@
 """End to end: one online-learning step, BPTT for comparison, and memory against the sequence length.
 
-* ``test_online_step``: ``learner.etrace_grad(xs, ys, step_fn=...)`` over ``T`` steps inside one jit
-  (``T = 100`` on the GPU), time per step, for D_RTRL and pp_prop on the workloads of
-  ``benchmarks/_models.py`` ((a) dense, (b) CSR, (c) LoRA RNNs; (d) the 50k-neuron LIF network under
-  pp_prop at batch 8 and 1), on both backends.
+* ``test_online_step``: ``learner.etrace_grad(xs, ys, step_fn=...)`` over ``T`` steps inside one
+  jit (on the GPU ``T = 500``, 100 for the spiking network), time per step, for D_RTRL and pp_prop
+  on the workloads of ``benchmarks/_models.py`` ((a) dense, (b) CSR, (c) LoRA RNNs; (d) the
+  50k-neuron LIF network under pp_prop at batch 8 and 1), on both backends.
 * ``test_bptt_step``: ``jax.grad`` of the summed loss through a scan, same models, same ``T``.
 * ``test_memory``: each of BPTT, D_RTRL and pp_prop on (a)-(c) at T = 100, 1,000 and 10,000 (GPU):
   peak device memory measured one configuration per process, and the compiled program's
@@ -51,9 +51,7 @@ def pytest_generate_tests(metafunc):
     scale = scale_of(metafunc.config)
     name = metafunc.function.__name__
     if name == "test_online_step":
-        metafunc.parametrize(
-            "workload,algorithm,backend", E2E[scale], ids=["-".join(p) for p in E2E[scale]]
-        )
+        metafunc.parametrize("workload,algorithm,backend", E2E[scale], ids=["-".join(p) for p in E2E[scale]])
     elif name == "test_bptt_step":
         metafunc.parametrize("workload", RNNS)
     elif name == "test_memory":
@@ -82,13 +80,16 @@ def _runner(s, algorithm, backend):
 
 
 def _time_steps(benchmark, settings, s, algorithm, backend, mode):
-    T, rounds = settings["e2e_T"], settings["e2e_rounds"]
+    T = settings["e2e_T_snn" if s.name == "snn" else "e2e_T"]
+    rounds = settings["e2e_rounds"]
     run = _runner(s, algorithm, backend)
     xs, ys = M.make_data(s, T)
     jax.block_until_ready(run(xs, ys))  # compile
     benchmark.group = "e2e"
     benchmark.name = f"{algorithm}[{s.label}, {backend}]"
-    benchmark.pedantic(lambda: jax.block_until_ready(run(xs, ys)), rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: jax.block_until_ready(run(xs, ys)), rounds=rounds, iterations=1, warmup_rounds=1
+    )
     if benchmark.stats is None:  # --benchmark-disable
         return
     seconds = benchmark.stats.stats.median / T
@@ -154,15 +155,28 @@ class MemoryJobs:
                         self.futures[(w, a, T)] = self.pool.submit(self._subprocess, w, a, T)
 
     def _subprocess(self, workload, algorithm, T):
-        job = {"workload": workload, "algorithm": algorithm, "T": T, "scale": self.scale, "lock": self.lock}
+        s = M.spec(workload, self.scale)
+        row = {
+            "kind": "memory",
+            "workload": workload,
+            "label": s.label,
+            "algorithm": algorithm,
+            "T": T,
+            "batch": s.batch,
+            "n_hid": s.n_hid,
+            "backend": "xla",
+            "data_bytes": M.data_bytes(s, T),
+        }
         left = seconds_left(self.scale)
         if left < (30 if T >= 10000 else 15):
+            budget = self.settings["budget_s"]
             return {
-                "kind": "memory", "workload": workload, "algorithm": algorithm, "T": T, "backend": "xla",
+                **row,
                 "status": "skipped",
-                "message": f"skipped: the session's {self.settings['budget_s']:.0f} s budget is spent",
+                "message": f"skipped: the session's {budget:.0f} s budget is spent",
             }
-        return run_subprocess(job, timeout=min(self.settings["memory_timeout_s"], left))
+        job = {"workload": workload, "algorithm": algorithm, "T": T, "scale": self.scale, "lock": self.lock}
+        return {**row, **run_subprocess(job, timeout=min(self.settings["memory_timeout_s"], left))}
 
     def result(self, workload, algorithm, T) -> dict:
         key = (workload, algorithm, T)

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import saiunit as u
 from saiunit import sparse as ss
 
 import braintrace

@@ -25,7 +25,8 @@ class _DenseRNN(brainstate.nn.Module):
         self.h = brainstate.HiddenState(jnp.zeros((batch_size, self.n_hid)))
 
     def update(self, x):
-        drive = braintrace.matmul(x, self.w_in.value) + braintrace.matmul(self.h.value, self.w_rec.value, self.b.value)
+        rec = braintrace.matmul(self.h.value, self.w_rec.value, self.b.value)
+        drive = braintrace.matmul(x, self.w_in.value) + rec
         self.h.value = 0.5 * self.h.value + 0.5 * jnp.tanh(drive)
         return self.h.value
 
