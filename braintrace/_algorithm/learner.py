@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional, Union
 
 import brainstate
 import jax
 import jax.numpy as jnp
+
+from braintrace._compatible_imports import Var
 
 from .base import ETraceAlgorithm
 from .d_rtrl import D_RTRL
@@ -133,9 +136,18 @@ def _etrace_grad(
     if len(lengths) != 1:
         raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
     params = self.model.states(brainstate.ParamState)
-    key = (step_fn, bool(return_value), bool(reset))
+    # brainstate's jit keeps the state objects it traced: a model re-initialised with
+    # init_all_states (new state objects) needs a new compiled loop.
+    key = (
+        step_fn,
+        bool(return_value),
+        bool(reset),
+        tuple(id(s) for s in params.values()),
+        tuple(id(s) for s in self._current_states()[0]),
+    )
     cache = self.__dict__.setdefault("_etrace_grad_cache", {})
     if key not in cache:
+        _warn_if_loss_ignores_output(self, step_fn, sequences, n_in)
 
         def run(*seqs):
             if reset:
@@ -156,6 +168,33 @@ def _etrace_grad(
         cache[key] = brainstate.transform.jit(run)
     grads, losses = cache[key](*sequences)
     return (grads, losses) if return_value else grads
+
+
+def _warn_if_loss_ignores_output(alg, step_fn, sequences, n_in):
+    """Warn when ``step_fn``'s loss does not depend on the model output (its gradient is zero)."""
+    info = alg.graph.module_info
+    leaves = [
+        jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in info.jaxpr.outvars[: info.num_out_leaves]
+    ]
+    out_avals = jax.tree.unflatten(info.out_treedef, leaves)
+    targets = [jax.ShapeDtypeStruct(jnp.shape(s)[1:], jnp.result_type(s)) for s in sequences[n_in:]]
+    try:
+        closed = jax.make_jaxpr(lambda out, *ys: step_fn(out, *ys))(out_avals, *targets)
+    except Exception:  # a loss that needs concrete values or units: skip the check
+        return
+    jaxpr = closed.jaxpr
+    n_out = len(jax.tree.leaves(out_avals))
+    live = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if isinstance(v, Var))
+    if not any(v in live for v in jaxpr.invars[:n_out]):
+        warnings.warn(
+            "etrace_grad: the loss returned by `step_fn` does not depend on the model output (its first "
+            "argument), so every online gradient is zero. Compute the loss from the output.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _restore_initial_states(self: ETraceAlgorithm):
