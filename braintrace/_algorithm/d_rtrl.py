@@ -22,9 +22,11 @@ import jax.numpy as jnp
 
 from braintrace._etrace_op._registries import BATCHED_PRIMITIVES
 from braintrace._etrace_op._trace_ops import get_drtrl_trace_ops, rule_kwargs
+from braintrace._etrace_op.lora import etp_lora_mm_p, etp_lora_mv_p, make_factored_trace_ops
 
 from .base import ETraceVjpAlgorithm
 from .executor import StepValues
+from .pp_prop import decay_from_decay_or_rank
 
 __all__ = ["ParamDimVjpAlgorithm", "D_RTRL"]
 
@@ -39,6 +41,17 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     Memory: one trace per trainable element and hidden state, ``O(B * |theta| * n)``. Exact where
     the hidden Jacobian is already block diagonal per unit (leaky or multi-state units fed by ETP
     weights, element-wise time constants).
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+    lora_factored : bool
+        LoRA relations keep the exact trace of their ``B`` factor (a dense ``(B, I, O, n)`` trace)
+        by default; ``True`` factors it as in ES-D-RTRL (``B (I + O n)`` memory, approximate),
+        with ``A`` and the bias still exact.
+    decay_or_rank : float or int
+        The decay of the factored LoRA trace (as in :func:`pp_prop`); used only when
+        ``lora_factored``.
 
     Examples
     --------
@@ -62,8 +75,15 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     (3, 3)
     """
 
-    def __init__(self, model, name=None):
+    def __init__(self, model, lora_factored: bool = False, decay_or_rank=0.9, name=None):
         super().__init__(model, name=name)
+        self.lora_factored = bool(lora_factored)
+        self.lora_decay = decay_from_decay_or_rank(decay_or_rank) if lora_factored else None
+
+    def _ops(self, primitive):
+        if self.lora_factored and primitive in (etp_lora_mm_p, etp_lora_mv_p):
+            return make_factored_trace_ops(primitive, self.lora_decay)
+        return get_drtrl_trace_ops(primitive)
 
     def _relation_groups(self):
         for r in self.graph.hidden_param_op_relations:
@@ -73,7 +93,7 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     def _init_trace_values(self) -> Dict:
         vals = {}
         for r, gi, g in self._relation_groups():
-            ops = get_drtrl_trace_ops(r.primitive)
+            ops = self._ops(r.primitive)
             bnd = r.batch_ndims[gi]
             batch_shape = () if r.primitive in BATCHED_PRIMITIVES else tuple(g.shape[:bnd])
             vals[_key(r.index, gi)] = ops.init(
@@ -84,7 +104,7 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
         new = {}
         for r, gi, g in self._relation_groups():
-            ops = get_drtrl_trace_ops(r.primitive)
+            ops = self._ops(r.primitive)
             k = _key(r.index, gi)
             new[k] = ops.update(
                 traces[k],
@@ -100,7 +120,7 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     def _solve(self, traces, cts, weights, aux):
         grads = {}
         for r, gi, g in self._relation_groups():
-            ops = get_drtrl_trace_ops(r.primitive)
+            ops = self._ops(r.primitive)
             part = ops.solve(
                 traces[_key(r.index, gi)],
                 cts[(r.index, gi)],

@@ -52,7 +52,7 @@ from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps
 from ._units import attach, bias_mantissa, split
 from .dense import fused_bias_solve, fused_bias_update, fused_dense_solve, fused_dense_update
 
-__all__ = ["etp_lora_mm_p", "etp_lora_mv_p", "lora_matmul"]
+__all__ = ["etp_lora_mm_p", "etp_lora_mv_p", "lora_matmul", "make_factored_trace_ops"]
 
 
 def _lora_impl(*args, alpha=1.0, has_bias=False):
@@ -178,6 +178,63 @@ def _make_trace_ops(get_primitive):
         alpha = params.get("alpha", 1.0)
         grads = {
             "lora_b": _lora_b_from_e(fused_dense_solve(trace["lora_b"], ct), weights["lora_a"], alpha),
+            "lora_a": fused_dense_solve(trace["lora_a"], ct),
+        }
+        if "bias" in trace:
+            grads["bias"] = fused_bias_solve(trace["bias"], ct)
+        return {k: v.astype(weights[k].dtype) for k, v in grads.items()}
+
+    return DRTRLTraceOps(init=init, update=update, solve=solve)
+
+
+def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:
+    r"""D-RTRL trace operations with the ``lora_b`` trace factored as in ES-D-RTRL.
+
+    The exact ``lora_b`` trace keeps ``E`` ``(B, I, O, n)``; this variant approximates
+    :math:`E \approx \epsilon_x \otimes \epsilon_f / (1 - \lambda^{t})` with
+    :math:`\epsilon_x \leftarrow \lambda \epsilon_x + x` ``(B, I)`` and
+    :math:`\epsilon_f \leftarrow \lambda D \epsilon_f + (1-\lambda) df` ``(B, O, n)``, so its memory is
+    ``B (I + O n)``. ``lora_a`` and ``bias`` keep their exact traces. Selected by
+    ``braintrace.D_RTRL(model, lora_factored=True, decay_or_rank=...)``.
+    """
+    exact = _make_trace_ops(lambda: primitive)
+
+    def init(x_var, y_var, weight_vars, n, batch_shape, params):
+        full = exact.init(x_var, y_var, weight_vars, n, batch_shape, params)
+        e = full.pop("lora_b")  # (*batch, I, O, n): only its shape is used
+        bshape = e.shape[:-3]
+        return {
+            **full,
+            "eps_x": jnp.zeros((*bshape, e.shape[-3]), e.dtype),
+            "eps_f": jnp.zeros((*bshape, *e.shape[-2:]), e.dtype),
+            "count": jnp.zeros((), jnp.int32),
+        }
+
+    def update(trace, d, x, df, weights, params, batch_ndim):
+        alpha = params.get("alpha", 1.0)
+        z = x @ weights["lora_b"]
+        eps_x = trace["eps_x"]
+        new = {
+            "lora_a": fused_dense_update(trace["lora_a"], d, alpha * z, df),
+            "eps_x": (decay * eps_x + jnp.broadcast_to(x, eps_x.shape)).astype(eps_x.dtype),
+            "eps_f": (decay * jnp.einsum("...sj,...j->...s", d, trace["eps_f"]) + (1 - decay) * df).astype(
+                trace["eps_f"].dtype
+            ),
+            "count": trace["count"] + 1,
+        }
+        if "bias" in trace:
+            new["bias"] = fused_bias_update(trace["bias"], d, df)
+        return new
+
+    def solve(trace, ct, weights, params, batch_ndim):
+        alpha = params.get("alpha", 1.0)
+        eps_f = trace["eps_f"]
+        correction = 1.0 - jnp.asarray(decay, eps_f.dtype) ** trace["count"].astype(eps_f.dtype)
+        g = jnp.sum(ct * eps_f, axis=-1) / correction  # (*batch, O)
+        lead = tuple(range(g.ndim - 1))
+        e_grad = jnp.tensordot(trace["eps_x"], g, axes=(lead, lead)) if lead else jnp.outer(trace["eps_x"], g)
+        grads = {
+            "lora_b": _lora_b_from_e(e_grad, weights["lora_a"], alpha),
             "lora_a": fused_dense_solve(trace["lora_a"], ct),
         }
         if "bias" in trace:
