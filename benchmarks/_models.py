@@ -46,8 +46,13 @@ __all__ = ["Spec", "SPECS", "spec", "build_model", "make_data", "online_fn", "bp
 DT = 1.0 * u.ms
 #: pp_prop's decay (DESIGN.md Clarification 10: a float is lambda).
 PP_PROP_DECAY = 0.9
-#: Algorithm name -> ``braintrace.compile`` options.
-ALGORITHMS = {"d_rtrl": {}, "pp_prop": {"decay_or_rank": PP_PROP_DECAY}}
+#: Benchmark algorithm name -> (``braintrace.compile`` algorithm, its options). ``d_rtrl_factored`` is
+#: D_RTRL with the LoRA ``B``-factor trace factored as in ES-D-RTRL (DESIGN.md Clarification 11).
+ALGORITHMS = {
+    "d_rtrl": ("d_rtrl", {}),
+    "d_rtrl_factored": ("d_rtrl", {"lora_factored": True, "decay_or_rank": PP_PROP_DECAY}),
+    "pp_prop": ("pp_prop", {"decay_or_rank": PP_PROP_DECAY}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +151,14 @@ class RNN(brainstate.nn.Module):
             k = _in_degree(H, s.density)
             self.rec = nn.SparseLinear(fixed_in_degree_csr(H, H, k, 1.0 / np.sqrt(k), seed + 1))
         elif s.name == "lora":
-            self.rec = nn.LoRA(H, H, rank=s.rank, alpha=1.0)
+            self.rec = nn.LoRA(
+                H,
+                H,
+                rank=s.rank,
+                alpha=1.0,
+                B_init=jnp.asarray(rng.standard_normal((H, s.rank)) / np.sqrt(H), jnp.float32),
+                A_init=jnp.asarray(rng.standard_normal((s.rank, H)) / np.sqrt(s.rank), jnp.float32),
+            )
         else:
             raise ValueError(s.name)
         self.w_out = brainstate.ParamState(
@@ -247,7 +259,7 @@ class _InContext:
 
 
 def online_fn(s: Spec, algorithm: str, seed: int = 0):
-    """``run(xs, ys)``: the summed online gradients of ``algorithm`` (``'d_rtrl'`` or ``'pp_prop'``)."""
+    """``run(xs, ys)``: the summed online gradients of ``algorithm`` (a key of :data:`ALGORITHMS`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {sorted(ALGORITHMS)}, got {algorithm!r}")
     loss = step_fn(s)
@@ -255,7 +267,8 @@ def online_fn(s: Spec, algorithm: str, seed: int = 0):
         warnings.simplefilter("ignore")  # compiler diagnostics (e.g. W_out is not a relation)
         model = build_model(s, seed)
         x0 = jnp.zeros((s.batch, s.n_in), jnp.float32)
-        learner = braintrace.compile(model, algorithm, x0, batch_size=s.batch, **ALGORITHMS[algorithm])
+        name, options = ALGORITHMS[algorithm]
+        learner = braintrace.compile(model, name, x0, batch_size=s.batch, **options)
     return _InContext(brainstate.transform.jit(lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=loss)))
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "rel_err",
     "has_gpu",
     "device_kind",
+    "BackendPairs",
 ]
 
 #: Size of the roofline array: 1 GiB float32 on a GPU (DESIGN.md, "Measured facts").
@@ -144,3 +145,36 @@ def rel_err(got, want) -> float:
             return float("inf")
         errs.append(float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)))
     return max(errs)
+
+
+def _rel_diff_on_device(a, b) -> float:
+    """Normwise relative difference of two pytrees of arrays, computed on the device."""
+    num = den = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+        num += float(jnp.sum((x - y) ** 2))
+        den += float(jnp.sum(y**2))
+    return (num / den) ** 0.5 if den > 0 else float(num > 0)
+
+
+class BackendPairs:
+    """Pairs the ``'xla'`` and ``'pallas'`` measurements of one case, in whichever order they come.
+
+    :meth:`record` keeps the first of a pair (its time and its output) and, given the second,
+    returns ``{'pallas_xla_ratio': t_pallas / t_xla, 'rel_diff_vs_other_backend': ...}`` and forgets
+    both; until then it returns ``{}``. Only incomplete pairs are held (device memory).
+    """
+
+    def __init__(self):
+        self._first = {}
+
+    def record(self, key, backend: str, seconds: float, out) -> dict:
+        other = self._first.pop(key, None)
+        if other is None or other[0] == backend:
+            self._first[key] = (backend, seconds, out)
+            return {}
+        times = {backend: seconds, other[0]: other[1]}
+        return {
+            "pallas_xla_ratio": times["pallas"] / times["xla"],
+            "rel_diff_vs_other_backend": _rel_diff_on_device(out, other[2]),
+        }

@@ -1,9 +1,11 @@
 """End to end: one online-learning step, BPTT for comparison, and memory against the sequence length.
 
 * ``test_online_step``: ``learner.etrace_grad(xs, ys, step_fn=...)`` over ``T`` steps inside one
-  jit (on the GPU ``T = 500``, 100 for the spiking network), time per step, for D_RTRL and pp_prop
-  on the workloads of ``benchmarks/_models.py`` ((a) dense, (b) CSR, (c) LoRA RNNs; (d) the
-  50k-neuron LIF network under pp_prop at batch 8 and 1), on both backends.
+  jit (on the GPU ``T = 500``; 100 for the spiking network and for BPTT on the CSR RNN, see
+  ``benchmarks/_config.py``), time per step, for D_RTRL and pp_prop on the workloads of
+  ``benchmarks/_models.py`` ((a) dense, (b) CSR, (c) LoRA RNNs, the latter also under D_RTRL with
+  the factored LoRA trace; (d) the 50k-neuron LIF network under pp_prop at batch 8 and 1), on both
+  backends.
 * ``test_bptt_step``: ``jax.grad`` of the summed loss through a scan, same models, same ``T``.
 * ``test_memory``: each of BPTT, D_RTRL and pp_prop on (a)-(c) at T = 100, 1,000 and 10,000 (GPU):
   peak device memory measured one configuration per process, and the compiled program's
@@ -31,6 +33,7 @@ import braintrace
 from . import _models as M
 from ._config import SETTINGS, scale_of, seconds_left
 from ._memory import measure, run_subprocess
+from ._timing import BackendPairs
 
 RNNS = ("dense", "csr", "lora")
 ONLINE = ("d_rtrl", "pp_prop")
@@ -38,9 +41,10 @@ BACKENDS = ("xla", "pallas")
 
 E2E = {
     "gpu": [(w, a, b) for w in RNNS for a in ONLINE for b in BACKENDS]
+    + [("lora", "d_rtrl_factored", b) for b in BACKENDS]
     + [(w, "pp_prop", b) for w in ("snn", "snn_b1") for b in BACKENDS],
     "cpu": [(w, a, "xla") for w in RNNS for a in ONLINE]
-    + [("snn", "pp_prop", "xla"), ("dense", "d_rtrl", "pallas"), ("snn", "pp_prop", "pallas")],
+    + [("lora", "d_rtrl_factored", "xla"), ("snn", "pp_prop", "xla"), ("dense", "d_rtrl", "pallas")],
 }
 MEMORY_ALGORITHMS = ("bptt",) + ONLINE
 #: The CPU smoke run sends this one memory configuration through a subprocess too.
@@ -68,6 +72,8 @@ def pytest_generate_tests(metafunc):
 
 #: The most recent (spec, algorithm, backend) -> run function; one kept at a time (device memory).
 _RUNNERS: dict = {}
+#: The gradients of an (spec, algorithm) pair's first backend, until the second one has run.
+_PAIRS = BackendPairs()
 
 
 def _runner(s, algorithm, backend):
@@ -80,19 +86,21 @@ def _runner(s, algorithm, backend):
 
 
 def _time_steps(benchmark, settings, s, algorithm, backend, mode):
-    T = settings["e2e_T_snn" if s.name == "snn" else "e2e_T"]
+    overrides = settings["e2e_T_overrides"]
+    T = overrides.get(f"{s.name}/{algorithm}", overrides.get(s.name, settings["e2e_T"]))
     rounds = settings["e2e_rounds"]
     run = _runner(s, algorithm, backend)
     xs, ys = M.make_data(s, T)
     jax.block_until_ready(run(xs, ys))  # compile
     benchmark.group = "e2e"
     benchmark.name = f"{algorithm}[{s.label}, {backend}]"
-    benchmark.pedantic(
+    out = benchmark.pedantic(
         lambda: jax.block_until_ready(run(xs, ys)), rounds=rounds, iterations=1, warmup_rounds=1
     )
     if benchmark.stats is None:  # --benchmark-disable
         return
     seconds = benchmark.stats.stats.median / T
+    benchmark.extra_info.update(_PAIRS.record((s, algorithm), backend, seconds, out))
     benchmark.extra_info.update(
         {
             "kind": "e2e",
@@ -137,7 +145,7 @@ class MemoryJobs:
     in this process (the compiled analysis is per program), except ``CPU_SUBPROCESS_JOB``.
     """
 
-    def __init__(self, scale: str):
+    def __init__(self, scale: str, subprocesses: bool | None = None):
         self.scale = scale
         self.settings = SETTINGS[scale]
         self.Ts = tuple(self.settings["memory_T"])
@@ -146,7 +154,7 @@ class MemoryJobs:
         self.futures = {}
         self.results = {}
         self.pool = None
-        if scale == "gpu":
+        if subprocesses if subprocesses is not None else scale == "gpu":
             self.pool = concurrent.futures.ThreadPoolExecutor(self.settings["memory_workers"])
             # shortest sequences first: if the budget runs out, the long ones are what is skipped
             for T in self.Ts:

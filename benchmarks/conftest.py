@@ -13,15 +13,15 @@
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import pytest
 
-from ._config import SESSION_START, SETTINGS, scale_of
-from ._timing import device_kind, has_gpu, make_loop, roofline_bytes_per_s
+from ._config import SESSION_START, SETTINGS, scale_of, seconds_left
+from ._timing import BackendPairs, device_kind, has_gpu, make_loop, roofline_bytes_per_s
 
 #: Exit status of ``pytest benchmarks --gpu`` on a machine without a GPU.
 NO_GPU_EXIT_STATUS = 3
@@ -41,12 +41,15 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     SESSION_START[0] = time.monotonic()
+    # The memory benchmarks run configurations in subprocesses that share the GPU with this process,
+    # which must therefore not take 75% of the GPU's memory up front. JAX reads this variable when it
+    # creates its GPU client, which happens below, not at import.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if config.getoption("gpu") and not has_gpu():
         pytest.exit(
             "pytest benchmarks --gpu needs a CUDA GPU, but JAX sees only "
-            f"{[d.platform for d in jax.devices()]} (jax {jax.__version__}). Install jax with CUDA "
-            "support (see /work/shared/gpu/README.md), or run `pytest benchmarks` without --gpu for "
-            "the CPU smoke run.",
+            f"{[d.platform for d in jax.devices()]} (jax {jax.__version__}). Run it on a GPU host with a "
+            "CUDA-enabled jaxlib, or run `pytest benchmarks` without --gpu for the CPU smoke run.",
             returncode=NO_GPU_EXIT_STATUS,
         )
 
@@ -121,6 +124,19 @@ def roofline(settings) -> float:
 
 
 @pytest.fixture(autouse=True)
+def _within_budget(request, scale):
+    """Skip a timing benchmark once the session's wall-clock budget is spent (noted in the JSON).
+
+    The memory benchmarks record their own skipped configurations as rows.
+    """
+    if getattr(request.node, "originalname", request.node.name).startswith("test_memory"):
+        return
+    if seconds_left(scale) <= 0:
+        RUN_INFO.setdefault("skipped_over_budget", []).append(request.node.nodeid)
+        pytest.skip(f"the session's {SETTINGS[scale]['budget_s']:.0f} s budget is spent (BENCH_BUDGET_S)")
+
+
+@pytest.fixture(autouse=True)
 def _restore_backend():
     """Every test starts and ends on the ``'xla'`` backend."""
     from braintrace import _backend
@@ -132,8 +148,7 @@ def _restore_backend():
         braintrace.set_backend("xla")
 
 
-#: (op, size) -> the other backend's result, until the pair is complete.
-_PAIRS: dict = {}
+_PAIRS = BackendPairs()
 
 
 @pytest.fixture
@@ -170,25 +185,8 @@ def op_benchmark(benchmark, settings, roofline, interpret):
             "roofline_gb_per_s": roofline / 1e9,
             "pct_roofline": 100.0 * case.moved / seconds / roofline,
         }
-        key = (case.op, case.size)
-        other = _PAIRS.pop(key, None)
-        if other is None or other["backend"] == backend:
-            _PAIRS[key] = {"backend": backend, "seconds": seconds, "out": out}
-        else:
-            t = {backend: seconds, other["backend"]: other["seconds"]}
-            info["pallas_xla_ratio"] = t["pallas"] / t["xla"]
-            info["rel_diff_vs_other_backend"] = _rel_diff(out, other["out"])
+        info.update(_PAIRS.record((case.op, case.size), backend, seconds, out))
         benchmark.extra_info.update(info)
         return info
 
     return run
-
-
-def _rel_diff(a, b) -> float:
-    """Normwise relative difference of two loop outputs (pytrees of arrays), computed on the device."""
-    num = den = 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-        num += float(jnp.sum((x - y) ** 2))
-        den += float(jnp.sum(y**2))
-    return (num / den) ** 0.5 if den > 0 else float(num > 0)
