@@ -22,12 +22,14 @@ class _DenseRNN(brainstate.nn.Module):
         self.n_hid = n_hid
 
     def init_state(self, batch_size=None, **kw):
+        self.i = brainstate.HiddenState(jnp.zeros((batch_size, self.n_hid)))
         self.h = brainstate.HiddenState(jnp.zeros((batch_size, self.n_hid)))
 
     def update(self, x):
+        # Two states per unit (a current driving a potential): the dense kernels serve n >= 2.
         rec = braintrace.matmul(self.h.value, self.w_rec.value, self.b.value)
-        drive = braintrace.matmul(x, self.w_in.value) + rec
-        self.h.value = 0.5 * self.h.value + 0.5 * jnp.tanh(drive)
+        self.i.value = 0.7 * self.i.value + braintrace.matmul(x, self.w_in.value) + rec
+        self.h.value = 0.5 * self.h.value + 0.5 * jnp.tanh(self.i.value)
         return self.h.value
 
 
