@@ -7,8 +7,8 @@ Two figures per configuration:
   ``temp_bytes`` excludes the inputs, so it is the figure that must stay flat in T online and grow
   with T under BPTT.
 * ``peak_bytes``: the device allocator's ``peak_bytes_in_use`` after running the program (GPU only).
-  The peak never goes down within a process, so each configuration runs in a process of its own
-  (DESIGN.md Clarification 17): ``python -m benchmarks._memory '<job as JSON>'`` prints one result line.
+  The peak never goes down within a process, so each configuration runs in a process of its own:
+  ``python -m benchmarks._memory '<job as JSON>'`` prints one result line.
 
 An allocation failure is a result (``status: 'oom'``), not a crash. Subprocesses may compile at the
 same time; their device work (one run for the peak, one timed run for ``us_per_step``) is serialized

@@ -8,7 +8,7 @@
 
 The RNNs compute ``h' = (1 - a) h + a tanh(x W_in + rec(h))`` (``a = 0.2``) and output ``h' W_out``;
 ``W_in`` (``braintrace.nn.Linear``) and the recurrence are ETP relations, ``W_out`` is a plain
-parameter (its within-step gradient, DESIGN.md Clarification 2). The leak makes the hidden Jacobian
+parameter (its within-step gradient). The leak makes the hidden Jacobian
 ``D`` non-zero, so the trace update does real work. Loss per step: mean squared error against random
 targets; the SNN adds a small penalty on the spike rate, so that the LIF group's states receive a
 gradient of their own (the readout group alone would reach them only through the cross-group path
@@ -44,10 +44,10 @@ __all__ = ["Spec", "SPECS", "spec", "build_model", "make_data", "online_fn", "bp
 
 #: Simulation step of the spiking model.
 DT = 1.0 * u.ms
-#: pp_prop's decay (DESIGN.md Clarification 10: a float is lambda).
+#: pp_prop's decay (a float is lambda).
 PP_PROP_DECAY = 0.9
 #: Benchmark algorithm name -> (``braintrace.compile`` algorithm, its options). ``d_rtrl_factored`` is
-#: D_RTRL with the LoRA ``B``-factor trace factored as in ES-D-RTRL (DESIGN.md Clarification 11).
+#: D_RTRL with the LoRA ``B``-factor trace factored as in ES-D-RTRL.
 ALGORITHMS = {
     "d_rtrl": ("d_rtrl", {}),
     "d_rtrl_factored": ("d_rtrl", {"lora_factored": True, "decay_or_rank": PP_PROP_DECAY}),

@@ -4,7 +4,7 @@ Shared by ``benchmarks/bench_{dense,csr,lora}.py`` and ``ci/gpu_kernel_smoke.py`
 holds one operation at one size: the kernel (``fn``), the XLA reference with the same signature
 (``ref``), the operands, which output is carried into the next call (the trace) and which small
 operands are varied per call (see :func:`benchmarks._timing.make_loop`), and ``moved``: the bytes
-that must move per call (DESIGN.md Clarification 12: the trace read and written once, each index
+that must move per call (the trace read and written once, each index
 array and each per-unit vector read once, each result written once).
 
 ``bk`` is the kernel package ``braintrace_kernels`` (passed in, so this module needs nothing but jax).

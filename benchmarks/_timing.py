@@ -1,11 +1,10 @@
 """Timing and bandwidth helpers shared by the benchmarks and ``ci/gpu_kernel_smoke.py``.
 
-The rule (``/work/shared/gpu/README.md``, DESIGN.md "Measured facts"): time many calls inside one
-jitted ``lax.fori_loop`` and block on the result, never a single Python-dispatched call, whose
-dispatch overhead (tens of microseconds) is larger than many kernels. Achieved bandwidth is the bytes
-that must move (DESIGN.md Clarification 12: the trace read and written once, each index array and
-each per-unit vector read once) divided by the time per call, and it is compared with a roofline
-measured in the same run: a large float32 elementwise op, bytes read + written.
+The rule: time many calls inside one jitted ``lax.fori_loop`` and block on the result, never a
+single Python-dispatched call, whose dispatch overhead (tens of microseconds) is larger than many
+kernels. Achieved bandwidth is the bytes that must move (the trace read and written once, each index
+array and each per-unit vector read once) divided by the time per call, and it is compared with a
+roofline measured in the same run: a large float32 elementwise op, bytes read + written.
 
 Only jax, numpy and the standard library are imported here, so the GPU smoke script can use this
 module on a host where braintrace's own dependencies are missing.
@@ -36,7 +35,7 @@ __all__ = [
     "BackendPairs",
 ]
 
-#: Size of the roofline array: 1 GiB float32 on a GPU (DESIGN.md, "Measured facts").
+#: Size of the roofline array: 1 GiB float32 on a GPU.
 ROOFLINE_BYTES_GPU = 1 << 30
 #: A CPU smoke run only needs the number to exist: 16 MiB.
 ROOFLINE_BYTES_CPU = 1 << 24
@@ -135,7 +134,7 @@ def normal(key, shape, scale: float = 1.0, dtype=jnp.float32):
 
 
 def rel_err(got, want) -> float:
-    """Normwise relative error ``max over outputs ||a - b|| / ||b||`` (DESIGN.md Clarification 9)."""
+    """Normwise relative error ``max over outputs ||a - b|| / ||b||``."""
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
     errs = []

@@ -1,7 +1,7 @@
 """CSR kernels against their XLA references.
 
 * D-RTRL trace of a CSR layer in the kernel layout ``(nnz, n, B)``: update, solve, update + solve.
-  Bytes that must move (DESIGN.md Clarification 12): the trace read (and, for an update, written)
+  Bytes that must move: the trace read (and, for an update, written)
   once, ``rows``/``cols`` read once, every per-unit vector (``d``, ``x``, ``df``, ``ct``) read once,
   ``dw`` written once. GPU sizes up to a 430 MB trace (8192 x 8192 at 5%, batch 32).
 * The layer's products: ``csr_matmul`` (forward), ``csr_matmul_transpose`` (its gradient in ``x``)

@@ -1,6 +1,6 @@
 """Exact LoRA D-RTRL trace kernels against their XLA references: update, solve, update + solve.
 
-Traces ``E (B, I, O, n)`` and ``TA (B, r, O, n)`` float32 (DESIGN.md, "LoRA under D-RTRL"); GPU sizes
+Traces ``E (B, I, O, n)`` and ``TA (B, r, O, n)`` float32; GPU sizes
 up to a 268 MB ``E``. Bytes that must move: both traces read (and, for an update, written) once,
 every small operand read once, ``dB`` and ``dA`` written once.
 """

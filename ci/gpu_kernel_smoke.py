@@ -6,8 +6,8 @@ Usage (from the repository root, on the GPU host)::
     python3 ci/gpu_kernel_smoke.py [--iters 100] [--repeats 5]
 
 For each kernel at a moderate size it prints one line: the normwise relative error against the
-``*_reference`` (which must stay below 1e-6 in float32, DESIGN.md Clarification 9), the time per call,
-the bandwidth achieved (bytes that must move, Clarification 12, divided by that time) as a fraction of
+``*_reference`` (which must stay below 1e-6 in float32), the time per call,
+the bandwidth achieved (bytes that must move divided by that time) as a fraction of
 a roofline measured in the same run (a 1 GiB float32 elementwise op: bytes read + written), and the
 time of the reference, an XLA formulation, timed the same way. Times are medians over ``--repeats``
 runs of ``--iters`` calls inside one jitted ``lax.fori_loop`` (never single dispatches): every output

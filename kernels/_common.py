@@ -44,8 +44,8 @@ __all__ = [
 ]
 
 # jax 0.11 warns, once per lowering, that the Pallas Triton backend is deprecated. Every kernel here
-# is written for that backend on purpose (DESIGN.md, "Pallas on GPU: Triton today, Mosaic GPU next"),
-# and the warning would otherwise reach users once per compiled step. It is silenced here, in one
+# is written for that backend on purpose (portable Pallas that also runs in interpret mode), and
+# the warning would otherwise reach users once per compiled step. It is silenced here, in one
 # place, for that one message only; other Pallas warnings still show.
 warnings.filterwarnings("ignore", message=r"The Pallas Triton backend is deprecated")
 

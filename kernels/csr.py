@@ -6,7 +6,7 @@ of the non-zeros (CSR order, or a CSC-like order that makes neighbouring non-zer
 Indices must lie in range; kernels clamp them (memory safety, not a feature). The layer's own
 products (``csr_matmul`` and its gradient) are in :mod:`.csr_matmul`.
 
-**Kernel layout** (Clarification 7): the trace is kept non-zero-major, batch-minor, ``(nnz, n, B)``,
+**Kernel layout**: the trace is kept non-zero-major, batch-minor, ``(nnz, n, B)``,
 for the whole run, so that one program owns a block of non-zeros across the batch and every gather
 by row or column fetches a contiguous run of ``B`` floats. The ETP rules' layout is ``(B, nnz, n)``;
 convert once with :func:`csr_trace_to_kernel_layout` / :func:`csr_trace_from_kernel_layout`.

@@ -1,4 +1,4 @@
-"""Exact D-RTRL traces of a LoRA layer ``y = alpha * x B A`` (DESIGN.md, "LoRA under D-RTRL").
+"""Exact D-RTRL traces of a LoRA layer ``y = alpha * x B A``.
 
 With ``z = x B`` (``(B, r)``), the factor ``A`` (``(r, O)``) is a dense weight fed by ``z`` and keeps the
 dense trace ``TA``; the factor ``B`` (``(I, r)``) reaches every unit, and its exact trace is

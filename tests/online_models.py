@@ -13,8 +13,7 @@ with the braintrace wrapper (``braintrace.matmul``, ``conv``, ``sparse_matmul``,
 ``element_wise``) and then runs the same ``step``. The oracles use only the plain form; each ``y``
 is recomputed there with plain ``jnp`` (:func:`op_forward`), never through braintrace.
 
-Oracles (``h_s`` one hidden state, units of a group indexed by ``u``; DESIGN.md, "The rules and
-what they compute" and Clarifications 1, 2, 10):
+Oracles (``h_s`` one hidden state, units of a group indexed by ``u``):
 
 * :func:`masked_rtrl` (the D-RTRL oracle): the full sensitivity ``P_s = ∂h_s/∂θ`` of every hidden
   state to every traced parameter, propagated with the hidden Jacobian masked to per-unit blocks,

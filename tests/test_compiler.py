@@ -427,7 +427,7 @@ def test_model_without_etp_op_is_a_compilation_error():
 
 
 # ------------------------------------------------------------------------------------------------
-# mapped models keep the marker (Clarification 3)
+# mapped models keep the marker
 # ------------------------------------------------------------------------------------------------
 
 BATCHED_NAME = {

@@ -68,7 +68,7 @@ def dtype(request):
 
 
 def assert_close(actual, expected, dtype=F32):
-    """Normwise relative comparison (DESIGN, clarification 9)."""
+    """Normwise relative comparison."""
     tol = 3e-6 if np.dtype(dtype) == F32 else 1e-12
     a, b = np.asarray(actual, F64), np.asarray(expected, F64)
     assert a.shape == b.shape, (a.shape, b.shape)

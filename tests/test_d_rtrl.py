@@ -1,9 +1,8 @@
 """D-RTRL against independent oracles (float64).
 
 * Every model: the per-step gradients of ``braintrace.D_RTRL`` equal the masked-RTRL oracle of
-  ``online_models`` (hidden Jacobian with every ETP output held fixed, masked to per-unit blocks;
-  DESIGN.md Clarification 1) to 1e-10 relative, over 10 steps; plain parameters get their
-  within-step gradient (Clarification 2).
+  ``online_models`` (hidden Jacobian with every ETP output held fixed, masked to per-unit blocks)
+  to 1e-10 relative, over 10 steps; plain parameters get their within-step gradient.
 * Where the true hidden Jacobian is already block diagonal per unit (leaky or two-state units fed
   by ETP input weights, element-wise time constants, a conv feeding leaky units), the gradient
   summed over 25 steps equals ``jax.grad`` of the summed loss through ``lax.scan`` (BPTT).
@@ -103,7 +102,7 @@ def test_oracles_discriminate():
 
 
 def test_plain_parameter_gets_within_step_gradient():
-    """A parameter used with ``@`` (not an ETP op) gets ``∂L_t/∂θ`` with ``h_{t-1}`` fixed (Clarification 2),
+    """A parameter used with ``@`` (not an ETP op) gets ``∂L_t/∂θ`` with ``h_{t-1}`` fixed,
     not zeros: checked step by step against ``jax.grad`` of the single step of the plain model."""
     spec = om.tiny_rnn_plain_input(batch=3)
     module = om.build_module(spec)

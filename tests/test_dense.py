@@ -339,7 +339,7 @@ def test_transformations_agree_with_plain_jnp(kind, has_bias, dtype, rng):
 @kinds
 @biases
 def test_vmap_keeps_the_etp_marker(kind, has_bias, rng, primitive_names):
-    """Clarification 3: ``vmap`` re-binds a batched ETP primitive instead of inlining ``x @ w``."""
+    """``vmap`` re-binds a batched ETP primitive instead of inlining ``x @ w``."""
     x, w, b = (None if a is None else jnp.asarray(a) for a in make_inputs(rng, kind, has_bias, np.float32))
     xs = jnp.stack([x, 2 * x, -x])
     f = lambda xi: braintrace.matmul(xi, w, bias=b)

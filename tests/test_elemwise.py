@@ -114,7 +114,7 @@ def test_init_rules_shapes_and_dtypes(n, dtype, rng):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_default_trace_ops_under_a_batched_model(n, dtype, rng):
-    """Clarification 4: a ``(H,)`` weight on ``(B, H)`` states keeps a ``(B, H, n)`` trace."""
+    """a ``(H,)`` weight on ``(B, H)`` states keeps a ``(B, H, n)`` trace."""
     ops = get_drtrl_trace_ops(etp_elemwise_p)
     w = jnp.asarray(rng.standard_normal((H,)).astype(dtype))
     jaxpr = jax.make_jaxpr(braintrace.element_wise)(w)

@@ -68,7 +68,7 @@ def test_return_value_false_returns_only_gradients():
 
 
 # ------------------------------------------------------------------------------------------------
-# memory does not grow with T (Clarification 17: with a BPTT control that does)
+# memory does not grow with T (with a BPTT control that does)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ def dtype(request):
 
 
 def assert_close(actual, expected, dtype=F32):
-    """Normwise relative comparison (DESIGN, clarification 9)."""
+    """Normwise relative comparison."""
     tol = 2e-6 if np.dtype(dtype) == F32 else 1e-12
     a, b = np.asarray(actual, F64), np.asarray(expected, F64)
     assert a.shape == b.shape, (a.shape, b.shape)
@@ -206,7 +206,7 @@ def test_xy_to_dw_is_vjp(dtype, batched, has_bias):
 
 @pytest.mark.parametrize("dtype,batched,has_bias", COMBOS, indirect=["dtype"])
 def test_rule_identity(dtype, batched, has_bias):
-    """Clarification 8 per key: directly for ``lora_a`` / ``bias``; in the E layout for ``lora_b``."""
+    """Per key: directly for ``lora_a`` / ``bias``; in the E layout for ``lora_b``."""
     case = Case(dtype, batched, has_bias, seed=4)
     x, weights, params = case.x, case.weights, case.params
     yw_to_w, xy_to_dw = get_rule(case.prim, "yw_to_w"), get_rule(case.prim, "xy_to_dw")

@@ -2,7 +2,7 @@
 
 ``ε_x ← λ ε_x + x_t``, ``ε_f ← λ D_t ε_f + (1−λ) df_t``, weight gradient
 ``xy_to_dw(ε_x, Σ_s ∂L/∂h_s ⊙ ε_{f,s} / (1−λ^{t+1}))``; bias and element-wise keys use the exact
-trace ``ε ← D ε + df`` (DESIGN.md Clarification 10). ``decay_or_rank``: a float is ``λ ∈ (0, 1)``, an
+trace ``ε ← D ε + df``. ``decay_or_rank``: a float is ``λ ∈ (0, 1)``, an
 int ``r > 0`` means ``λ = (r−1)/(r+1)``.
 """
 
@@ -93,7 +93,7 @@ def test_decay_or_rank_out_of_range(value, error):
 
 
 def test_batched_elementwise_weight_both_algorithms():
-    """Clarification 4: an element-wise weight of shape ``(H,)`` on states ``(B, H)`` gets a trace with
+    """an element-wise weight of shape ``(H,)`` on states ``(B, H)`` gets a trace with
     the batch axis ``(B, H, n)`` and both algorithms match their oracles."""
     batch, hid = 2, 5
     spec = om.elemwise_tau(batch=batch, n_in=3, n_hid=hid)

@@ -92,7 +92,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     ...     def update(self, x):
     ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
     ...         return self.h.value
-    >>> model = Leaky(); brainstate.nn.init_all_states(model, batch_size=4)
+    >>> model = Leaky(); _ = brainstate.nn.init_all_states(model, batch_size=4)
     >>> alg = braintrace.pp_prop(model, decay_or_rank=0.9)
     >>> _ = alg.compile_graph(jnp.zeros((4, 2)))
     >>> params = model.states(brainstate.ParamState)

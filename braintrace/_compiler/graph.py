@@ -450,7 +450,7 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
     ...     def update(self, x):
     ...         self.h.value = jnp.tanh(braintrace.matmul(self.h.value, self.w.value) + x)
     ...         return self.h.value
-    >>> model = RNN(); brainstate.nn.init_all_states(model, batch_size=2)
+    >>> model = RNN(); _ = brainstate.nn.init_all_states(model, batch_size=2)
     >>> g = braintrace.compile_etrace_graph(model, jnp.zeros((2, 3)))
     >>> [r.primitive.name for r in g.hidden_param_op_relations]
     ['etp_mm']

@@ -13,7 +13,7 @@ ETP rules (``g = \partial h/\partial y`` for one hidden state, ``y``-shaped; ``z
   :math:`\partial h/\partial A_{rk} = \alpha \sum_b z_{br} g_{bk}`,
   :math:`\partial h/\partial B_{ir} = \alpha \sum_b x_{bi} (g A^\top)_{br}`,
   :math:`\partial h/\partial b_k = \sum_b g_{bk}`.
-* D-RTRL trace (exact; see DESIGN "LoRA under D-RTRL"): ``A`` and the bias behave like a dense
+* D-RTRL trace (exact): ``A`` and the bias behave like a dense
   weight fed by ``z``: each :math:`A_{rk}` drives unit ``k`` only, so their traces ``(..., r, O)`` and
   ``(..., O)`` are exact. ``B`` reaches every unit (:math:`\partial y_k/\partial B_{ir} = \alpha x_i A_{rk}`),
   so its trace is kept in the **E layout**: the dense trace ``E (..., I, O)`` of :math:`x \otimes df`,

@@ -214,7 +214,7 @@ class LoRA(brainstate.nn.Module):
         ``{'lora_b': (I, r), 'lora_a': (r, O)[, 'bias': (O,)]}`` (the primitive's trainable keys).
 
     Under ``D_RTRL`` the factor ``A`` gets an exact ``(batch, r, O, n)`` trace and ``B`` the exact
-    dense-sized trace described in DESIGN ("LoRA under D-RTRL").
+    dense-sized trace.
 
     Examples
     --------

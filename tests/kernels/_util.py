@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-#: Normwise relative tolerance of kernel against reference in float32 (DESIGN.md, Clarification 9).
+#: Normwise relative tolerance of kernel against reference in float32.
 TOL_F32 = 1e-6
 
 
