@@ -267,8 +267,9 @@ def find_hidden_groups_from_module(
             DiagnosticKind.NON_DIAGONAL_PATH,
             DiagnosticLevel.WARNING,
             f"The intrinsic hidden dynamics use unit-mixing operations ({', '.join(sorted(mixing))}); "
-            f"D-RTRL keeps only the per-unit diagonal blocks of dh_t/dh_(t-1), computed as row sums "
-            f"of the Jacobian. Mark mixing weights with an ETP primitive to make them relations.",
+            f"D-RTRL keeps one block of dh_t/dh_(t-1) per unit, and with mixing that block is the sum "
+            f"of the unit's Jacobian row, not its diagonal. Mark mixing weights with an ETP primitive "
+            f"(braintrace.matmul) so the traces hold them fixed.",
         )
     members: Dict[int, List[int]] = {}
     for i in range(len(leaves)):
@@ -344,8 +345,8 @@ def find_hidden_param_op_relations_from_module(
                     DiagnosticKind.WEIGHT_NOT_REACHING_HIDDEN,
                     DiagnosticLevel.WARNING,
                     f"Weight(s) {names} of {prim.name} get no eligibility trace: the op's output reaches "
-                    f"no hidden state except through another trainable ETP op. They are learned with "
-                    f"their within-step gradient.",
+                    f"no hidden state, or reaches one only through another trainable ETP op. They are "
+                    f"learned with their within-step gradient.",
                     tuple(names),
                 )
             continue
@@ -403,7 +404,8 @@ def find_hidden_param_op_relations_from_module(
                 DiagnosticKind.NON_DIAGONAL_PATH,
                 DiagnosticLevel.WARNING,
                 f"{label}: the path from its output to the hidden states uses unit-mixing operations "
-                f"({', '.join(sorted(mixing[i]))}); the trace keeps only the per-unit diagonal of dh/dy.",
+                f"({', '.join(sorted(mixing[i]))}); the trace keeps one value of dh/dy per unit (the "
+                f"sum of the unit's Jacobian row, not its diagonal).",
                 tuple(names),
             )
         xi = ETP_X_INVAR_INDICES.get(prim, 0)

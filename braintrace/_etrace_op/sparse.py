@@ -380,7 +380,11 @@ def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
     product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout.
     """
     d_p = jnp.take(d_t, col_ids, axis=0)  # (nnz, n, n, B)
-    carried = jnp.sum(d_p * trace[:, None, :, :], axis=2)
+    # A loop over the small state axis: a broadcast (nnz, n, n, B) product summed over j is an
+    # order of magnitude slower on a CPU.
+    carried = d_p[:, :, 0, :] * trace[:, 0:1, :]
+    for j in range(1, trace.shape[1]):
+        carried = carried + d_p[:, :, j, :] * trace[:, j : j + 1, :]
     inst = jnp.take(x_t, row_ids, axis=0)[:, None, :] * jnp.take(df_t, col_ids, axis=0)
     return (carried + inst).astype(trace.dtype)
 
