@@ -38,7 +38,14 @@ import jax.numpy as jnp
 
 from ._registries import BATCHED_PRIMITIVES, get_rule
 
-__all__ = ["DRTRLTraceOps", "ETP_DRTRL_TRACE_OPS", "get_drtrl_trace_ops", "rule_kwargs"]
+__all__ = [
+    "DRTRLTraceOps",
+    "ETP_DRTRL_TRACE_OPS",
+    "get_drtrl_trace_ops",
+    "rule_kwargs",
+    "param_trace_zeros",
+    "output_trace_zeros",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,18 @@ class DRTRLTraceOps:
 
 #: Primitive -> :class:`DRTRLTraceOps` overriding the rule-derived default.
 ETP_DRTRL_TRACE_OPS: Dict = {}
+
+
+def param_trace_zeros(batch_shape, weight_vars, n) -> Dict:
+    """A zero weight-shaped trace per trainable key: ``{key: zeros(*batch_shape, *key_shape, n)}``."""
+    return {
+        k: jnp.zeros((*batch_shape, *v.aval.shape, n), dtype=v.aval.dtype) for k, v in weight_vars.items()
+    }
+
+
+def output_trace_zeros(x_var, y_var, weight_vars, num_hidden_state):
+    """The ``init_pp`` rule of an op with an output-shaped df trace: ``zeros(*y.shape, n)``."""
+    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
 
 
 def rule_kwargs(params: dict, aux: Tuple) -> dict:

@@ -55,7 +55,7 @@ from jax import lax
 
 from ._batching import make_x_batching_rule
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
-from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps
+from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros
 from ._units import attach, bias_mantissa, split
 
 __all__ = ["etp_conv_p", "conv"]
@@ -233,11 +233,6 @@ def _conv_init_drtrl(x_var, y_var, weight_vars, num_hidden_state, **params):
     return {k: jnp.zeros((*shapes[k], num_hidden_state), dtype=weight_vars[k].aval.dtype) for k in shapes}
 
 
-def _conv_init_pp(x_var, y_var, weight_vars, num_hidden_state):
-    """The output-shaped df trace ``zeros(*y.shape, n)``."""
-    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # D-RTRL trace operations (per output position)
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +337,7 @@ etp_conv_p = register_primitive_spec(
         yw_to_w=_conv_yw_to_w,
         xy_to_dw=_conv_xy_to_dw,
         init_drtrl=_conv_init_drtrl,
-        init_pp=_conv_init_pp,
+        init_pp=output_trace_zeros,
         trainable_invars_fn=_conv_trainable_invars,
         x_invar_index=0,
         batched=True,

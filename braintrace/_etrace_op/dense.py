@@ -71,26 +71,21 @@ def _dense_xy_to_dw(x, hidden_dim, weights, *, has_bias=False):
     return vjp(jnp.asarray(hidden_dim, dtype=jnp.result_type(x, weights["weight"])))[0]
 
 
-def _param_trace_zeros(batch_shape, weight_vars, n):
-    return {
-        k: jnp.zeros((*batch_shape, *v.aval.shape, n), dtype=v.aval.dtype) for k, v in weight_vars.items()
-    }
-
-
 def _mm_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     """``{'weight': zeros(B, I, O, n)[, 'bias': zeros(B, O, n)]}``."""
-    return _param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
+    return _trace_ops.param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
 
 
 def _mv_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     """``{'weight': zeros(I, O, n)[, 'bias': zeros(O, n)]}``."""
-    return _param_trace_zeros((), weight_vars, num_hidden_state)
+    return _trace_ops.param_trace_zeros((), weight_vars, num_hidden_state)
 
 
-def _output_init_pp(x_var, y_var, weight_vars, num_hidden_state):
-    """The output-shaped df trace ``zeros(*y.shape, n)``."""
-    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
-
+# Per-primitive names of the rules (both primitives share them).
+_mm_trainable_invars = _mv_trainable_invars = _dense_trainable_invars
+_mm_yw_to_w = _mv_yw_to_w = _dense_yw_to_w
+_mm_xy_to_dw = _mv_xy_to_dw = _dense_xy_to_dw
+_mm_init_pp = _mv_init_pp = _trace_ops.output_trace_zeros
 
 _x_rule = make_x_batching_rule(lambda: etp_mv_p, lambda: etp_mm_p)
 _x_rule_mm = make_x_batching_rule(lambda: etp_mm_p, lambda: etp_mm_p)
@@ -102,7 +97,7 @@ etp_mm_p = register_primitive_spec(
         yw_to_w=_dense_yw_to_w,
         xy_to_dw=_dense_xy_to_dw,
         init_drtrl=_mm_init_drtrl,
-        init_pp=_output_init_pp,
+        init_pp=_trace_ops.output_trace_zeros,
         trainable_invars_fn=_dense_trainable_invars,
         x_invar_index=0,
         batched=True,
@@ -117,7 +112,7 @@ etp_mv_p = register_primitive_spec(
         yw_to_w=_dense_yw_to_w,
         xy_to_dw=_dense_xy_to_dw,
         init_drtrl=_mv_init_drtrl,
-        init_pp=_output_init_pp,
+        init_pp=_trace_ops.output_trace_zeros,
         trainable_invars_fn=_dense_trainable_invars,
         x_invar_index=0,
         batched=False,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._primitive import register_primitive
+from ._trace_ops import output_trace_zeros
 from ._units import attach, split
 
 __all__ = ["etp_elemwise_p", "element_wise"]
@@ -49,15 +50,12 @@ def _elemwise_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     return {"weight": jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)}
 
 
-def _elemwise_init_pp(x_var, y_var, weight_vars, num_hidden_state):
-    """``zeros(*y.shape, n)``."""
-    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
-
-
 def _elemwise_batching(args, dims, **params):
     (y,), (d,) = args, dims
     return etp_elemwise_p.bind(y), d
 
+
+_elemwise_init_pp = output_trace_zeros
 
 etp_elemwise_p = register_primitive(
     "etp_elemwise",

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from ._batching import make_x_batching_rule
 from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
-from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps
+from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros
 from ._units import attach, bias_mantissa, split
 from .dense import fused_bias_solve, fused_bias_update, fused_dense_solve, fused_dense_update
 
@@ -134,15 +134,10 @@ def _lora_mv_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     return _trace_zeros((), weight_vars, num_hidden_state)
 
 
-def _lora_init_pp(x_var, y_var, weight_vars, num_hidden_state):
-    """The output-shaped df trace ``zeros(*y.shape, n)``."""
-    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
-
-
 # Per-primitive names (the dense module's convention); both primitives share the rules.
 _lora_mm_yw_to_w = _lora_mv_yw_to_w = _lora_yw_to_w
 _lora_mm_xy_to_dw = _lora_mv_xy_to_dw = _lora_xy_to_dw
-_lora_mm_init_pp = _lora_mv_init_pp = _lora_init_pp
+_lora_mm_init_pp = _lora_mv_init_pp = _lora_init_pp = output_trace_zeros
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from ._batching import make_x_batching_rule
 from ._fused import fused_op
 from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
-from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps
+from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros, param_trace_zeros
 from ._units import attach, bias_mantissa, split
 from .dense import fused_bias_solve, fused_bias_update
 
@@ -152,31 +152,20 @@ def _sparse_xy_to_dw(x, hidden_dim, weights, *, sparse_mat, has_bias=False, aux)
     return vjp(jnp.asarray(hidden_dim, dtype=jnp.result_type(x, weights["weight"])))[0]
 
 
-def _param_trace_zeros(batch_shape, weight_vars, n):
-    return {
-        k: jnp.zeros((*batch_shape, *v.aval.shape, n), dtype=v.aval.dtype) for k, v in weight_vars.items()
-    }
-
-
 def _sp_mm_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     """``{'weight': zeros(B, nnz, n)[, 'bias': zeros(B, O, n)]}``."""
-    return _param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
+    return param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
 
 
 def _sp_mv_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     """``{'weight': zeros(nnz, n)[, 'bias': zeros(O, n)]}``."""
-    return _param_trace_zeros((), weight_vars, num_hidden_state)
-
-
-def _sparse_init_pp(x_var, y_var, weight_vars, num_hidden_state):
-    """The output-shaped df trace ``zeros(*y.shape, n)``."""
-    return jnp.zeros((*y_var.aval.shape, num_hidden_state), dtype=y_var.aval.dtype)
+    return param_trace_zeros((), weight_vars, num_hidden_state)
 
 
 # Per-primitive names (the dense module's convention); both primitives share the rules.
 _sp_mm_yw_to_w = _sp_mv_yw_to_w = _sparse_yw_to_w
 _sp_mm_xy_to_dw = _sp_mv_xy_to_dw = _sparse_xy_to_dw
-_sp_mm_init_pp = _sp_mv_init_pp = _sparse_init_pp
+_sp_mm_init_pp = _sp_mv_init_pp = _sparse_init_pp = output_trace_zeros
 
 
 # ---------------------------------------------------------------------------------------------
