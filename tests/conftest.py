@@ -45,7 +45,7 @@ def pytest_collection_modifyitems(config, items):
 def dtype(request):
     """``jnp.float32`` or ``jnp.float64``; x64 is enabled only for the float64 run."""
     previous = bool(jax.config.jax_enable_x64)
-    want_x64 = request.param == "float64"
+    want_x64 = np.dtype(request.param) == np.float64
     jax.config.update("jax_enable_x64", want_x64)
     try:
         yield np.dtype(request.param)

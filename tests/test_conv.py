@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
+from _numerics import F32, F64, arr, npy
+from _numerics import assert_close as _assert_close
 from jax import lax
 
 import braintrace
@@ -19,8 +21,6 @@ from braintrace._compatible_imports import jaxpr_of
 from braintrace._etrace_op import etp_conv_p, get_rule
 from braintrace._etrace_op._trace_ops import get_drtrl_trace_ops
 from braintrace._etrace_op.conv import _position_terms
-
-F32, F64 = np.float32, np.float64
 
 # Layouts, strides, paddings, dilations and groups; in_channels != out_channels everywhere.
 CONFIGS = {
@@ -57,32 +57,9 @@ CONFIGS = {
 CASES = [("nwc", F64, True), ("nhwc", F32, False), ("nchw_lhs_dil", F64, False), ("nchw_groups", F32, True)]
 
 
-@pytest.fixture(params=[F32, F64], ids=["f32", "f64"])
-def dtype(request):
-    """The dtype under test; float64 switches x64 on for the test's duration."""
-    prev = jax.config.jax_enable_x64
-    if request.param == F64:
-        jax.config.update("jax_enable_x64", True)
-    yield request.param
-    jax.config.update("jax_enable_x64", prev)
-
-
 def assert_close(actual, expected, dtype=F32):
-    """Normwise relative comparison."""
-    tol = 3e-6 if np.dtype(dtype) == F32 else 1e-12
-    a, b = np.asarray(actual, F64), np.asarray(expected, F64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-    assert err < tol, f"normwise relative error {err:.3e} >= {tol:.0e}"
-
-
-def npy(a):
-    return np.asarray(a, F64)
-
-
-def arr(a, dtype):
-    """A device array of ``dtype`` from host data (converted on the host: no conversion kernel to compile)."""
-    return jax.device_put(np.asarray(a, dtype))
+    """Normwise relative comparison (float32 tolerance 3e-6: convolution sums many terms)."""
+    _assert_close(actual, expected, dtype, tol32=3e-6)
 
 
 class Case:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
+from _numerics import F32, F64, arr, assert_close, npy
 
 import braintrace
 from braintrace._compatible_imports import jaxpr_of
@@ -18,37 +19,8 @@ from braintrace._etrace_op._trace_ops import ETP_DRTRL_TRACE_OPS, get_drtrl_trac
 from braintrace._etrace_op.lora import _lora_b_from_e, _lora_e_term
 
 N_IN, RANK, N_OUT, BATCH, ALPHA = 6, 2, 5, 3, 1.7
-F32, F64 = np.float32, np.float64
 # (dtype, batched, has_bias): every flag in both states and both dtypes, without the full product.
 COMBOS = [(F64, True, True), (F32, True, False), (F32, False, True), (F64, False, False)]
-
-
-@pytest.fixture(params=[F32, F64], ids=["f32", "f64"])
-def dtype(request):
-    """The dtype under test; float64 switches x64 on for the test's duration."""
-    prev = jax.config.jax_enable_x64
-    if request.param == F64:
-        jax.config.update("jax_enable_x64", True)
-    yield request.param
-    jax.config.update("jax_enable_x64", prev)
-
-
-def assert_close(actual, expected, dtype=F32):
-    """Normwise relative comparison."""
-    tol = 2e-6 if np.dtype(dtype) == F32 else 1e-12
-    a, b = np.asarray(actual, F64), np.asarray(expected, F64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-    assert err < tol, f"normwise relative error {err:.3e} >= {tol:.0e}"
-
-
-def npy(a):
-    return np.asarray(a, F64)
-
-
-def arr(a, dtype):
-    """A device array of ``dtype`` from host data (converted on the host: no conversion kernel to compile)."""
-    return jax.device_put(np.asarray(a, dtype))
 
 
 class Case:
