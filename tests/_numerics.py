@@ -23,3 +23,13 @@ def npy(a):
 def arr(a, dtype):
     """A device array of ``dtype`` from host data (converted on the host: no conversion kernel to compile)."""
     return jax.device_put(np.asarray(a, dtype))
+
+
+def assert_vmap_keeps_marker(f, xs, reference, batched: str, unbatched: str):
+    """``vmap(f)`` keeps the ETP marker: a batched primitive folds the mapped axis into its batch
+    (``xs`` batched), an unbatched one becomes its batched twin (``xs[0]``); values stay right."""
+    assert batched in str(jax.make_jaxpr(jax.vmap(f))(xs))
+    assert_close(jax.vmap(f)(xs), reference(xs))
+    text = str(jax.make_jaxpr(jax.vmap(f))(xs[0]))
+    assert batched in text and unbatched not in text
+    assert_close(jax.vmap(f)(xs[0]), reference(xs[0]))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
-from _numerics import F32, F64, arr, assert_close, npy
+from _numerics import F32, F64, arr, assert_close, assert_vmap_keeps_marker, npy
 from saiunit import sparse as ss
 
 import braintrace
@@ -370,12 +370,7 @@ def test_per_sample_gradients_and_vmap_marker():
         expected = np.einsum("bi,bk,pi,pk->p", xn, 2 * case.reference(xs[s]), case.r1, case.c1)
         assert_close(got[s], expected)
     # vmap keeps the marker: sp_mm folds the mapped axis into its batch, sp_mv becomes sp_mm.
-    f = lambda x: case.forward(x)
-    assert "etp_sp_mm" in str(jax.make_jaxpr(jax.vmap(f))(xs))
-    assert_close(jax.vmap(f)(xs), case.reference(xs))
-    text = str(jax.make_jaxpr(jax.vmap(f))(xs[0]))
-    assert "etp_sp_mm" in text and "etp_sp_mv" not in text
-    assert_close(jax.vmap(f)(xs[0]), case.reference(xs[0]))
+    assert_vmap_keeps_marker(lambda x: case.forward(x), xs, case.reference, "etp_sp_mm", "etp_sp_mv")
 
 
 # ---------------------------------------------------------------------------------------------
