@@ -326,6 +326,7 @@ def csr_matmul(
     """``y[b, c] = sum_{p: c_p = c} x[b, r_p] data[p]``: ``(B, O)``, differentiable in ``x`` and ``data``.
 
     ``csc`` is ``csr_to_csc(row_ids, col_ids, O)``; without it the permutation is sorted on every call.
+    For non-zeros already in column order pass ``csc=(None, col_ptr)``: no permutation at all.
     The gradient uses :func:`csr_matmul_transpose` (for ``x``) and :func:`csr_sddmm` (for ``data``).
     """
     num_in, num_out = _check_matrix_shape(shape)
@@ -335,7 +336,7 @@ def csr_matmul(
     bs = resolve_block_sizes(block_sizes, CsrMatmulBlockSizes)
     if csc is None:
         csc = csr_to_csc(rows, cols, num_out)
-    perm = check_index_operand("csc[0] (perm)", csc[0], data.shape[0])
+    perm = None if csc[0] is None else check_index_operand("csc[0] (perm)", csc[0], data.shape[0])
     col_ptr = check_index_operand("csc[1] (col_ptr)", csc[1], num_out + 1)
     return _csr_matmul(x, data, rows, cols, perm, col_ptr, (num_in, num_out), bs, interpret)
 

@@ -33,3 +33,14 @@ def assert_vmap_keeps_marker(f, xs, reference, batched: str, unbatched: str):
     text = str(jax.make_jaxpr(jax.vmap(f))(xs[0]))
     assert batched in text and unbatched not in text
     assert_close(jax.vmap(f)(xs[0]), reference(xs[0]))
+
+
+def under_pallas_interpret(fn):
+    """``fn`` called under ``braintrace.backend('pallas', interpret=True)`` (kernels in interpret mode)."""
+    import braintrace
+
+    def run(*args):
+        with braintrace.backend("pallas", interpret=True):
+            return fn(*args)
+
+    return run

@@ -26,10 +26,11 @@ class _Model(brainstate.nn.Module):
         self.b = brainstate.ParamState(jax.random.normal(k[1], (H,)) * 0.1)
         if kind == "dense":
             self.w_rec = brainstate.ParamState(jax.random.normal(k[2], (H, H)) * 0.3)
-        elif kind == "csr":
+        elif kind in ("csr", "csc"):
             mask = jax.random.uniform(k[3], (H, H)) < 0.4
             dense = jnp.where(mask, jax.random.normal(k[2], (H, H)) * 0.4, 0.0)
-            self.csr = ss.CSR.fromdense(dense)
+            # A CSC pattern is in column order: under 'pallas' its product is the segment-sum kernel.
+            self.csr = (ss.CSR if kind == "csr" else ss.CSC).fromdense(dense)
             self.w_rec = brainstate.ParamState(self.csr.data)
         else:
             self.lora_b = brainstate.ParamState(jax.random.normal(k[2], (H, RANK)) * 0.4)
@@ -42,7 +43,7 @@ class _Model(brainstate.nn.Module):
     def _rec(self, v):
         if self.kind == "dense":
             return braintrace.matmul(v, self.w_rec.value)
-        if self.kind == "csr":
+        if self.kind in ("csr", "csc"):
             return braintrace.sparse_matmul(v, self.w_rec.value, sparse_mat=self.csr)
         return braintrace.lora_matmul(v, self.lora_b.value, self.lora_a.value, alpha=1.5)
 
@@ -54,7 +55,10 @@ class _Model(brainstate.nn.Module):
         return v
 
 
-def _online_grads(kind, algorithm, backend, interpret):
+def _online_grads(kind, algorithm, backend, interpret, driver="per_step"):
+    """Online gradients summed over ``T`` steps: ``driver='per_step'`` differentiates each step with
+    brainstate's grad (update in the forward pass, solve in the backward pass); ``'etrace_grad'``
+    runs the sequence driver (the update and the solve in one fused operation per trace)."""
     with braintrace.backend(backend, interpret=interpret):
         model = _Model(kind)
         brainstate.nn.init_all_states(model, batch_size=B)
@@ -62,6 +66,8 @@ def _online_grads(kind, algorithm, backend, interpret):
         xs = jax.random.normal(jax.random.PRNGKey(1), (T, B, I))
         ys = jax.random.normal(jax.random.PRNGKey(2), (T, B, H))
         alg.compile_graph(xs[0])
+        if driver == "etrace_grad":
+            return alg.etrace_grad(xs, ys, step_fn=lambda out, y: jnp.sum((out - y) ** 2))
         params = model.states(brainstate.ParamState)
         step = brainstate.transform.jit(
             lambda x, y: brainstate.transform.grad(lambda: jnp.sum((alg(x) - y) ** 2), params)()
@@ -81,20 +87,33 @@ def _check_equal(got, ref, tol):
         assert err <= tol, (k, err)
 
 
+DRIVERS = ["per_step", "etrace_grad"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("algorithm", ["d_rtrl", "pp_prop"])
+@pytest.mark.parametrize("kind", ["dense", "csr", "csc", "lora"])
+def test_pallas_interpret_equals_xla(kind, algorithm, driver):
+    ref = _online_grads(kind, algorithm, "xla", False, driver)
+    got = _online_grads(kind, algorithm, "pallas", True, driver)
+    _check_equal(got, ref, 1e-6)
+
+
 @pytest.mark.parametrize("kind", ["dense", "csr", "lora"])
-def test_pallas_interpret_equals_xla(kind, algorithm):
-    ref = _online_grads(kind, algorithm, "xla", False)
-    got = _online_grads(kind, algorithm, "pallas", True)
+def test_sequence_driver_equals_per_step_gradients(kind):
+    """The fused update+solve of ``etrace_grad`` gives the per-step gradients' sum (XLA backend)."""
+    ref = _online_grads(kind, "d_rtrl", "xla", False, "per_step")
+    got = _online_grads(kind, "d_rtrl", "xla", False, "etrace_grad")
     _check_equal(got, ref, 1e-6)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("algorithm", ["d_rtrl", "pp_prop"])
-@pytest.mark.parametrize("kind", ["dense", "csr", "lora"])
-def test_pallas_gpu_equals_xla(kind, algorithm):
-    ref = _online_grads(kind, algorithm, "xla", False)
-    got = _online_grads(kind, algorithm, "pallas", False)
+@pytest.mark.parametrize("kind", ["dense", "csr", "csc", "lora"])
+def test_pallas_gpu_equals_xla(kind, algorithm, driver):
+    ref = _online_grads(kind, algorithm, "xla", False, driver)
+    got = _online_grads(kind, algorithm, "pallas", False, driver)
     _check_equal(got, ref, 1e-5)
 
 
@@ -115,3 +134,28 @@ def test_pallas_backend_reaches_the_fused_trace_ops(monkeypatch):
     calls.clear()
     _online_grads("dense", "d_rtrl", "xla", False)
     assert not calls
+
+
+@pytest.mark.parametrize(
+    "kind,primitive",
+    [
+        ("dense", "dense_trace_update_solve_p"),
+        ("csr", "csr_trace_update_solve_p"),
+        ("lora", "dense_trace_update_solve_p"),
+    ],
+)
+def test_sequence_driver_reaches_the_fused_update_solve(kind, primitive, monkeypatch):
+    """Under 'pallas' (interpret), ``etrace_grad`` lowers each trace's update+solve to one kernel."""
+    from braintrace._etrace_op import dense, sparse
+
+    prim = getattr(dense if hasattr(dense, primitive) else sparse, primitive)
+    calls = []
+    original = prim.kernel_fn
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["interpret"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prim, "kernel_fn", spy)
+    _online_grads(kind, "d_rtrl", "pallas", True, "etrace_grad")
+    assert calls and all(calls)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
+from _numerics import under_pallas_interpret
 
 import braintrace
 from braintrace._etrace_op import (
@@ -225,13 +226,19 @@ TRACE_CASES = [
     for kind, batch_ndim in [("mm", 1), ("mv", 0), ("mv", 1)]
     for has_bias in (False, True)
     for n in (1, 3)
-] + [("registered", kind, batch_ndim, True, 3) for kind, batch_ndim in [("mm", 1), ("mv", 0), ("mv", 1)]]
+] + [
+    (source, kind, batch_ndim, has_bias, n)
+    for source in ("registered", "registered_pallas")
+    for kind, batch_ndim in [("mm", 1), ("mv", 0), ("mv", 1)]
+    for has_bias, n in [(True, 3), (False, 1)]
+]
 
 
 @pytest.mark.parametrize("source,kind,batch_ndim,has_bias,n", TRACE_CASES)
 def test_trace_ops_update_and_solve(source, kind, batch_ndim, has_bias, n, dtype, rng):
     """The rule-derived default operations (``_default_ops``) and whatever ``get_drtrl_trace_ops``
-    returns for the primitive (a registered override, such as a fused update) against einsums."""
+    returns for the primitive (a registered override: the fused update, solve and update+solve, with
+    the XLA reference or the kernels in interpret mode) against einsums."""
     p = PRIMS[kind]
     ops = _trace_ops._default_ops(p) if source == "default" else _trace_ops.get_drtrl_trace_ops(p)
     x_var, y_var, weight_vars, params = _eqn_vars(kind, has_bias, dtype, rng)
@@ -253,6 +260,8 @@ def test_trace_ops_update_and_solve(source, kind, batch_ndim, has_bias, n, dtype
         grads = ops.solve(new, ct, weights, params, batch_ndim)
         return new, grads, ops.update_and_solve(trace, d, x, df, ct, weights, params, batch_ndim)
 
+    if source.endswith("pallas"):
+        run = under_pallas_interpret(run)
     new, grads, (new2, grads2) = run(*operands)
     want_new = _oracle_update(trace, d, x, df, batch_ndim)
     want_grads = _oracle_solve(want_new, ct)

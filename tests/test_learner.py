@@ -59,6 +59,62 @@ def test_etrace_grad_equals_summed_per_step_gradients(name):
         np.testing.assert_allclose(np.asarray(again[k]), np.asarray(grads[k]), rtol=1e-12, atol=0)
 
 
+# etrace_grad computes dL/dh first and then updates and solves each trace in one pass (a different
+# order than a step under brainstate's grad): it must still equal the independent oracles.
+DRIVER_MODELS = {
+    "dense_rnn_bias": lambda: om.dense_rnn(batch=3),
+    "two_state": lambda: om.two_state(batch=3, recurrent=True),
+    "two_hidden_groups": lambda: om.two_groups(batch=3),
+    "sparse_csr": lambda: om.sparse_rnn(batch=3),
+    "lora_recurrent": lambda: om.lora_rnn(batch=3),
+    "conv": lambda: om.conv_leaky(batch=2),
+    "elementwise_time_constant": lambda: om.elemwise_tau(batch=3),
+    "plain_parameter_input": lambda: om.tiny_rnn_plain_input(batch=3),
+    "unbatched_two_state": lambda: om.two_state(batch=None, recurrent=True),
+    "unbatched_sparse": lambda: om.sparse_rnn(batch=None),
+    "unbatched_lora": lambda: om.lora_rnn(batch=None),
+}
+
+
+@pytest.mark.parametrize("name", ["d_rtrl", "pp_prop"])
+@pytest.mark.parametrize("model", list(DRIVER_MODELS))
+def test_etrace_grad_equals_the_oracles(model, name):
+    spec = DRIVER_MODELS[model]()
+    xs, targets = om.make_data(spec, STEPS)
+    options, _ = ALGORITHMS[name]
+    learner = braintrace.compile(om.build_module(spec), name, xs[0], **options)
+    grads = learner.etrace_grad(xs, targets, step_fn=om.loss_fn)
+    if name == "d_rtrl":
+        want = om.masked_rtrl(spec, xs, targets)
+    else:
+        want = om.pp_prop_oracle(spec, xs, targets, options["decay_or_rank"])
+    om.assert_grads_close(
+        {k[-1]: v for k, v in grads.items()},
+        {k: v.sum(0) for k, v in want.items()},
+        what=f"etrace_grad {name} on {spec.name} vs the oracle, summed over {STEPS} steps",
+    )
+
+
+def test_etrace_grad_factored_lora_equals_per_step_gradients():
+    spec = om.lora_rnn(batch=3)
+    xs, targets = om.make_data(spec, STEPS)
+    module = om.build_module(spec, init=False)
+    learner = braintrace.compile(
+        module, "d_rtrl", xs[0], batch_size=spec.batch, lora_factored=True, decay_or_rank=0.7
+    )
+    grads = learner.etrace_grad(xs, targets, step_fn=om.loss_fn)
+    reference = om.build_module(spec)
+    per_step, _ = om.run_online(
+        braintrace.D_RTRL(reference, lora_factored=True, decay_or_rank=0.7), reference, xs, targets
+    )
+    om.assert_grads_close(
+        {k[-1]: v for k, v in grads.items()},
+        {k: v.sum(0) for k, v in per_step.items()},
+        tol=1e-12,
+        what="etrace_grad, factored LoRA trace, vs summed per-step gradients",
+    )
+
+
 def test_return_value_false_returns_only_gradients():
     spec = om.leaky_ff(batch=2)
     xs, targets = om.make_data(spec, 4)

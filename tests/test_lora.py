@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
-from _numerics import F32, F64, arr, assert_close, assert_vmap_keeps_marker, npy
+from _numerics import F32, F64, arr, assert_close, assert_vmap_keeps_marker, npy, under_pallas_interpret
 
 import braintrace
 from braintrace._compatible_imports import jaxpr_of
@@ -258,7 +258,10 @@ def test_init_shapes(dtype, batched, has_bias, n):
     ],
     indirect=["dtype"],
 )
-def test_trace_ops_match_per_unit_oracle(dtype, mode, has_bias, n):
+@pytest.mark.parametrize("which", ["separate", "update_solve", "update_solve_pallas"])
+def test_trace_ops_match_per_unit_oracle(dtype, mode, has_bias, n, which):
+    """The registered trace operations, as an update then a solve or as one fused update+solve (the
+    XLA reference, or the kernels in interpret mode), against the exact per-unit recursion."""
     case = Case(dtype, mode == "mm", has_bias, seed=6)
     batch_shape = () if mode == "mv" else (BATCH,)
     nb = len(batch_shape)
@@ -276,11 +279,17 @@ def test_trace_ops_match_per_unit_oracle(dtype, mode, has_bias, n):
     eps_b_full = ALPHA * np.einsum("rk,...iks->...irks", a, e)
     eps_a = npy(trace["lora_a"])
     eps_bias = npy(trace["bias"]) if has_bias else None
-    step = jax.jit(
-        lambda trace, d, df, ct: (lambda new: (new, ops.solve(new, ct, case.weights, case.params, nb)))(
-            ops.update(trace, d, case.x, df, case.weights, case.params, nb)
+    if which == "separate":
+        step = jax.jit(
+            lambda trace, d, df, ct: (lambda new: (new, ops.solve(new, ct, case.weights, case.params, nb)))(
+                ops.update(trace, d, case.x, df, case.weights, case.params, nb)
+            )
         )
-    )
+    else:
+        w, kw = case.weights, case.params
+        step = jax.jit(lambda trace, d, df, ct: ops.update_and_solve(trace, d, case.x, df, ct, w, kw, nb))
+    if which.endswith("pallas"):
+        step = under_pallas_interpret(step)
     for _ in range(2):  # two steps of the recursion
         d, df, ct = (
             np.asarray(rng.standard_normal((*batch_shape, N_OUT, *s)), dtype) for s in ((n, n), (n,), (n,))

@@ -206,7 +206,7 @@ def test_sparse_linear_relation_and_index_state(batch):
     assert rel.primitive.name == ("etp_sp_mm" if batch else "etp_sp_mv")
     assert set(rel.trainable_vars) == {"weight"}
     assert rel.param_paths == {"weight": ("layer.weight",)}
-    assert len(rel.aux_vars) == 2  # row and col index arrays: operands of the primitive
+    assert len(rel.aux_vars) == 3  # row, col and column-pointer index arrays: operands of the primitive
     assert isinstance(layer.indices, nn.SparseIndices) and not isinstance(
         layer.indices, brainstate.ParamState
     )

@@ -314,7 +314,7 @@ def check_snn_graph(model, graph):
     groups = {frozenset(g.names) for g in graph.hidden_groups}
     assert groups == {frozenset({"syn.g", "lif.V"}), frozenset({"out.r"})}
     # the sparse index arrays are traced inputs of the step (a non-trainable state), not constants
-    assert len(rels["rec.weight"].aux_vars) == 2
+    assert len(rels["rec.weight"].aux_vars) == 3  # row, col, col_ptr
     assert all(v in graph.module_info.jaxpr.invars for v in rels["rec.weight"].aux_vars)
     assert not isinstance(model.rec.indices, brainstate.ParamState)
     assert ("rec", "indices") not in model.states(brainstate.ParamState)

@@ -354,6 +354,20 @@ def test_jvp_differentiates_only_operands_with_nonzero_tangents(temp_primitives,
     np.testing.assert_allclose(np.asarray(t), np.asarray(x @ (2 * w)))
 
 
+def test_remat_jvp_keeps_gradients_and_marks_the_tangent_for_recomputation(temp_primitives, unique_name, rng):
+    impl = lambda x, w: jnp.tanh(x @ w) * 2.0
+    plain = braintrace.register_primitive(unique_name("etp_test_plain_jvp"), impl)
+    remat = braintrace.register_primitive(unique_name("etp_test_remat_jvp"), impl, remat_jvp=True)
+    temp_primitives.extend([plain, remat])
+    x, w = jnp.asarray(rng.standard_normal((3, 4))), jnp.asarray(rng.standard_normal((4, 2)))
+    loss = lambda p: lambda x_, w_: jnp.sum(jnp.sin(p.bind(x_, w_)))
+    for a, b in zip(jax.grad(loss(remat), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    names = lambda p: str(jax.make_jaxpr(jax.grad(loss(p), (0, 1)))(x, w))
+    assert "checkpoint" in names(remat) or "remat" in names(remat)
+    assert "checkpoint" not in names(plain) and "remat" not in names(plain)
+
+
 def test_derived_batching_inlines_and_custom_batching_keeps_marker(
     temp_primitives, unique_name, primitive_names, rng
 ):

@@ -7,12 +7,13 @@ only the code under test; all cases share one pattern so JAX's op caches stay wa
 import re
 import time
 
+import brainstate
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import saiunit as u
-from _numerics import F32, F64, arr, assert_close, assert_vmap_keeps_marker, npy
+from _numerics import F32, F64, arr, assert_close, assert_vmap_keeps_marker, npy, under_pallas_interpret
 from saiunit import sparse as ss
 
 import braintrace
@@ -23,7 +24,7 @@ from braintrace._etrace_op._trace_ops import (
     _default_ops,
     rule_kwargs,
 )
-from braintrace._etrace_op.sparse import SparsePattern, sparse_pattern
+from braintrace._etrace_op.sparse import SparsePattern, bind_sparse_matmul, sparse_pattern
 
 N_IN, N_OUT, BATCH = 7, 5, 3
 FORMATS = {"csr": ss.CSR, "csc": ss.CSC, "coo": ss.COO}
@@ -127,7 +128,78 @@ def test_forward_equals_dense(dtype, batched, has_bias, fmt):
     y = case.forward(case.x)
     assert y.dtype == dtype and y.shape == case.x.shape[:-1] + (N_OUT,)
     assert_close(y, case.reference(case.x), dtype)  # the pattern's dense matrix, new values
-    assert case.eqn().params["sparse_mat"] == SparsePattern((N_IN, N_OUT), int(MASK.sum()), fmt)
+    # A CSC matrix is in column order: its pointers travel as a third index operand.
+    pattern = SparsePattern((N_IN, N_OUT), int(MASK.sum()), fmt, col_sorted=fmt == "csc")
+    assert case.eqn().params["sparse_mat"] == pattern
+    assert len(case.eqn().invars) == 2 + has_bias + 2 + (fmt == "csc")
+
+
+@pytest.fixture
+def csr_matmul_calls(monkeypatch):
+    """Counts the calls of the column segment-sum kernel (``kernels/csr_matmul.py``)."""
+    from braintrace._kernel_import import kernel_module
+
+    module = kernel_module("csr_matmul")
+    calls = []
+    original = module.csr_matmul
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("interpret"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "csr_matmul", spy)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "dtype,batched,has_bias,fmt",
+    [
+        (F32, True, True, "csc"),
+        (F64, False, False, "csc"),
+        (F32, True, False, "csr"),
+        (F32, False, True, "coo"),
+    ],
+    indirect=["dtype"],
+)
+def test_forward_under_pallas_interpret(dtype, batched, has_bias, fmt, csr_matmul_calls):
+    """A column-ordered (CSC) pattern lowers to the segment-sum kernel under 'pallas'; the others keep
+    the XLA product. Both equal the dense product."""
+    case = Case(dtype, fmt, batched, has_bias)
+    y = under_pallas_interpret(jax.jit(case.forward))(case.x)
+    assert y.dtype == dtype and y.shape == case.x.shape[:-1] + (N_OUT,)
+    assert_close(y, case.reference(case.x), dtype)
+    assert csr_matmul_calls == ([True] if fmt == "csc" else [])
+
+
+def test_sparse_layer_product_runs_the_segment_sum_kernel(csr_matmul_calls):
+    """``nn.SparseLinear`` keeps its non-zeros in column order, so under 'pallas' its product is the
+    kernel; gradients of a loss through it agree with the XLA backend."""
+    mat, dense = build("csr", F32, seed=9)
+    layer = braintrace.nn.SparseLinear(mat, b_init=jnp.ones(N_OUT))
+    assert np.all(np.diff(np.asarray(layer.indices.value["col"])) >= 0)
+    x = arr(np.random.default_rng(9).standard_normal((BATCH, N_IN)), F32)
+    params = layer.states(brainstate.ParamState)
+    step = lambda x: brainstate.transform.grad(
+        lambda: jnp.sum(jnp.sin(layer(x))), params, return_value=True
+    )()
+    grads, value = under_pallas_interpret(brainstate.transform.jit(step))(x)
+    assert csr_matmul_calls and all(csr_matmul_calls)
+    want_grads, want_value = brainstate.transform.jit(step)(x)
+    assert_close(value, want_value)
+    assert_close(value, np.sum(np.sin(npy(x) @ dense + 1.0)))
+    for k in want_grads:
+        assert_close(grads[k]["weight"], want_grads[k]["weight"])
+
+
+def test_column_pointer_operand_is_checked():
+    case = Case(F32, "csc", True, False)
+    pattern = SparsePattern((N_IN, N_OUT), case.nnz, "csc", col_sorted=True)
+    with pytest.raises(ValueError, match="3 index arrays"):
+        bind_sparse_matmul(case.x, case.data, pattern, [case.rows, case.cols])
+    with pytest.raises(ValueError, match="col_ptr.*shape"):
+        bind_sparse_matmul(case.x, case.data, pattern, [case.rows, case.cols, jnp.zeros(N_OUT, jnp.int32)])
+    with pytest.raises(TypeError, match="col_sorted"):
+        SparsePattern((N_IN, N_OUT), case.nnz, "csc", col_sorted=1)
 
 
 def test_forward_matches_sparse_mat_itself():
@@ -173,8 +245,11 @@ def test_sparse_pattern_is_hashable_and_validated():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
 @pytest.mark.parametrize("dtype,batched,has_bias", COMBOS, indirect=["dtype"])
-def test_xy_to_dw_is_vjp(dtype, batched, has_bias):
+def test_xy_to_dw_is_vjp(dtype, batched, has_bias, backend):
+    """The rule (an SDDMM: the ``csr_sddmm`` fused operation, a kernel under 'pallas') against the VJP
+    of the implementation and the closed form."""
     case = Case(dtype, "csr", batched, has_bias, seed=7)
     x, weights = case.x, case.weights
     g = arr(np.random.default_rng(8).standard_normal(x.shape[:-1] + (N_OUT,)), dtype)
@@ -187,7 +262,7 @@ def test_xy_to_dw_is_vjp(dtype, batched, has_bias):
     def run(g, weights):
         return get_rule(case.prim, "xy_to_dw")(x, g, weights, **case.kw), jax.vjp(impl, weights)[1](g)[0]
 
-    dw, expected = run(g, weights)
+    dw, expected = (under_pallas_interpret(run) if backend != "xla" else run)(g, weights)
     # Closed form: dw_p = sum_b x[b, r_p] g[b, c_p] (an SDDMM), db = sum_b g.
     xb, gb = np.atleast_2d(npy(x)), np.atleast_2d(npy(g))
     closed = {"weight": np.einsum("bi,bk,pi,pk->p", xb, gb, case.r1, case.c1), "bias": gb.sum(0)}
@@ -262,15 +337,16 @@ def test_init_shapes(dtype, batched, has_bias, n):
     ],
     indirect=["dtype"],
 )
-@pytest.mark.parametrize("which", ["default", "fused"])
+@pytest.mark.parametrize("which", ["default", "fused", "fused_update_solve", "fused_update_solve_pallas"])
 def test_default_trace_ops_match_dense_oracle(dtype, mode, has_bias, n, which):
     """The rule-derived trace operations (rule layout ``(*batch, nnz, n)``) and the registered fused
-    CSR operations (kernel layout ``(nnz, n, B)``) both follow the dense masked-RTRL recursion
-    restricted to the pattern."""
+    CSR operations (kernel layout ``(nnz, n, B)``; the update then the solve, or both in one
+    operation, with the XLA reference or the kernel in interpret mode) all follow the dense
+    masked-RTRL recursion restricted to the pattern."""
     case = Case(dtype, "csr", mode == "mm", has_bias, seed=11)
     x, weights = case.x, case.weights
     batch_shape = () if mode == "mv" else (BATCH,)
-    fused = which == "fused"
+    fused = which != "default"
     ops = ETP_DRTRL_TRACE_OPS[case.prim] if fused else _default_ops(case.prim)
     eqn = case.eqn()
     layout = {"weight": 1, **({"bias": 2} if has_bias else {})}
@@ -293,11 +369,18 @@ def test_default_trace_ops_match_dense_oracle(dtype, mode, has_bias, n, which):
     e = np.einsum("...ps,pi,pk->...iks", rule_layout(trace["weight"]), case.r1, case.c1)
     eb = npy(trace["bias"]) if has_bias else None
     xe = np.broadcast_to(npy(x), (*batch_shape, N_IN))
-    step = jax.jit(
-        lambda trace, d, df, ct: (lambda new: (new, ops.solve(new, ct, weights, case.kw, len(batch_shape))))(
-            ops.update(trace, d, x, df, weights, case.kw, len(batch_shape))
+    nbd = len(batch_shape)
+    if which.startswith("fused_update_solve"):
+        kw = case.kw
+        step = jax.jit(lambda trace, d, df, ct: ops.update_and_solve(trace, d, x, df, ct, weights, kw, nbd))
+    else:
+        step = jax.jit(
+            lambda trace, d, df, ct: (lambda new: (new, ops.solve(new, ct, weights, case.kw, nbd)))(
+                ops.update(trace, d, x, df, weights, case.kw, nbd)
+            )
         )
-    )
+    if which.endswith("pallas"):
+        step = under_pallas_interpret(step)
     for _ in range(2):  # two steps of the recursion
         d, df, ct = (
             rng.standard_normal((*batch_shape, N_OUT, n, n)),
@@ -462,3 +545,29 @@ def test_no_index_constants_at_one_million_nonzeros():
         elapsed = min(time.perf_counter() - wall, time.process_time() - cpu)
         assert _largest_constant(text) <= 10**4
         assert elapsed < 5.0, f"lower + compile took {elapsed:.2f} s"
+
+
+def test_reverse_mode_through_a_scan_keeps_no_batch_by_nnz_residual():
+    """BPTT through ``sparse_matmul`` saves ``x`` per step, not the gathered ``(batch, nnz)`` array
+    (the primitives differentiate a rematerialised implementation); gradients are unchanged."""
+    B, n, T = 8, 400, 40
+    rng = np.random.default_rng(3)
+    dense = np.where(rng.random((n, n)) < 0.1, rng.standard_normal((n, n)) * 0.05, 0.0).astype(F32)
+    mat = ss.CSR.fromdense(jnp.asarray(dense))
+    xs = jnp.asarray(rng.standard_normal((T, B, n)).astype(F32))
+
+    def loss(data, xs, matmul):
+        def body(h, x):
+            h = jnp.tanh(matmul(h, data) + x)
+            return h, jnp.sum(h**2)
+
+        return jax.lax.scan(body, jnp.zeros((B, n), F32), xs)[1].sum()
+
+    with_data = lambda d: ss.CSR((d, mat.indices, mat.indptr), shape=mat.shape)
+    etp = lambda h, d: braintrace.sparse_matmul(h, d, sparse_mat=with_data(d))
+    plain = lambda h, d: h @ with_data(d).todense()
+    grad = jax.jit(jax.grad(loss), static_argnums=2)
+    residual_per_step = B * mat.data.shape[0] * 4
+    temp = grad.lower(mat.data, xs, etp).compile().memory_analysis().temp_size_in_bytes
+    assert temp < T * residual_per_step / 4, (temp, T * residual_per_step)
+    assert_close(grad(mat.data, xs, etp), grad(mat.data, xs, plain), F32, tol32=1e-5)

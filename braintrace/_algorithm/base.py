@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import brainstate
 import jax
@@ -134,6 +134,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self._check_inputs(inputs)
         return self._step(*inputs)
 
+    def _step_grad(self, step_fn, params, inputs, targets):
+        """One step of the sequence driver: ``(gradients keyed like params, loss)``."""
+        loss = lambda: step_fn(self(*inputs), *targets)
+        return brainstate.transform.grad(loss, params, return_value=True)()
+
 
 class ETraceVjpAlgorithm(ETraceAlgorithm):
     """An algorithm whose gradient arrives through a ``custom_vjp`` step (see the executor).
@@ -161,6 +166,19 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
     def _solve(self, traces, cts, weights, aux):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _update_and_solve(self, traces: Dict, step: StepValues, cts) -> Tuple[Dict, Dict]:
+        """``(new traces, relation gradients)``: :meth:`_update_traces`, then :meth:`_solve` of the
+        new traces. Algorithms with fused trace operations override it (one pass per trace)."""
+        new = self._update_traces(traces, step)
+        return new, self._solve(new, cts, step.weights, step.aux)
+
+    def _write_states(self, states, new_state_leaves):
+        info = self.graph.module_info
+        new_values = jax.tree.unflatten(info.state_treedef, new_state_leaves)
+        for s, v, w in zip(states, new_values, info.written):
+            if w:
+                s.value = v
+
     def _step(self, *inputs):
         info = self.graph.module_info
         states, state_leaves = self._current_states()
@@ -171,11 +189,59 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         new_traces["epoch"] = old["epoch"]
         outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step)
         self.etrace.value = new_traces
-        new_values = jax.tree.unflatten(info.state_treedef, new_state_leaves)
-        for s, v, w in zip(states, new_values, info.written):
-            if w:
-                s.value = v
+        self._write_states(states, new_state_leaves)
         return jax.tree.unflatten(info.out_treedef, outs)
+
+    def _step_grad(self, step_fn, params, inputs, targets):
+        r"""One step of the sequence driver: ``(gradients keyed like params, loss)``.
+
+        Equal to ``brainstate.transform.grad`` of ``step_fn(self(*inputs), *targets)`` with respect
+        to ``params``, computed in another order: :math:`\partial L_t/\partial h_t` comes first (the
+        gradient with respect to the hidden perturbations, together with the within-step gradient of
+        the parameters), so the trace update and the solve of the new trace run together, in one pass
+        over each trace, instead of the update in the forward pass and the solve in the backward.
+        """
+        self._check_inputs(inputs)
+        info = self.graph.module_info
+        ex = self.executor
+        arg_leaves = jax.tree.leaves(inputs)
+
+        def loss_fn(perturbation):
+            states, state_leaves = self._current_states()
+            step = ex.step_values(state_leaves, arg_leaves)
+            outs, new_state_leaves = ex.perturbed(state_leaves, arg_leaves, perturbation)
+            self._write_states(states, new_state_leaves)
+            loss = step_fn(jax.tree.unflatten(info.out_treedef, outs), *targets)
+            return loss, (step.as_tuple(), [jax.lax.stop_gradient(v) for v in state_leaves])
+
+        grad_fn = brainstate.transform.grad(loss_fn, params, argnums=0, has_aux=True, return_value=True)
+        (grads, d_perturbation), loss, (step, state_leaves) = grad_fn(ex.perturbation.zeros())
+        step = StepValues(*step)
+        old = self._restart_if_new_epoch(self.etrace.value)
+        new_traces, relation_grads = self._update_and_solve(old, step, ex.group_cotangents(d_perturbation))
+        new_traces = jax.lax.stop_gradient(new_traces)
+        new_traces["epoch"] = old["epoch"]
+        self.etrace.value = new_traces
+        routed = ex.route_to_states(state_leaves, arg_leaves, relation_grads, step.weights)
+        states, _ = self._current_states()
+        grads = dict(grads)
+        for key, value in self._param_cotangents(states, params, routed).items():
+            grads[key] = jax.tree.map(jnp.add, grads[key], value)
+        return grads, loss
+
+    def _param_cotangents(self, states, params, leaf_cts):
+        """Cotangents of the state leaves, regrouped per parameter of ``params`` (by key)."""
+        info = self.graph.module_info
+        key_of = {id(s): k for k, s in params.items()}
+        per_state = {}
+        for leaf, ct in enumerate(leaf_cts):
+            per_state.setdefault(info.leaf_owner(leaf), []).append(ct)
+        out = {}
+        for i, cts in per_state.items():
+            key = key_of.get(id(states[i]))
+            if key is not None and not any(getattr(c, "dtype", None) == jax.dtypes.float0 for c in cts):
+                out[key] = jax.tree.unflatten(jax.tree.structure(states[i].value), cts)
+        return out
 
     def relation_weight_vars(self, relation):
         return {k: v for k, v in relation.trainable_vars.items()}

@@ -116,6 +116,25 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
             )
         return new
 
+    def _update_and_solve(self, traces, step: StepValues, cts):
+        new, grads = {}, {}
+        for r, gi, g in self._relation_groups():
+            ops = self._ops(r.primitive)
+            k = _key(r.index, gi)
+            new[k], part = ops.update_and_solve(
+                traces[k],
+                step.d[g.index],
+                step.xs[r.index],
+                step.df[(r.index, gi)],
+                cts[(r.index, gi)],
+                step.weights[r.index],
+                rule_kwargs(r.params, step.aux[r.index]),
+                r.batch_ndims[gi],
+            )
+            prev = grads.get(r.index)
+            grads[r.index] = part if prev is None else jax.tree.map(jnp.add, prev, part)
+        return new, grads
+
     def _solve(self, traces, cts, weights, aux):
         grads = {}
         for r, gi, g in self._relation_groups():

@@ -45,6 +45,10 @@ class StepValues:
         self.df = df  # (relation, group position) -> (*unit, n)
         self.d = d  # group index -> (*unit, n, n)
 
+    def as_tuple(self):
+        """The fields as a pytree (``StepValues(*values.as_tuple())`` rebuilds it)."""
+        return (self.xs, self.weights, self.aux, self.df, self.d)
+
 
 class ETraceGraphExecutor:
     """Evaluates the step of an :class:`~braintrace.ETraceGraph` and its hidden Jacobians."""
@@ -185,7 +189,10 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
                 invals[idx] = jax.lax.stop_gradient(invals[idx])
             return bind_equation(eqn, invals)
 
-        self._perturbed, self.perturbation = add_hidden_perturbation_in_module(self.info, stop_trainables)
+        #: ``perturbed(state_leaves, arg_leaves, perturbation) -> (out_leaves, new_state_leaves)``:
+        #: the step with a perturbation added to every hidden state's new value and the trainable
+        #: operands of the relations cut from the gradient (the traces carry their paths).
+        self.perturbed, self.perturbation = add_hidden_perturbation_in_module(self.info, stop_trainables)
         self._call = self._make_call()
 
     def _trainable_values(self, state_leaves, arg_leaves):
@@ -195,10 +202,32 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
             for r in self.graph.hidden_param_op_relations
         }
 
-    def _make_call(self):
-        graph = self.graph
+    def group_cotangents(self, d_perturbation):
+        """``{(relation, group position): dL/dh (*unit, n)}`` from the perturbations' gradients."""
         hidden = self.info.hidden_leaves
-        perturbed = self._perturbed
+        return {
+            (r.index, gi): jnp.stack([d_perturbation[hidden.index(h)] for h in g.hidden_leaves], axis=-1)
+            for r in self.graph.hidden_param_op_relations
+            for gi, g in enumerate(r.hidden_groups)
+        }
+
+    def route_to_states(self, state_leaves, arg_leaves, relation_grads, weights):
+        """Pull the relations' operand gradients back to the state leaves they are computed from."""
+        _, vjp_t = jax.vjp(lambda s: self._trainable_values(s, arg_leaves), list(state_leaves))
+        return vjp_t(self._operand_cotangents(relation_grads, weights))[0]
+
+    def _operand_cotangents(self, relation_grads, weights):
+        """``relation_grads`` in the dtype of each trainable operand, for every relation and key."""
+        return {
+            r.index: {
+                k: jnp.asarray(relation_grads[r.index][k], dtype=jnp.result_type(weights[r.index][k]))
+                for k in r.trainable_vars
+            }
+            for r in self.graph.hidden_param_op_relations
+        }
+
+    def _make_call(self):
+        perturbed = self.perturbed
 
         @jax.custom_vjp
         def call(state_leaves, arg_leaves, trace_data, weights, aux):
@@ -215,21 +244,8 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         def bwd(res, cts):
             vjp_f, vjp_t, trace_data, weights, aux = res
             ct_states, ct_args, ct_perts = vjp_f(cts)
-            group_cts = {}
-            for r in graph.hidden_param_op_relations:
-                for gi, g in enumerate(r.hidden_groups):
-                    group_cts[(r.index, gi)] = jnp.stack(
-                        [ct_perts[hidden.index(h)] for h in g.hidden_leaves], axis=-1
-                    )
-            grads = self.solve(trace_data, group_cts, weights, aux)
-            tv_ct = {
-                r.index: {
-                    k: jnp.asarray(grads[r.index][k], dtype=jnp.result_type(weights[r.index][k]))
-                    for k in r.trainable_vars
-                }
-                for r in graph.hidden_param_op_relations
-            }
-            (ct_from_relations,) = vjp_t(tv_ct)
+            grads = self.solve(trace_data, self.group_cotangents(ct_perts), weights, aux)
+            (ct_from_relations,) = vjp_t(self._operand_cotangents(grads, weights))
             ct_states = [_add_ct(a, b) for a, b in zip(ct_states, ct_from_relations)]
             zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
             return ct_states, ct_args, zeros(trace_data), zeros(weights), zeros(aux)

@@ -156,9 +156,7 @@ def _etrace_grad(
 
             def body(acc, step_seqs):
                 xs_t, ys_t = step_seqs
-                grads, loss = brainstate.transform.grad(
-                    lambda: step_fn(self(*xs_t), *ys_t), params, return_value=True
-                )()
+                grads, loss = self._step_grad(step_fn, params, xs_t, ys_t)
                 return jax.tree.map(jnp.add, acc, grads), loss
 
             zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in params.items()})

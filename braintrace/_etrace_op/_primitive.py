@@ -146,6 +146,7 @@ def register_primitive(
     multiple_results: bool = False,
     batching_rule: Optional[Callable] = None,
     kernel_fn: Optional[Callable] = None,
+    remat_jvp: bool = False,
     replace: bool = False,
 ) -> ETPPrimitive:
     r"""Create an :class:`ETPPrimitive` whose JAX rules are all derived from ``impl_fn``.
@@ -181,6 +182,11 @@ def register_primitive(
     kernel_fn : callable, optional
         Accelerator implementation ``kernel_fn(*operands, interpret: bool, **params)`` with the
         semantics of ``impl_fn``; used instead of ``impl_fn`` under ``set_backend('pallas')``.
+    remat_jvp : bool
+        Differentiate ``jax.checkpoint(impl_fn)``: reverse mode then keeps only the operands for the
+        backward pass and recomputes ``impl_fn``'s intermediates there. Worth it when an intermediate
+        is much larger than the operands (the sparse ops gather ``x`` into a ``(batch, nnz)`` array;
+        through a scan of ``T`` steps that is ``T`` such arrays).
     replace : bool
         Registering a name that is already registered raises ``ValueError`` unless
         ``replace=True``, which unregisters the previous primitive first (its existing jaxprs
@@ -263,7 +269,7 @@ def register_primitive(
             return impl_fn(*(next(it) if a else pr for pr, a in zip(primals, active)), **params)
 
         _, out_t = jax.jvp(
-            restricted,
+            jax.checkpoint(restricted) if remat_jvp else restricted,
             tuple(pr for pr, a in zip(primals, active) if a),
             tuple(t for t, a in zip(tangents, active) if a),
         )

@@ -38,6 +38,8 @@ class ETPPrimitiveSpec:
         The compiler walks through this primitive on ``y -> h`` (identity-like ops only).
     batching_rule, kernel_fn : callable, optional
         Passed on to :func:`register_primitive`.
+    remat_jvp : bool
+        Passed on to :func:`register_primitive`.
 
     Examples
     --------
@@ -68,6 +70,7 @@ class ETPPrimitiveSpec:
     multiple_results: bool = False
     batching_rule: Optional[Callable] = None
     kernel_fn: Optional[Callable] = None
+    remat_jvp: bool = False
 
     def __post_init__(self):
         if self.trainable_invars_fn is None:
@@ -114,6 +117,7 @@ def register_primitive_spec(spec: ETPPrimitiveSpec, *, replace: bool = False) ->
         multiple_results=spec.multiple_results,
         batching_rule=spec.batching_rule,
         kernel_fn=spec.kernel_fn,
+        remat_jvp=spec.remat_jvp,
         replace=replace,
     )
     p.register_etp_rules(

@@ -50,7 +50,14 @@ from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros
 from ._units import attach, bias_mantissa, split
-from .dense import fused_bias_solve, fused_bias_update, fused_dense_solve, fused_dense_update
+from .dense import (
+    fused_bias_solve,
+    fused_bias_update,
+    fused_bias_update_solve,
+    fused_dense_solve,
+    fused_dense_update,
+    fused_dense_update_solve,
+)
 
 __all__ = ["etp_lora_mm_p", "etp_lora_mv_p", "lora_matmul", "make_factored_trace_ops"]
 
@@ -179,7 +186,22 @@ def _make_trace_ops(get_primitive):
             grads["bias"] = fused_bias_solve(trace["bias"], ct)
         return {k: v.astype(weights[k].dtype) for k, v in grads.items()}
 
-    return DRTRLTraceOps(init=init, update=update, solve=solve)
+    def update_solve(trace, d, x, df, ct, weights, params, batch_ndim):
+        """:func:`update`, then :func:`solve` of the new trace, each leaf in one pass."""
+        alpha = params.get("alpha", 1.0)
+        z = x @ weights["lora_b"]
+        new, grads = {}, {}
+        new["lora_b"], e_grad = fused_dense_update_solve(trace["lora_b"], d, x, df, ct)
+        new["lora_a"], grads["lora_a"] = fused_dense_update_solve(trace["lora_a"], d, alpha * z, df, ct)
+        grads["lora_b"] = _lora_b_from_e(e_grad, weights["lora_a"], alpha)
+        if "bias" in trace:
+            new["bias"], grads["bias"] = fused_bias_update_solve(trace["bias"], d, df, ct)
+        return (
+            {k: v.astype(trace[k].dtype) for k, v in new.items()},
+            {k: v.astype(weights[k].dtype) for k, v in grads.items()},
+        )
+
+    return DRTRLTraceOps(init=init, update=update, solve=solve, update_solve=update_solve)
 
 
 def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:

@@ -46,7 +46,7 @@ from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros, param_trace_zeros
 from ._units import attach, bias_mantissa, split
-from .dense import fused_bias_solve, fused_bias_update
+from .dense import fused_bias_solve, fused_bias_update, fused_bias_update_solve
 
 __all__ = ["SparsePattern", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul", "sparse_pattern"]
 
@@ -68,17 +68,23 @@ class SparsePattern:
     format : str
         The format the pattern came from: ``'csr'``, ``'csc'`` or ``'coo'`` (informational; the
         primitive always receives COO ``row_ids, col_ids`` in the order of ``weight_data``).
+    col_sorted : bool
+        The non-zeros are in column order and a third index operand ``col_ptr`` (``O + 1``, int32;
+        column ``c`` owns non-zeros ``[col_ptr[c], col_ptr[c+1])``) follows ``col_ids``. Under the
+        ``'pallas'`` backend the product is then a segment sum per output column (a kernel, no
+        scatter). A CSC matrix and :class:`braintrace.nn.SparseLinear` give such patterns.
 
     Examples
     --------
     >>> from braintrace._etrace_op.sparse import SparsePattern
     >>> SparsePattern(shape=(50, 40), nnz=200, format='csr')
-    SparsePattern(shape=(50, 40), nnz=200, format='csr')
+    SparsePattern(shape=(50, 40), nnz=200, format='csr', col_sorted=False)
     """
 
     shape: Tuple[int, int]
     nnz: int
     format: str = "coo"
+    col_sorted: bool = False
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -90,6 +96,8 @@ class SparsePattern:
             raise ValueError(f"SparsePattern: `nnz` must be non-negative, got {self.nnz!r}.")
         if self.format not in _FORMATS:
             raise ValueError(f"SparsePattern: `format` must be one of {_FORMATS}, got {self.format!r}.")
+        if not isinstance(self.col_sorted, bool):
+            raise TypeError(f"SparsePattern: `col_sorted` must be a bool, got {self.col_sorted!r}.")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "nnz", int(self.nnz))
 
@@ -100,19 +108,40 @@ class SparsePattern:
 
 
 def _unpack(args, has_bias):
-    """``(x, weight_data, bias or None, row_ids, col_ids)`` from the operand list."""
+    """``(x, weight_data, bias or None, (row_ids, col_ids[, col_ptr]))`` from the operand list."""
+    first_index = 3 if has_bias else 2
     bias = args[2] if has_bias else None
-    return args[0], args[1], bias, args[-2], args[-1]
+    return args[0], args[1], bias, tuple(args[first_index:])
 
 
 def _sparse_impl(*args, sparse_mat, has_bias=False):
-    x, data, bias, row_ids, col_ids = _unpack(args, has_bias)
+    x, data, bias, (row_ids, col_ids, *_) = _unpack(args, has_bias)
     contrib = jnp.take(x, row_ids, axis=-1) * data  # (..., nnz)
     y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
     y = y.at[..., col_ids].add(contrib)
     if has_bias:
         y = y + bias
     return y
+
+
+def _sparse_kernel(*args, sparse_mat, has_bias=False, interpret):
+    """Under ``'pallas'``: a column-sorted pattern's product as a segment sum per output column
+    (``kernels/csr_matmul.py``, no atomics); any other pattern, or a dtype the compiled kernel does
+    not take, keeps the XLA implementation."""
+    from braintrace._kernel_import import kernel_module
+
+    x, data, bias, (row_ids, col_ids, *col_ptr) = _unpack(args, has_bias)
+    dtype = jnp.result_type(x, data)
+    supported = dtype == jnp.float32 or (interpret and dtype == jnp.float64)
+    if not (sparse_mat.col_sorted and col_ptr) or not supported or sparse_mat.nnz == 0:
+        return _sparse_impl(*args, sparse_mat=sparse_mat, has_bias=has_bias)
+    x2 = x.reshape((-1, sparse_mat.shape[0])).astype(dtype)
+    segments = (None, col_ptr[0])  # the non-zeros are in column order: no permutation
+    y = kernel_module("csr_matmul").csr_matmul(
+        x2, data.astype(dtype), row_ids, col_ids, sparse_mat.shape, csc=segments, interpret=interpret
+    )
+    y = y.reshape(x.shape[:-1] + (sparse_mat.shape[1],))
+    return y + bias if has_bias else y
 
 
 def _sparse_trainable_invars(params):
@@ -133,23 +162,45 @@ def _sparse_yw_to_w(hidden_dim, trace, *, sparse_mat, has_bias=False, aux):
 
     ``hidden_dim``: ``(..., O)``; ``trace['weight']``: ``(..., nnz)``; ``trace['bias']``: ``(..., O)``.
     """
-    _, col_ids = aux
+    col_ids = aux[1]
     out = {"weight": trace["weight"] * jnp.take(hidden_dim, col_ids, axis=-1)}
     if has_bias:
         out["bias"] = trace["bias"] * hidden_dim
     return out
 
 
+def _csr_sddmm_reference(a, g, row_ids, col_ids):
+    r"""``v[p] = sum_b a[b, r_p] g[b, c_p]``: ``a (B, I)``, ``g (B, O)`` -> ``(nnz,)`` (an SDDMM)."""
+    return jnp.sum(jnp.take(a, row_ids, axis=1) * jnp.take(g, col_ids, axis=1), axis=0)
+
+
+def _csr_sddmm_kernel(a, g, row_ids, col_ids, *, interpret):
+    dtype = jnp.result_type(a, g)
+    if not (dtype == jnp.float32 or (interpret and dtype == jnp.float64)) or row_ids.shape[0] == 0:
+        return _csr_sddmm_reference(a, g, row_ids, col_ids)
+    from braintrace._kernel_import import kernel_module
+
+    return kernel_module("csr_matmul").csr_sddmm(a, g, row_ids, col_ids, interpret=interpret).astype(dtype)
+
+
+#: The weight gradient of a sparse layer, ``v[p] = sum_b a[b, r_p] g[b, c_p]`` (the ``xy_to_dw`` rule,
+#: hence the pp_prop solve of a sparse layer); a Pallas kernel under ``'pallas'``.
+csr_sddmm_p = fused_op("csr_sddmm", _csr_sddmm_reference, _csr_sddmm_kernel)
+
+
 def _sparse_xy_to_dw(x, hidden_dim, weights, *, sparse_mat, has_bias=False, aux):
-    r"""``{'weight': sum_b x[b, r_p] g[b, c_p][, 'bias': sum_b g]}``: the VJP of the op."""
-    row_ids, col_ids = aux
+    r"""``{'weight': sum_b x[b, r_p] g[b, c_p][, 'bias': sum_b g]}``: the VJP of the op.
 
-    def fwd(w):
-        operands = [x, w["weight"]] + ([w["bias"]] if has_bias else []) + [row_ids, col_ids]
-        return _sparse_impl(*operands, sparse_mat=sparse_mat, has_bias=has_bias)
-
-    _, vjp = jax.vjp(fwd, dict(weights))
-    return vjp(jnp.asarray(hidden_dim, dtype=jnp.result_type(x, weights["weight"])))[0]
+    ``x``: ``(B, I)`` or ``(I,)``; ``hidden_dim``: the shape of ``y``, ``(B, O)`` or ``(O,)``.
+    """
+    n_in, n_out = sparse_mat.shape
+    dtype = jnp.result_type(x, weights["weight"])
+    g = jnp.asarray(hidden_dim, dtype).reshape((-1, n_out))
+    a = jnp.asarray(x, dtype).reshape((-1, n_in))
+    out = {"weight": csr_sddmm_p.bind(a, g, aux[0], aux[1]).astype(weights["weight"].dtype)}
+    if has_bias:
+        out["bias"] = jnp.sum(g, axis=0).astype(weights["bias"].dtype)
+    return out
 
 
 def _sp_mm_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
@@ -187,6 +238,8 @@ etp_sp_mm_p = register_primitive_spec(
         x_invar_index=0,
         batched=True,
         batching_rule=_x_rule_mm,
+        kernel_fn=_sparse_kernel,
+        remat_jvp=True,
     )
 )
 
@@ -202,6 +255,8 @@ etp_sp_mv_p = register_primitive_spec(
         x_invar_index=0,
         batched=False,
         batching_rule=_x_rule_mv,
+        kernel_fn=_sparse_kernel,
+        remat_jvp=True,
     )
 )
 
@@ -316,10 +371,31 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
     Array([[2., 1., 3.]], dtype=float32)
     """
     pattern, row_ids, col_ids = sparse_pattern(sparse_mat)
+    indices = [row_ids, col_ids]
+    if pattern.format == "csc":  # column order: the CSC's own pointers are the segments
+        pattern = dataclasses.replace(pattern, col_sorted=True)
+        indices.append(_int_index(sparse_mat.indptr, "sparse_mat.indptr"))
+    return bind_sparse_matmul(x, weight_data, pattern, indices, bias)
+
+
+def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=None):
+    """:func:`sparse_matmul` for a pattern given as a :class:`SparsePattern` and its index operands
+    ``[row_ids, col_ids]`` (``+ [col_ptr]`` when ``pattern.col_sorted``), all int32 arrays."""
     x_m, x_u = split(x)
     w_m, w_u = split(weight_data)
     x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
     n_in, n_out = pattern.shape
+    expected = 3 if pattern.col_sorted else 2
+    if len(indices) != expected:
+        raise ValueError(
+            f"sparse_matmul: a pattern with col_sorted={pattern.col_sorted} takes {expected} index arrays "
+            f"(row_ids, col_ids{', col_ptr' if pattern.col_sorted else ''}), got {len(indices)}."
+        )
+    if pattern.col_sorted and tuple(indices[2].shape) != (n_out + 1,):
+        raise ValueError(
+            f"sparse_matmul: `col_ptr` must have shape ({n_out + 1},) = (out + 1,), "
+            f"got {tuple(indices[2].shape)}."
+        )
     if w_m.shape != (pattern.nnz,):
         raise ValueError(
             f"sparse_matmul: `weight_data` must have shape ({pattern.nnz},) = (nnz,) of `sparse_mat`, "
@@ -341,7 +417,7 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
                 f"sparse_matmul: `bias` must have shape ({n_out},) = (sparse_mat.shape[1],), got {b_m.shape}."
             )
         operands.append(b_m)
-    operands += [row_ids, col_ids]
+    operands += list(indices)
     lead = x_m.shape[:-1]
     if x_m.ndim > 2:
         operands[0] = x_m.reshape((-1, n_in))
@@ -396,10 +472,29 @@ def _csr_solve_kernel(trace, ct_t, row_ids, col_ids, *, interpret):
     return out.astype(trace.dtype)
 
 
+def _csr_update_solve_reference(trace, d_t, x_t, df_t, ct_t, row_ids, col_ids):
+    """``(new, dw)``: the update, then the solve of the new trace."""
+    new = _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids)
+    return new, _csr_solve_reference(new, ct_t, row_ids, col_ids)
+
+
+def _csr_update_solve_kernel(trace, d_t, x_t, df_t, ct_t, row_ids, col_ids, *, interpret):
+    from braintrace._kernel_import import kernel_module
+
+    new, dw = kernel_module("csr").csr_trace_update_solve(
+        trace, d_t, x_t, df_t, ct_t, row_ids, col_ids, interpret=interpret
+    )
+    return new, dw.astype(trace.dtype)
+
+
 #: Fused CSR D-RTRL trace update over the non-zeros (kernel layout ``(nnz, n, B)``).
 csr_trace_update_p = fused_op("csr_trace_update", _csr_update_reference, _csr_update_kernel)
 #: CSR gradient solve ``dw_p = sum_b sum_s eps_p ct[c_p]``.
 csr_trace_solve_p = fused_op("csr_trace_solve", _csr_solve_reference, _csr_solve_kernel)
+#: The CSR update and the solve of the new trace in one pass over the non-zeros: ``(new, dw)``.
+csr_trace_update_solve_p = fused_op(
+    "csr_trace_update_solve", _csr_update_solve_reference, _csr_update_solve_kernel, multiple_results=True
+)
 
 
 def _unit_major(a, tail_ndim):
@@ -421,28 +516,35 @@ def _make_csr_trace_ops(primitive):
             out["bias"] = jnp.zeros((*bshape, *b.shape, n), b.dtype)
         return out
 
-    def update(trace, d, x, df, weights, params, batch_ndim):
-        row_ids, col_ids = params["aux"]
+    def unit_major_operands(trace, d, x, df, params):
+        """``d_t (O, n, n, B)``, ``x_t (I, B)``, ``df_t (O, n, B)`` in the trace's dtype."""
         bshape = df.shape[:-2]
         num_in = params["sparse_mat"].shape[0]
-        x_full = jnp.broadcast_to(x, (*bshape, num_in)).astype(trace["weight"].dtype)
         dt = trace["weight"].dtype
-        out = {
-            "weight": csr_trace_update_p.bind(
-                trace["weight"],
-                _unit_major(d.astype(dt), 3),
-                _unit_major(x_full, 1),
-                _unit_major(df.astype(dt), 2),
-                row_ids,
-                col_ids,
-            )
-        }
+        x_full = jnp.broadcast_to(x, (*bshape, num_in)).astype(dt)
+        return _unit_major(d.astype(dt), 3), _unit_major(x_full, 1), _unit_major(df.astype(dt), 2)
+
+    def update(trace, d, x, df, weights, params, batch_ndim):
+        row_ids, col_ids = params["aux"][:2]
+        d_t, x_t, df_t = unit_major_operands(trace, d, x, df, params)
+        out = {"weight": csr_trace_update_p.bind(trace["weight"], d_t, x_t, df_t, row_ids, col_ids)}
         if "bias" in trace:
             out["bias"] = fused_bias_update(trace["bias"], d, df)
         return out
 
+    def update_solve(trace, d, x, df, ct, weights, params, batch_ndim):
+        row_ids, col_ids = params["aux"][:2]
+        d_t, x_t, df_t = unit_major_operands(trace, d, x, df, params)
+        ct_t = _unit_major(ct.astype(trace["weight"].dtype), 2)
+        new_w, dw = csr_trace_update_solve_p.bind(trace["weight"], d_t, x_t, df_t, ct_t, row_ids, col_ids)
+        new, grads = {"weight": new_w}, {"weight": dw}
+        if "bias" in trace:
+            new["bias"], db = fused_bias_update_solve(trace["bias"], d, df, ct)
+            grads["bias"] = db.astype(weights["bias"].dtype)
+        return new, grads
+
     def solve(trace, ct, weights, params, batch_ndim):
-        row_ids, col_ids = params["aux"]
+        row_ids, col_ids = params["aux"][:2]
         dt = trace["weight"].dtype
         ct_t = _unit_major(ct.astype(dt), 2)
         out = {"weight": csr_trace_solve_p.bind(trace["weight"], ct_t, row_ids, col_ids)}
@@ -450,7 +552,7 @@ def _make_csr_trace_ops(primitive):
             out["bias"] = fused_bias_solve(trace["bias"], ct).astype(weights["bias"].dtype)
         return out
 
-    return DRTRLTraceOps(init=init, update=update, solve=solve)
+    return DRTRLTraceOps(init=init, update=update, solve=solve, update_solve=update_solve)
 
 
 for _p in (etp_sp_mm_p, etp_sp_mv_p):

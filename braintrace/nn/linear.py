@@ -9,14 +9,17 @@ another trainable ETP op. Weights live in one ``brainstate.ParamState`` holding 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Union
 
 import brainstate
+import jax
 import jax.numpy as jnp
+import numpy as np
 import saiunit as u
 
-from braintrace._etrace_op import lora_matmul, matmul, sparse_matmul
-from braintrace._etrace_op.sparse import sparse_pattern
+from braintrace._etrace_op import lora_matmul, matmul
+from braintrace._etrace_op.sparse import bind_sparse_matmul, sparse_pattern
 
 from ._common import Size, check_features, init_weight, to_size
 
@@ -89,7 +92,8 @@ class Linear(brainstate.nn.Module):
 
 
 class SparseIndices(brainstate.LongTermState):
-    """Non-trainable state holding a sparse layer's COO index arrays ``{'row', 'col'}`` (int32).
+    """Non-trainable state holding a sparse layer's index arrays (int32): COO ``{'row', 'col'}``, and
+    ``'col_ptr'`` (``O + 1``) when the non-zeros are stored in column order.
 
     It is not a ``ParamState``, so ``model.states(brainstate.ParamState)`` and
     ``brainstate.transform.grad`` over parameters leave it out; because the layer reads it in
@@ -97,12 +101,29 @@ class SparseIndices(brainstate.LongTermState):
     """
 
 
+def _column_order(col_ids, num_cols):
+    """``(order, col_ptr)``: a stable sort of the non-zeros by column, and each column's segment."""
+    try:
+        cols = np.asarray(col_ids)
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError(
+            "SparseLinear: the connectivity's index arrays must be concrete when the layer is built "
+            "(construct the layer outside jit)."
+        ) from None
+    order = np.argsort(cols, kind="stable")
+    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=num_cols))])
+    return order, col_ptr
+
+
 class SparseLinear(brainstate.nn.Module):
     r"""Sparse linear map :math:`y = x\,\mathrm{sparse}(w) + b` through :func:`braintrace.sparse_matmul`.
 
     Only the ``nnz`` stored entries ``w`` are trainable (initialised from the matrix's own data);
     the structure is kept as COO ``row``/``col`` index arrays in the non-trainable
-    :class:`SparseIndices` state ``self.indices``, in the order of the data.
+    :class:`SparseIndices` state ``self.indices``, in the order of the data. The layer stores the
+    non-zeros in column order (stable within a column), with the column pointers ``col_ptr``: under
+    the ``'pallas'`` backend the product is then a segment sum per output unit, with no scatter.
+    ``weight['weight'][k]`` is the entry at ``(indices['row'][k], indices['col'][k])``.
 
     Parameters
     ----------
@@ -120,7 +141,7 @@ class SparseLinear(brainstate.nn.Module):
     weight : brainstate.ParamState
         ``{'weight': (nnz,)[, 'bias': (O,)]}``.
     indices : SparseIndices
-        ``{'row': (nnz,), 'col': (nnz,)}``.
+        ``{'row': (nnz,), 'col': (nnz,), 'col_ptr': (O + 1,)}``.
 
     Examples
     --------
@@ -165,21 +186,26 @@ class SparseLinear(brainstate.nn.Module):
             raise ValueError(
                 f"{owner}: the sparse matrix's data must have shape ({self.nnz},), got {data.shape}."
             )
-        params = {"weight": data}
+        order, col_ptr = _column_order(col_ids, n_out)
+        params = {"weight": data[order]}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (n_out,), owner, "b_init")
         self.weight = brainstate.ParamState(params)
         self.indices = SparseIndices(
-            {"row": jnp.asarray(row_ids, jnp.int32), "col": jnp.asarray(col_ids, jnp.int32)}
+            {
+                "row": jnp.asarray(np.asarray(row_ids)[order], jnp.int32),
+                "col": jnp.asarray(np.asarray(col_ids)[order], jnp.int32),
+                "col_ptr": jnp.asarray(col_ptr, jnp.int32),
+            }
         )
+        self._pattern = dataclasses.replace(pattern, format="csc", col_sorted=True)
 
     def update(self, x):
         check_features(x, self.in_features, type(self).__name__)
         params = self.weight.value
         idx = self.indices.value
-        w = params["weight"]
-        coo = u.sparse.COO((w, idx["row"], idx["col"]), shape=self.shape)
-        return sparse_matmul(x, w, sparse_mat=coo, bias=params.get("bias"))
+        indices = [idx["row"], idx["col"], idx["col_ptr"]]
+        return bind_sparse_matmul(x, params["weight"], self._pattern, indices, params.get("bias"))
 
     def todense(self):
         """The ``(I, O)`` dense weight (for inspection and tests)."""

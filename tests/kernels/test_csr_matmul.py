@@ -40,6 +40,13 @@ def _check_products(B, *, block_sizes, interpret):
         bk.csr_matmul_reference(x, data, rows, cols, (I, O)),
         what="csr_matmul with csc",
     )
+    # The same non-zeros stored in column order: the segments need no permutation.
+    perm, col_ptr = csc
+    assert_close(
+        bk.csr_matmul(x, data[perm], rows[perm], cols[perm], (I, O), csc=(None, col_ptr), **kw),
+        bk.csr_matmul_reference(x, data, rows, cols, (I, O)),
+        what="csr_matmul of column-ordered non-zeros",
+    )
     assert_close(
         bk.csr_matmul_transpose(g, data, rows, cols, (I, O), **kw),
         bk.csr_matmul_transpose_reference(g, data, rows, cols, (I, O)),
