@@ -208,8 +208,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
 
         def loss_fn(perturbation):
             states, state_leaves = self._current_states()
-            step = ex.step_values(state_leaves, arg_leaves)
-            outs, new_state_leaves = ex.perturbed(state_leaves, arg_leaves, perturbation)
+            outs, new_state_leaves, env = ex.perturbed(
+                state_leaves, arg_leaves, perturbation, return_env=True
+            )
+            step = ex.step_values(state_leaves, arg_leaves, env=env)  # no second evaluation of the step
             self._write_states(states, new_state_leaves)
             loss = step_fn(jax.tree.unflatten(info.out_treedef, outs), *targets)
             return loss, (step.as_tuple(), [jax.lax.stop_gradient(v) for v in state_leaves])

@@ -79,12 +79,19 @@ class ETraceGraphExecutor:
         return vals
 
     # -- Jacobians ----------------------------------------------------------------------------
-    def step_values(self, state_leaves, arg_leaves) -> StepValues:
-        """Everything the trace updates need, computed without gradients."""
+    def step_values(self, state_leaves, arg_leaves, env=None) -> StepValues:
+        """Everything the trace updates need, computed without gradients.
+
+        ``env`` (variable -> value) is an evaluation of this step at the same inputs that the caller
+        already has (the perturbed pass's); without it the step is evaluated here.
+        """
         graph = self.graph
         state_leaves = [jax.lax.stop_gradient(s) for s in state_leaves]
         arg_leaves = [jax.lax.stop_gradient(a) for a in arg_leaves]
-        _, _, env = self.evaluate(state_leaves, arg_leaves)
+        if env is None:
+            _, _, env = self.evaluate(state_leaves, arg_leaves)
+        else:
+            env = _StoppedEnv(env)
         cut_vals = [env[self.jaxpr.eqns[i].outvars[0]] for i in self.cut_eqns]
         hidden_in = [state_leaves[h.leaf] for h in self.info.hidden_leaves]
         leaf_ids = [(h.leaf, h.slot) for h in self.info.hidden_leaves]
@@ -256,6 +263,16 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
     def call(self, state_leaves, arg_leaves, trace_data, step: StepValues):
         """``(out_leaves, new_state_leaves)`` with the online backward pass attached."""
         return self._call(list(state_leaves), list(arg_leaves), trace_data, step.weights, step.aux)
+
+
+class _StoppedEnv:
+    """A read-only view of an environment whose values are read through ``stop_gradient``."""
+
+    def __init__(self, env):
+        self._env = env
+
+    def __getitem__(self, v):
+        return jax.lax.stop_gradient(self._env[v])
 
 
 def _zero_cotangent(x):

@@ -121,8 +121,11 @@ def add_hidden_perturbation_in_module(
 
     ``perts`` is a list with one array per hidden state (see :class:`HiddenPerturbation`); the
     output leaves see ``new value + pert`` for every hidden state, the returned new state values
-    do not. ``eqn_hook(index, eqn, invals)`` may replace the binding of a trainable ETP equation
-    (the executor uses it to stop gradients at the trainable operands of relations).
+    do not. ``fn(..., return_env=True)`` also returns the dynamics environment (every variable of
+    the step's jaxpr -> its value), so a caller can read the step's intermediate values without
+    evaluating the step again. ``eqn_hook(index, eqn, invals)`` may replace the binding of a
+    trainable ETP equation (the executor uses it to stop gradients at the trainable operands of
+    relations).
     """
     jaxpr = info.jaxpr
     consts = consts_of(info.closed_jaxpr)
@@ -141,7 +144,7 @@ def add_hidden_perturbation_in_module(
     affected = _downstream(jaxpr, by_var.keys())
     pert = HiddenPerturbation(info.hidden_leaves)
 
-    def fn(state_leaves, arg_leaves, perts):
+    def fn(state_leaves, arg_leaves, perts, return_env=False):
         # env_d: the step's dynamics; a perturbation reaches it only through trainable ETP outputs.
         # env_p: what the outputs (and ETP inputs) see: each hidden state's new value is its
         # dynamics value plus the perturbation.
@@ -183,6 +186,6 @@ def add_hidden_perturbation_in_module(
                 define(v, a, b)
         outs = [read(env_p, v) for v in jaxpr.outvars[:n_out]]
         new_states = [read(env_d, v) for v in state_out]
-        return outs, new_states
+        return (outs, new_states, env_d) if return_env else (outs, new_states)
 
     return fn, pert
