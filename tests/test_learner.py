@@ -324,3 +324,31 @@ def test_traces_reset_when_states_are_reinitialised(name):
     om.assert_grads_close(
         again, first, tol=1e-12, what=f"{name}: steps 1-3 after re-init vs a fresh run {errors}"
     )
+
+
+def _primitive_names(jaxpr, out=None):
+    """Every primitive name in ``jaxpr`` and the jaxprs nested in its equations' params."""
+    from braintrace._compatible_imports import jaxpr_of
+
+    out = [] if out is None else out
+    for eqn in jaxpr_of(jaxpr).eqns:
+        out.append(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+                    _primitive_names(sub, out)
+    return out
+
+
+def test_sequence_driver_updates_and_solves_each_trace_in_one_operation():
+    """Under etrace_grad the dense weight and bias traces are each touched by one fused update+solve
+    per step, never by a separate update and solve."""
+    spec = om.dense_rnn(batch=3)
+    xs, targets = om.make_data(spec, 4)
+    learner = braintrace.compile(om.build_module(spec), "d_rtrl", xs[0])
+    run = lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=om.loss_fn)
+    names = _primitive_names(brainstate.transform.make_jaxpr(run)(xs, targets)[0])
+    relations = learner.graph.hidden_param_op_relations
+    traces = sum(len(r.trainable_vars) * len(r.hidden_groups) for r in relations)  # weight, bias leaves
+    assert traces >= 3 and names.count("dense_trace_update_solve") == traces
+    assert "dense_trace_update" not in names and "dense_trace_solve" not in names
