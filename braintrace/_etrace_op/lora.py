@@ -227,17 +227,32 @@ def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:
             "count": jnp.zeros((), jnp.int32),
         }
 
+    def update_factors(trace, d, x, df):
+        """``eps_x <- lambda eps_x + x``, ``eps_f <- lambda D eps_f + (1 - lambda) df``, the step count."""
+        eps_x, eps_f = trace["eps_x"], trace["eps_f"]
+        return {
+            "eps_x": (decay * eps_x + jnp.broadcast_to(x, eps_x.shape)).astype(eps_x.dtype),
+            "eps_f": (decay * jnp.einsum("...sj,...j->...s", d, eps_f) + (1 - decay) * df).astype(
+                eps_f.dtype
+            ),
+            "count": trace["count"] + 1,
+        }
+
+    def lora_b_grad(trace, ct, weights, alpha):
+        """``dB = alpha (eps_x (x) g) A^T``, ``g = sum_s ct eps_f / (1 - lambda^t)``, summed over batch."""
+        eps_f = trace["eps_f"]
+        correction = 1.0 - jnp.asarray(decay, eps_f.dtype) ** trace["count"].astype(eps_f.dtype)
+        g = jnp.sum(ct * eps_f, axis=-1) / correction  # (*batch, O)
+        lead = tuple(range(g.ndim - 1))
+        e_grad = jnp.tensordot(trace["eps_x"], g, axes=(lead, lead)) if lead else jnp.outer(trace["eps_x"], g)
+        return _lora_b_from_e(e_grad, weights["lora_a"], alpha)
+
     def update(trace, d, x, df, weights, params, batch_ndim):
         alpha = params.get("alpha", 1.0)
         z = x @ weights["lora_b"]
-        eps_x = trace["eps_x"]
         new = {
             "lora_a": fused_dense_update(trace["lora_a"], d, alpha * z, df),
-            "eps_x": (decay * eps_x + jnp.broadcast_to(x, eps_x.shape)).astype(eps_x.dtype),
-            "eps_f": (decay * jnp.einsum("...sj,...j->...s", d, trace["eps_f"]) + (1 - decay) * df).astype(
-                trace["eps_f"].dtype
-            ),
-            "count": trace["count"] + 1,
+            **update_factors(trace, d, x, df),
         }
         if "bias" in trace:
             new["bias"] = fused_bias_update(trace["bias"], d, df)
@@ -245,20 +260,26 @@ def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:
 
     def solve(trace, ct, weights, params, batch_ndim):
         alpha = params.get("alpha", 1.0)
-        eps_f = trace["eps_f"]
-        correction = 1.0 - jnp.asarray(decay, eps_f.dtype) ** trace["count"].astype(eps_f.dtype)
-        g = jnp.sum(ct * eps_f, axis=-1) / correction  # (*batch, O)
-        lead = tuple(range(g.ndim - 1))
-        e_grad = jnp.tensordot(trace["eps_x"], g, axes=(lead, lead)) if lead else jnp.outer(trace["eps_x"], g)
         grads = {
-            "lora_b": _lora_b_from_e(e_grad, weights["lora_a"], alpha),
+            "lora_b": lora_b_grad(trace, ct, weights, alpha),
             "lora_a": fused_dense_solve(trace["lora_a"], ct),
         }
         if "bias" in trace:
             grads["bias"] = fused_bias_solve(trace["bias"], ct)
         return {k: v.astype(weights[k].dtype) for k, v in grads.items()}
 
-    return DRTRLTraceOps(init=init, update=update, solve=solve)
+    def update_solve(trace, d, x, df, ct, weights, params, batch_ndim):
+        """:func:`update`, then :func:`solve` of the new trace; the exact leaves in one pass each."""
+        alpha = params.get("alpha", 1.0)
+        z = x @ weights["lora_b"]
+        new, grads = update_factors(trace, d, x, df), {}
+        new["lora_a"], grads["lora_a"] = fused_dense_update_solve(trace["lora_a"], d, alpha * z, df, ct)
+        if "bias" in trace:
+            new["bias"], grads["bias"] = fused_bias_update_solve(trace["bias"], d, df, ct)
+        grads["lora_b"] = lora_b_grad(new, ct, weights, alpha)
+        return new, {k: v.astype(weights[k].dtype) for k, v in grads.items()}
+
+    return DRTRLTraceOps(init=init, update=update, solve=solve, update_solve=update_solve)
 
 
 # ---------------------------------------------------------------------------------------------
