@@ -35,9 +35,9 @@ from benchmarks import _models as M  # noqa: E402
 ALGORITHMS = ("bptt", "d_rtrl", "pp_prop")
 
 
-def compiled_memory(workload: str, algorithm: str, T: int) -> dict:
+def compiled_memory(workload: str, algorithm: str, T: int, scale: str = "gpu") -> dict:
     """One row: the compiled program's memory analysis, in bytes."""
-    s = M.spec(workload, "gpu")
+    s = M.spec(workload, scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run = M.bptt_fn(s) if algorithm == "bptt" else M.online_fn(s, algorithm)
@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", nargs="+", default=["dense", "csr", "lora"])
     parser.add_argument("--T", nargs="+", type=int, default=[100, 1000, 10000])
+    parser.add_argument("--scale", choices=["gpu", "cpu"], default="gpu", help="model sizes (default: gpu)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
     rows = []
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     for workload in args.workloads:
         for algorithm in ALGORITHMS:
             for T in args.T:
-                row = compiled_memory(workload, algorithm, T)
+                row = compiled_memory(workload, algorithm, T, args.scale)
                 rows.append(row)
                 mb = lambda key: row[key] / 1e6  # noqa: E731
                 print(
