@@ -109,6 +109,11 @@ def _etrace_grad(
     The first ``len(example_inputs)`` sequences are the model's inputs at each step; the others
     are passed to ``step_fn`` with the step's output: ``loss_t = step_fn(output_t, *others_t)``.
     The whole loop runs in one ``jit``-compiled ``scan``; memory does not grow with its length.
+    Each step first takes :math:`\partial L_t/\partial h_t` and the parameters' within-step
+    gradients, then updates every eligibility trace and solves it against
+    :math:`\partial L_t/\partial h_t` in one operation (one pass over the trace; a fused kernel under
+    ``set_backend('pallas')``). The result equals the per-step gradients of the algorithm called under
+    ``brainstate.transform.grad``, summed.
 
     Parameters
     ----------
