@@ -18,7 +18,7 @@ class _Model(brainstate.nn.Module):
     """A two-state unit (current ``i`` driving potential ``v``) fed by an input weight and a
     recurrent weight of the given kind."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, param_dtype=jnp.float32):
         super().__init__()
         k = jax.random.split(jax.random.PRNGKey(0), 6)
         self.kind = kind
@@ -35,6 +35,8 @@ class _Model(brainstate.nn.Module):
         else:
             self.lora_b = brainstate.ParamState(jax.random.normal(k[2], (H, RANK)) * 0.4)
             self.lora_a = brainstate.ParamState(jax.random.normal(k[4], (RANK, H)) * 0.4)
+        for state in self.states(brainstate.ParamState).values():  # the states stay float32
+            state.value = state.value.astype(param_dtype)
 
     def init_state(self, batch_size=None, **kw):
         self.i = brainstate.HiddenState(jnp.zeros((batch_size, H)))
@@ -55,12 +57,12 @@ class _Model(brainstate.nn.Module):
         return v
 
 
-def _online_grads(kind, algorithm, backend, interpret, driver="per_step"):
+def _online_grads(kind, algorithm, backend, interpret, driver="per_step", param_dtype=jnp.float32):
     """Online gradients summed over ``T`` steps: ``driver='per_step'`` differentiates each step with
     brainstate's grad (update in the forward pass, solve in the backward pass); ``'etrace_grad'``
     runs the sequence driver (the update and the solve in one fused operation per trace)."""
     with braintrace.backend(backend, interpret=interpret):
-        model = _Model(kind)
+        model = _Model(kind, param_dtype)
         brainstate.nn.init_all_states(model, batch_size=B)
         alg = braintrace.D_RTRL(model) if algorithm == "d_rtrl" else braintrace.pp_prop(model, 0.6)
         xs = jax.random.normal(jax.random.PRNGKey(1), (T, B, I))
@@ -82,7 +84,7 @@ def _online_grads(kind, algorithm, backend, interpret, driver="per_step"):
 def _check_equal(got, ref, tol):
     assert set(got) == set(ref)
     for k in ref:
-        a, b = np.asarray(got[k]), np.asarray(ref[k])
+        a, b = np.asarray(got[k], np.float64), np.asarray(ref[k], np.float64)
         err = np.linalg.norm(a - b) / np.linalg.norm(b)
         assert err <= tol, (k, err)
 
@@ -162,3 +164,18 @@ def test_sequence_driver_reaches_the_fused_update_solve(kind, primitive, monkeyp
     monkeypatch.setattr(prim, "kernel_fn", spy)
     _online_grads(kind, "d_rtrl", "pallas", True, "etrace_grad")
     assert calls and all(calls)
+
+
+@pytest.mark.parametrize(
+    "kind,driver",
+    [("dense", "per_step"), ("dense", "etrace_grad"), ("csr", "etrace_grad"), ("lora", "etrace_grad")],
+)
+def test_bfloat16_weights_with_float32_states(kind, driver):
+    """bfloat16 parameters (hence bfloat16 traces, storage only) under float32 hidden states: the
+    kernels take the mixed operands, the backends agree, and both stay near the float32 result."""
+    bf16 = jnp.bfloat16
+    xla = _online_grads(kind, "d_rtrl", "xla", False, driver, param_dtype=bf16)
+    pallas = _online_grads(kind, "d_rtrl", "pallas", True, driver, param_dtype=bf16)
+    assert all(v.dtype == bf16 for v in jax.tree.leaves(pallas))
+    _check_equal(pallas, xla, 2e-2)
+    _check_equal(xla, _online_grads(kind, "d_rtrl", "xla", False, driver), 5e-2)

@@ -104,7 +104,7 @@ def _etrace_grad(
     return_value: bool = False,
     reset: bool = True,
 ):
-    """Run the model online over time-major ``sequences`` and sum the per-step gradients.
+    r"""Run the model online over time-major ``sequences`` and sum the per-step gradients.
 
     The first ``len(example_inputs)`` sequences are the model's inputs at each step; the others
     are passed to ``step_fn`` with the step's output: ``loss_t = step_fn(output_t, *others_t)``.

@@ -183,23 +183,36 @@ def matmul(x, weight, bias=None):
 # ---------------------------------------------------------------------------------------------
 
 
+def _arithmetic_dtype(dtype):
+    """The dtype the fused operations compute in: float64 for float64 traces, else float32 (a
+    bfloat16 trace is storage only, as in the kernels)."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
 def _dense_update_reference(trace, d, x, df):
     r"""``new[b,i,o,s] = sum_j yw_to_w(d[b,:,s,j], trace[b,...,j]) + xy_to_dw(x_b, df[b,:,s])``.
 
-    Shapes: trace ``(B, I, O, n)``, d ``(B, O, n, n)``, x ``(B, I)``, df ``(B, O, n)``.
+    Shapes: trace ``(B, I, O, n)``, d ``(B, O, n, n)``, x ``(B, I)``, df ``(B, O, n)``. Computed in
+    :func:`_arithmetic_dtype`, stored in the trace's dtype.
     """
-    w = jnp.zeros(trace.shape[1:3], trace.dtype)
+    acc = _arithmetic_dtype(trace.dtype)
+    w = jnp.zeros(trace.shape[1:3], acc)
     ops = _trace_ops._default_ops(etp_mm_p)
-    return ops.update({"weight": trace}, d, x, df, {"weight": w}, {"has_bias": False}, 1)["weight"]
+    args = [a.astype(acc) for a in (d, x, df)]
+    new = ops.update({"weight": trace.astype(acc)}, *args, {"weight": w}, {"has_bias": False}, 1)["weight"]
+    return new.astype(trace.dtype)
 
 
 def _dense_solve_reference(trace, ct):
     r"""``dW[i,o] = sum_b sum_s yw_to_w(ct[b,:,s], trace[b,...,s])``.
 
-    Shapes: trace ``(B, I, O, n)``, ct ``(B, O, n)``.
+    Shapes: trace ``(B, I, O, n)``, ct ``(B, O, n)``. Accumulated in :func:`_arithmetic_dtype`,
+    returned in the trace's dtype.
     """
+    acc = _arithmetic_dtype(trace.dtype)
     ops = _trace_ops._default_ops(etp_mm_p)
-    return ops.solve({"weight": trace}, ct, {}, {"has_bias": False}, 1)["weight"]
+    out = ops.solve({"weight": trace.astype(acc)}, ct.astype(acc), {}, {"has_bias": False}, 1)["weight"]
+    return out.astype(trace.dtype)
 
 
 #: Number of hidden states per unit from which the dense kernels replace XLA's fusion. Measured on
@@ -271,7 +284,7 @@ def fused_dense_update(trace, d, x, df):
     x = jnp.broadcast_to(x, (*bshape, I))
     new = dense_trace_update_p.bind(
         _flat_batch(trace, len(bshape), 3),
-        _flat_batch(d, len(bshape), 3),
+        _flat_batch(d, len(bshape), 3).astype(trace.dtype),
         _flat_batch(x, len(bshape), 1).astype(trace.dtype),
         _flat_batch(df, len(bshape), 2).astype(trace.dtype),
     )
@@ -281,7 +294,8 @@ def fused_dense_update(trace, d, x, df):
 def fused_dense_solve(trace, ct):
     """``sum_batch sum_s trace * ct`` of a trace leaf ``(*batch, I, O, n)``: ``(I, O)``."""
     bshape = trace.shape[:-3]
-    return dense_trace_solve_p.bind(_flat_batch(trace, len(bshape), 3), _flat_batch(ct, len(bshape), 2))
+    flat_ct = _flat_batch(ct, len(bshape), 2).astype(trace.dtype)
+    return dense_trace_solve_p.bind(_flat_batch(trace, len(bshape), 3), flat_ct)
 
 
 def fused_dense_update_solve(trace, d, x, df, ct):
@@ -294,7 +308,7 @@ def fused_dense_update_solve(trace, d, x, df, ct):
     x = jnp.broadcast_to(x, (*bshape, I))
     new, dw = dense_trace_update_solve_p.bind(
         _flat_batch(trace, len(bshape), 3),
-        _flat_batch(d, len(bshape), 3),
+        _flat_batch(d, len(bshape), 3).astype(trace.dtype),
         _flat_batch(x, len(bshape), 1).astype(trace.dtype),
         _flat_batch(df, len(bshape), 2).astype(trace.dtype),
         _flat_batch(ct, len(bshape), 2).astype(trace.dtype),

@@ -46,7 +46,7 @@ from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros, param_trace_zeros
 from ._units import attach, bias_mantissa, split
-from .dense import fused_bias_solve, fused_bias_update, fused_bias_update_solve
+from .dense import _arithmetic_dtype, fused_bias_solve, fused_bias_update, fused_bias_update_solve
 
 __all__ = ["SparsePattern", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul", "sparse_pattern"]
 
@@ -444,19 +444,26 @@ def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
     This is ``yw_to_w`` (the gather of ``d`` by column) plus ``xy_to_dw`` per batch element (the
     product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout.
     """
-    d_p = jnp.take(d_t, col_ids, axis=0)  # (nnz, n, n, B)
+    acc = _arithmetic_dtype(trace.dtype)  # a bfloat16 trace is storage only, as in the kernel
+    d_p = jnp.take(d_t.astype(acc), col_ids, axis=0)  # (nnz, n, n, B)
+    tr = trace.astype(acc)
     # A loop over the small state axis: a broadcast (nnz, n, n, B) product summed over j is an
     # order of magnitude slower on a CPU.
-    carried = d_p[:, :, 0, :] * trace[:, 0:1, :]
+    carried = d_p[:, :, 0, :] * tr[:, 0:1, :]
     for j in range(1, trace.shape[1]):
-        carried = carried + d_p[:, :, j, :] * trace[:, j : j + 1, :]
-    inst = jnp.take(x_t, row_ids, axis=0)[:, None, :] * jnp.take(df_t, col_ids, axis=0)
+        carried = carried + d_p[:, :, j, :] * tr[:, j : j + 1, :]
+    inst = jnp.take(x_t.astype(acc), row_ids, axis=0)[:, None, :] * jnp.take(
+        df_t.astype(acc), col_ids, axis=0
+    )
     return (carried + inst).astype(trace.dtype)
 
 
 def _csr_solve_reference(trace, ct_t, row_ids, col_ids):
     r"""``dw[p] = sum_b sum_s trace[p,s,b] ct_t[c_p,s,b]`` (``yw_to_w`` of ``ct`` summed over b, s)."""
-    return jnp.sum(trace * jnp.take(ct_t, col_ids, axis=0), axis=(1, 2)).astype(trace.dtype)
+    acc = _arithmetic_dtype(trace.dtype)
+    return jnp.sum(trace.astype(acc) * jnp.take(ct_t.astype(acc), col_ids, axis=0), axis=(1, 2)).astype(
+        trace.dtype
+    )
 
 
 def _csr_update_kernel(trace, d_t, x_t, df_t, row_ids, col_ids, *, interpret):
