@@ -179,3 +179,12 @@ def test_bfloat16_weights_with_float32_states(kind, driver):
     assert all(v.dtype == bf16 for v in jax.tree.leaves(pallas))
     _check_equal(pallas, xla, 2e-2)
     _check_equal(xla, _online_grads(kind, "d_rtrl", "xla", False, driver), 5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["dense", "csr", "lora"])
+def test_bfloat16_weights_with_float32_states_gpu(kind):
+    bf16 = jnp.bfloat16
+    xla = _online_grads(kind, "d_rtrl", "xla", False, "etrace_grad", param_dtype=bf16)
+    pallas = _online_grads(kind, "d_rtrl", "pallas", False, "etrace_grad", param_dtype=bf16)
+    _check_equal(pallas, xla, 2e-2)
