@@ -57,14 +57,19 @@ class _Model(brainstate.nn.Module):
         return v
 
 
-def _online_grads(kind, algorithm, backend, interpret, driver="per_step", param_dtype=jnp.float32):
+def _online_grads(
+    kind, algorithm, backend, interpret, driver="per_step", param_dtype=jnp.float32, trace_dtype=None
+):
     """Online gradients summed over ``T`` steps: ``driver='per_step'`` differentiates each step with
     brainstate's grad (update in the forward pass, solve in the backward pass); ``'etrace_grad'``
     runs the sequence driver (the update and the solve in one fused operation per trace)."""
     with braintrace.backend(backend, interpret=interpret):
         model = _Model(kind, param_dtype)
         brainstate.nn.init_all_states(model, batch_size=B)
-        alg = braintrace.D_RTRL(model) if algorithm == "d_rtrl" else braintrace.pp_prop(model, 0.6)
+        if algorithm == "d_rtrl":
+            alg = braintrace.D_RTRL(model, trace_dtype=trace_dtype)
+        else:
+            alg = braintrace.pp_prop(model, 0.6)
         xs = jax.random.normal(jax.random.PRNGKey(1), (T, B, I))
         ys = jax.random.normal(jax.random.PRNGKey(2), (T, B, H))
         alg.compile_graph(xs[0])
@@ -188,3 +193,14 @@ def test_bfloat16_weights_with_float32_states_gpu(kind):
     xla = _online_grads(kind, "d_rtrl", "xla", False, "etrace_grad", param_dtype=bf16)
     pallas = _online_grads(kind, "d_rtrl", "pallas", False, "etrace_grad", param_dtype=bf16)
     _check_equal(pallas, xla, 2e-2)
+
+
+@pytest.mark.parametrize("backend,interpret", [("xla", False), ("pallas", True)])
+@pytest.mark.parametrize("kind", ["dense", "csr", "lora"])
+def test_bfloat16_trace_storage(kind, backend, interpret):
+    """``D_RTRL(trace_dtype=jnp.bfloat16)``: float32 gradients within bfloat16 rounding of the
+    float32-trace result, on both backends."""
+    ref = _online_grads(kind, "d_rtrl", "xla", False, "etrace_grad")
+    got = _online_grads(kind, "d_rtrl", backend, interpret, "etrace_grad", trace_dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(got))
+    _check_equal(got, ref, 3e-2)

@@ -147,3 +147,15 @@ def test_vmapped_unbatched_model_matches_batched_oracle():
     assert names == ["etp_elemwise", "etp_mm", "etp_mm"]
     want = om.masked_rtrl(batched, xs, targets)
     om.assert_grads_close(got, want, what="D_RTRL of a vmapped unbatched two-state model")
+
+
+def test_trace_dtype_sets_the_storage_of_every_parameter_trace():
+    spec = om.lora_rnn(batch=3)
+    module = om.build_module(spec)
+    alg = braintrace.D_RTRL(module, trace_dtype=jnp.bfloat16)
+    alg.compile_graph(om.make_data(spec, 1)[0][0])
+    leaves = [v for k, v in alg.etrace.value.items() if k != "epoch"]
+    assert leaves and all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(leaves))
+    for bad in (jnp.int32, "not a dtype"):
+        with pytest.raises(TypeError, match="trace_dtype"):
+            braintrace.D_RTRL(module, trace_dtype=bad)

@@ -206,13 +206,12 @@ def _dense_update_reference(trace, d, x, df):
 def _dense_solve_reference(trace, ct):
     r"""``dW[i,o] = sum_b sum_s yw_to_w(ct[b,:,s], trace[b,...,s])``.
 
-    Shapes: trace ``(B, I, O, n)``, ct ``(B, O, n)``. Accumulated in :func:`_arithmetic_dtype`,
-    returned in the trace's dtype.
+    Shapes: trace ``(B, I, O, n)``, ct ``(B, O, n)``. Accumulated and returned in
+    :func:`_arithmetic_dtype` (float32 for a bfloat16 trace).
     """
     acc = _arithmetic_dtype(trace.dtype)
     ops = _trace_ops._default_ops(etp_mm_p)
-    out = ops.solve({"weight": trace.astype(acc)}, ct.astype(acc), {}, {"has_bias": False}, 1)["weight"]
-    return out.astype(trace.dtype)
+    return ops.solve({"weight": trace.astype(acc)}, ct.astype(acc), {}, {"has_bias": False}, 1)["weight"]
 
 
 #: Number of hidden states per unit from which the dense kernels replace XLA's fusion. Measured on
@@ -235,7 +234,8 @@ def _dense_solve_kernel(trace, ct, *, interpret):
         return _dense_solve_reference(trace, ct)
     from braintrace._kernel_import import kernel_module
 
-    return kernel_module("dense").dense_trace_solve(trace, ct, interpret=interpret).astype(trace.dtype)
+    out = kernel_module("dense").dense_trace_solve(trace, ct, interpret=interpret)
+    return out.astype(_arithmetic_dtype(trace.dtype))
 
 
 def _dense_update_solve_reference(trace, d, x, df, ct):
@@ -251,7 +251,7 @@ def _dense_update_solve_kernel(trace, d, x, df, ct, *, interpret):
     from braintrace._kernel_import import kernel_module
 
     new, dw = kernel_module("dense").dense_trace_update_solve(trace, d, x, df, ct, interpret=interpret)
-    return new, dw.astype(trace.dtype)
+    return new, dw.astype(_arithmetic_dtype(trace.dtype))
 
 
 #: Fused dense D-RTRL trace update ``eps <- D eps + x (x) df`` (one pass over the trace).

@@ -460,10 +460,8 @@ def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
 
 def _csr_solve_reference(trace, ct_t, row_ids, col_ids):
     r"""``dw[p] = sum_b sum_s trace[p,s,b] ct_t[c_p,s,b]`` (``yw_to_w`` of ``ct`` summed over b, s)."""
-    acc = _arithmetic_dtype(trace.dtype)
-    return jnp.sum(trace.astype(acc) * jnp.take(ct_t.astype(acc), col_ids, axis=0), axis=(1, 2)).astype(
-        trace.dtype
-    )
+    acc = _arithmetic_dtype(trace.dtype)  # returned in it too: float32 for a bfloat16 trace
+    return jnp.sum(trace.astype(acc) * jnp.take(ct_t.astype(acc), col_ids, axis=0), axis=(1, 2))
 
 
 def _csr_update_kernel(trace, d_t, x_t, df_t, row_ids, col_ids, *, interpret):
@@ -476,7 +474,7 @@ def _csr_solve_kernel(trace, ct_t, row_ids, col_ids, *, interpret):
     from braintrace._kernel_import import kernel_module
 
     out = kernel_module("csr").csr_trace_solve(trace, ct_t, col_ids, interpret=interpret)
-    return out.astype(trace.dtype)
+    return out.astype(_arithmetic_dtype(trace.dtype))
 
 
 def _csr_update_solve_reference(trace, d_t, x_t, df_t, ct_t, row_ids, col_ids):
@@ -491,7 +489,7 @@ def _csr_update_solve_kernel(trace, d_t, x_t, df_t, ct_t, row_ids, col_ids, *, i
     new, dw = kernel_module("csr").csr_trace_update_solve(
         trace, d_t, x_t, df_t, ct_t, row_ids, col_ids, interpret=interpret
     )
-    return new, dw.astype(trace.dtype)
+    return new, dw.astype(_arithmetic_dtype(trace.dtype))
 
 
 #: Fused CSR D-RTRL trace update over the non-zeros (kernel layout ``(nnz, n, B)``).
@@ -544,7 +542,7 @@ def _make_csr_trace_ops(primitive):
         d_t, x_t, df_t = unit_major_operands(trace, d, x, df, params)
         ct_t = _unit_major(ct.astype(trace["weight"].dtype), 2)
         new_w, dw = csr_trace_update_solve_p.bind(trace["weight"], d_t, x_t, df_t, ct_t, row_ids, col_ids)
-        new, grads = {"weight": new_w}, {"weight": dw}
+        new, grads = {"weight": new_w}, {"weight": dw.astype(weights["weight"].dtype)}
         if "bias" in trace:
             new["bias"], db = fused_bias_update_solve(trace["bias"], d, df, ct)
             grads["bias"] = db.astype(weights["bias"].dtype)
@@ -554,7 +552,8 @@ def _make_csr_trace_ops(primitive):
         row_ids, col_ids = params["aux"][:2]
         dt = trace["weight"].dtype
         ct_t = _unit_major(ct.astype(dt), 2)
-        out = {"weight": csr_trace_solve_p.bind(trace["weight"], ct_t, row_ids, col_ids)}
+        dw = csr_trace_solve_p.bind(trace["weight"], ct_t, row_ids, col_ids)
+        out = {"weight": dw.astype(weights["weight"].dtype)}
         if "bias" in trace:
             out["bias"] = fused_bias_solve(trace["bias"], ct).astype(weights["bias"].dtype)
         return out
