@@ -47,10 +47,12 @@ DT = 1.0 * u.ms
 #: pp_prop's decay (a float is lambda).
 PP_PROP_DECAY = 0.9
 #: Benchmark algorithm name -> (``braintrace.compile`` algorithm, its options). ``d_rtrl_factored`` is
-#: D_RTRL with the LoRA ``B``-factor trace factored as in ES-D-RTRL.
+#: D_RTRL with the LoRA ``B``-factor trace factored as in ES-D-RTRL; ``d_rtrl_bf16`` stores the traces
+#: in bfloat16.
 ALGORITHMS = {
     "d_rtrl": ("d_rtrl", {}),
     "d_rtrl_factored": ("d_rtrl", {"lora_factored": True, "decay_or_rank": PP_PROP_DECAY}),
+    "d_rtrl_bf16": ("d_rtrl", {"trace_dtype": jnp.bfloat16}),
     "pp_prop": ("pp_prop", {"decay_or_rank": PP_PROP_DECAY}),
 }
 

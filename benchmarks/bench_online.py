@@ -4,8 +4,8 @@
   jit (on the GPU ``T = 500``; 100 for the spiking network and for BPTT on the CSR RNN, see
   ``benchmarks/_config.py``), time per step, for D_RTRL and pp_prop on the workloads of
   ``benchmarks/_models.py`` ((a) dense, (b) CSR, (c) LoRA RNNs, the latter also under D_RTRL with
-  the factored LoRA trace; (d) the 50k-neuron LIF network under pp_prop at batch 8 and 1), on both
-  backends.
+  the factored LoRA trace, and D_RTRL with bfloat16 traces under ``'pallas'``; (d) the 50k-neuron LIF
+  network under pp_prop at batch 8 and 1), on both backends.
 * ``test_bptt_step``: ``jax.grad`` of the summed loss through a scan, same models, same ``T``.
 * ``test_memory``: each of BPTT, D_RTRL and pp_prop on (a)-(c) at T = 100, 1,000 and 10,000 (GPU):
   peak device memory measured one configuration per process, and the compiled program's
@@ -42,9 +42,11 @@ BACKENDS = ("xla", "pallas")
 E2E = {
     "gpu": [(w, a, b) for w in RNNS for a in ONLINE for b in BACKENDS]
     + [("lora", "d_rtrl_factored", b) for b in BACKENDS]
+    + [(w, "d_rtrl_bf16", "pallas") for w in RNNS]
     + [(w, "pp_prop", b) for w in ("snn", "snn_b1") for b in BACKENDS],
     "cpu": [(w, a, "xla") for w in RNNS for a in ONLINE]
-    + [("lora", "d_rtrl_factored", "xla"), ("snn", "pp_prop", "xla"), ("dense", "d_rtrl", "pallas")],
+    + [("lora", "d_rtrl_factored", "xla"), ("dense", "d_rtrl_bf16", "xla"), ("snn", "pp_prop", "xla")]
+    + [("dense", "d_rtrl", "pallas")],
 }
 MEMORY_ALGORITHMS = ("bptt",) + ONLINE
 #: The CPU smoke run sends this one memory configuration through a subprocess too.

@@ -44,11 +44,12 @@ FAMILY_TITLES = OrderedDict(
     ]
 )
 WORKLOAD_ORDER = ("dense", "csr", "lora", "snn")
-ALGORITHM_ORDER = ("bptt", "d_rtrl", "d_rtrl_factored", "pp_prop")
+ALGORITHM_ORDER = ("bptt", "d_rtrl", "d_rtrl_factored", "d_rtrl_bf16", "pp_prop")
 ALGORITHM_NAMES = {
     "bptt": "BPTT",
     "d_rtrl": "D_RTRL",
     "d_rtrl_factored": "D_RTRL (factored LoRA)",
+    "d_rtrl_bf16": "D_RTRL (bfloat16 traces)",
     "pp_prop": "pp_prop",
 }
 BACKEND_ORDER = ("xla", "pallas")
