@@ -127,18 +127,24 @@ def test_pallas_gpu_equals_xla(kind, algorithm, driver):
     _check_equal(got, ref, 1e-5)
 
 
-def test_pallas_backend_reaches_the_fused_trace_ops(monkeypatch):
-    """Under 'pallas' (interpret) the fused D-RTRL trace operations lower to their kernels."""
-    from braintrace._etrace_op import dense
-
+def _kernel_calls(monkeypatch, primitive):
+    """The ``interpret`` flag of every call of ``primitive``'s kernel, recorded from now on."""
     calls = []
-    original = dense.dense_trace_update_p.kernel_fn
+    original = primitive.kernel_fn
 
     def spy(*args, **kwargs):
         calls.append(kwargs["interpret"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dense.dense_trace_update_p, "kernel_fn", spy)
+    monkeypatch.setattr(primitive, "kernel_fn", spy)
+    return calls
+
+
+def test_pallas_backend_reaches_the_fused_trace_ops(monkeypatch):
+    """Under 'pallas' (interpret) the fused D-RTRL trace operations lower to their kernels."""
+    from braintrace._etrace_op import dense
+
+    calls = _kernel_calls(monkeypatch, dense.dense_trace_update_p)
     _online_grads("dense", "d_rtrl", "pallas", True)
     assert calls and all(calls)
     calls.clear()
@@ -159,14 +165,7 @@ def test_sequence_driver_reaches_the_fused_update_solve(kind, primitive, monkeyp
     from braintrace._etrace_op import dense, sparse
 
     prim = getattr(dense if hasattr(dense, primitive) else sparse, primitive)
-    calls = []
-    original = prim.kernel_fn
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["interpret"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(prim, "kernel_fn", spy)
+    calls = _kernel_calls(monkeypatch, prim)
     _online_grads(kind, "d_rtrl", "pallas", True, "etrace_grad")
     assert calls and all(calls)
 

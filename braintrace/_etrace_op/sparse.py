@@ -124,6 +124,11 @@ def _sparse_impl(*args, sparse_mat, has_bias=False):
     return y
 
 
+def _kernel_takes(dtype, interpret):
+    """Whether the CSR product kernels run on ``dtype`` (float32; also float64 in interpret mode)."""
+    return dtype == jnp.float32 or (interpret and dtype == jnp.float64)
+
+
 def _sparse_kernel(*args, sparse_mat, has_bias=False, interpret):
     """Under ``'pallas'``: a column-sorted pattern's product as a segment sum per output column
     (``kernels/csr_matmul.py``, no atomics); any other pattern, or a dtype the compiled kernel does
@@ -132,8 +137,7 @@ def _sparse_kernel(*args, sparse_mat, has_bias=False, interpret):
 
     x, data, bias, (row_ids, col_ids, *col_ptr) = _unpack(args, has_bias)
     dtype = jnp.result_type(x, data)
-    supported = dtype == jnp.float32 or (interpret and dtype == jnp.float64)
-    if not (sparse_mat.col_sorted and col_ptr) or not supported or sparse_mat.nnz == 0:
+    if not (sparse_mat.col_sorted and col_ptr) or not _kernel_takes(dtype, interpret) or sparse_mat.nnz == 0:
         return _sparse_impl(*args, sparse_mat=sparse_mat, has_bias=has_bias)
     x2 = x.reshape((-1, sparse_mat.shape[0])).astype(dtype)
     segments = (None, col_ptr[0])  # the non-zeros are in column order: no permutation
@@ -176,7 +180,7 @@ def _csr_sddmm_reference(a, g, row_ids, col_ids):
 
 def _csr_sddmm_kernel(a, g, row_ids, col_ids, *, interpret):
     dtype = jnp.result_type(a, g)
-    if not (dtype == jnp.float32 or (interpret and dtype == jnp.float64)) or row_ids.shape[0] == 0:
+    if not _kernel_takes(dtype, interpret) or row_ids.shape[0] == 0:
         return _csr_sddmm_reference(a, g, row_ids, col_ids)
     from braintrace._kernel_import import kernel_module
 
