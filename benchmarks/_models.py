@@ -245,8 +245,8 @@ def data_bytes(s: Spec, T: int) -> int:
 
 
 class _InContext:
-    """Wrap a ``brainstate.transform.jit`` function so calls and ``lower`` run with ``dt = DT``
-    (the spiking layers read ``dt`` when they are traced)."""
+    """Wrap a ``brainstate.transform.jit`` function so calls, ``trace`` and ``lower`` run with
+    ``dt = DT`` (the spiking layers read ``dt`` when they are traced)."""
 
     def __init__(self, fn):
         self._fn = fn
@@ -258,6 +258,11 @@ class _InContext:
     def lower(self, *args):
         with brainstate.environ.context(dt=DT):
             return self._fn.lower(*args)
+
+    def trace(self, *args):
+        """``jax.stages.Traced``: ``.lower(lowering_platforms=("cuda",))`` lowers it for a GPU anywhere."""
+        with brainstate.environ.context(dt=DT):
+            return self._fn.trace(*args)
 
 
 def online_fn(s: Spec, algorithm: str, seed: int = 0):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,3 +62,23 @@ def csr_pattern(num_in: int, num_out: int, density: float = 0.2, seed: int = 0):
     mask[0, 0] = mask[num_in - 1, num_out - 1] = True  # the first and last row and column are used
     rows, cols = np.nonzero(mask)
     return jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32)
+
+
+def triton_kernel_names(fn, *args) -> list[str]:
+    """Names of the Triton kernels in ``jax.jit(fn)(*args)`` lowered for CUDA, in program order.
+
+    Lowering for another platform needs no device: on a CPU machine this runs the Pallas-to-Triton
+    lowering, which rejects what interpret mode accepts (tensors whose sizes are not powers of two,
+    operations Triton has no lowering for). ``args`` may be ``jax.ShapeDtypeStruct``.
+    Compiling the Triton IR to GPU code still needs a GPU.
+    """
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return triton_names_in(text)
+
+
+def triton_names_in(lowered_text: str) -> list[str]:
+    """The ``name`` of every Triton custom call in a lowered module's text, in order."""
+    calls = [line for line in lowered_text.splitlines() if "xla.gpu.triton" in line]
+    names = [re.search(r', name = "([^"]+)"', line) for line in calls]
+    assert all(names), "a Triton custom call without a kernel name"
+    return [m.group(1) for m in names]

@@ -1,0 +1,176 @@
+"""Every kernel lowers to Triton for CUDA, on any machine.
+
+Interpret mode (the other kernel tests) accepts programs that Triton rejects: tensors whose sizes
+are not powers of two, operations without a Triton lowering. Lowering for the ``cuda`` platform needs
+no GPU, so these tests run the Pallas-to-Triton lowering of every public kernel here, at odd sizes,
+the benchmark sizes, float32 and bfloat16 storage and several states per unit, and check which
+kernels each function launches. What they cannot check (the Triton IR compiled to GPU code, and the
+results) is covered by the ``gpu`` twins of the kernel tests.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import braintrace_kernels as bk
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental import pallas as pl
+
+from ._util import triton_kernel_names
+
+S = jax.ShapeDtypeStruct
+I32 = jnp.int32
+SMALL_DENSE = bk.DenseBlockSizes(block_i=16, block_o=8, block_b=2, min_programs=1)
+SMALL_CSR = bk.CsrBlockSizes(block_nnz=16, block_b=2)
+SMALL_MATMUL = bk.CsrMatmulBlockSizes(block_nnz=16, block_b=2)
+
+# (B, I, O): odd sizes (partial tiles), a single row, the dense benchmark, a LoRA rank-16 factor.
+DENSE_SHAPES = [(3, 37, 29), (1, 37, 29), (64, 512, 512), (64, 16, 1024)]
+DTYPES = [jnp.float32, jnp.bfloat16]
+
+
+def _dense_operands(B, I, O, n, dtype):
+    return dict(
+        trace=S((B, I, O, n), dtype),
+        d=S((B, O, n, n), dtype),
+        x=S((B, I), dtype),
+        df=S((B, O, n), dtype),
+        ct=S((B, O, n), dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("block_sizes", [None, SMALL_DENSE], ids=["default", "small"])
+def test_dense_kernels_lower(shape, n, dtype, block_sizes):
+    ops = _dense_operands(*shape, n, dtype)
+    kw = dict(block_sizes=block_sizes)
+    update = functools.partial(bk.dense_trace_update, **kw)
+    solve = functools.partial(bk.dense_trace_solve, **kw)
+    fused = functools.partial(bk.dense_trace_update_solve, **kw)
+    t, d, x, df, ct = (ops[k] for k in ("trace", "d", "x", "df", "ct"))
+    assert triton_kernel_names(update, t, d, x, df) == ["dense_trace_update"]
+    assert triton_kernel_names(solve, t, ct) == ["dense_trace_solve"]
+    assert triton_kernel_names(fused, t, d, x, df, ct) == ["dense_trace_update_solve"]
+
+
+def _csr_operands(nnz, B, n, num_in, num_out, dtype):
+    return dict(
+        trace=S((nnz, n, B), dtype),
+        d_t=S((num_out, n, n, B), dtype),
+        x_t=S((num_in, B), dtype),
+        df_t=S((num_out, n, B), dtype),
+        ct_t=S((num_out, n, B), dtype),
+        rows=S((nnz,), I32),
+        cols=S((nnz,), I32),
+    )
+
+
+# (nnz, B, I, O): odd sizes, B = 1, the CSR benchmark (4096 units, 205 per row, batch 32).
+CSR_SHAPES = [(211, 3, 37, 29), (211, 1, 37, 29), (4096 * 205, 32, 4096, 4096)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("shape", CSR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("block_sizes", [None, SMALL_CSR], ids=["default", "small"])
+def test_csr_trace_kernels_lower(shape, n, dtype, block_sizes):
+    o = _csr_operands(*shape[:2], n, *shape[2:], dtype)
+    kw = dict(block_sizes=block_sizes)
+    update = functools.partial(bk.csr_trace_update, **kw)
+    solve = functools.partial(bk.csr_trace_solve, **kw)
+    fused = functools.partial(bk.csr_trace_update_solve, **kw)
+    names = triton_kernel_names(update, o["trace"], o["d_t"], o["x_t"], o["df_t"], o["rows"], o["cols"])
+    assert names == ["csr_trace_update"]
+    assert triton_kernel_names(solve, o["trace"], o["ct_t"], o["cols"]) == ["csr_trace_solve"]
+    args = (o["trace"], o["d_t"], o["x_t"], o["df_t"], o["ct_t"], o["rows"], o["cols"])
+    assert triton_kernel_names(fused, *args) == ["csr_trace_update_solve"]
+
+
+# (nnz, B, I, O): odd sizes, B = 1, the spiking benchmark's recurrence (50k neurons, 25M synapses).
+MATMUL_SHAPES = [(211, 3, 37, 29), (211, 1, 37, 29), (25_000_000, 8, 50_000, 50_000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("block_sizes", [None, SMALL_MATMUL], ids=["default", "small"])
+def test_csr_products_lower(shape, dtype, block_sizes):
+    nnz, B, I, O = shape
+    x, g, data = S((B, I), dtype), S((B, O), dtype), S((nnz,), dtype)
+    rows, cols, col_ptr, row_ptr = S((nnz,), I32), S((nnz,), I32), S((O + 1,), I32), S((I + 1,), I32)
+    kw = dict(block_sizes=block_sizes)
+
+    def forward_in_column_order(x, data, rows, cols, col_ptr):
+        return bk.csr_matmul(x, data, rows, cols, (I, O), csc=(None, col_ptr), **kw)
+
+    def forward_with_permutation(x, data, rows, cols, perm, col_ptr):
+        return bk.csr_matmul(x, data, rows, cols, (I, O), csc=(perm, col_ptr), **kw)
+
+    def gradients(x, data, rows, cols, col_ptr):
+        def loss(x, data):
+            y = forward_in_column_order(x, data, rows, cols, col_ptr)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))(x, data)
+
+    transpose = functools.partial(bk.csr_matmul_transpose, shape=(I, O), **kw)
+    sddmm = functools.partial(bk.csr_sddmm, **kw)
+    assert triton_kernel_names(forward_in_column_order, x, data, rows, cols, col_ptr) == ["csr_segment_sum"]
+    perm = S((nnz,), I32)
+    assert triton_kernel_names(forward_with_permutation, x, data, rows, cols, perm, col_ptr) == [
+        "csr_segment_sum"
+    ]
+    # Backward: the forward again (its residuals are the operands), then the transpose and the SDDMM.
+    assert sorted(triton_kernel_names(gradients, x, data, rows, cols, col_ptr)) == [
+        "csr_sddmm",
+        "csr_segment_sum",
+        "csr_segment_sum",
+    ]
+    assert triton_kernel_names(lambda g, d, r, c: transpose(g, d, r, c), g, data, rows, cols) == [
+        "csr_segment_sum"
+    ]
+    assert triton_kernel_names(sddmm, x, g, rows, cols) == ["csr_sddmm"]
+    del row_ptr
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("B", [64, 3, 1])
+def test_lora_kernels_lower(B, n, dtype):
+    I, O, R = (1024, 1024, 16) if B == 64 else (37, 29, 5)
+    E, TA = S((B, I, O, n), dtype), S((B, R, O, n), dtype)
+    d, x, z = S((B, O, n, n), dtype), S((B, I), dtype), S((B, R), dtype)
+    df, ct, A = S((B, O, n), dtype), S((B, O, n), dtype), S((R, O), dtype)
+    update = functools.partial(bk.lora_trace_update, alpha=0.5)
+    solve = functools.partial(bk.lora_trace_solve, alpha=0.5)
+    fused = functools.partial(bk.lora_trace_update_solve, alpha=0.5)
+    assert triton_kernel_names(update, E, TA, d, x, z, df) == ["dense_trace_update"] * 2
+    assert triton_kernel_names(solve, E, TA, ct, A) == ["dense_trace_solve"] * 2
+    assert triton_kernel_names(fused, E, TA, d, x, z, df, ct, A) == ["dense_trace_update_solve"] * 2
+
+
+def test_the_lowering_rejects_what_interpret_mode_accepts():
+    """The check can fail: a kernel building a tensor of 3 elements runs in interpret mode but has
+    no Triton lowering."""
+    from braintrace_kernels._common import compiler_params, load, store, whole_array_spec
+
+    def kernel(x_ref, o_ref):
+        store(o_ref.at[pl.ds(0, 3)], 2.0 * load(x_ref.at[pl.ds(0, 3)]))
+
+    def fn(x, interpret=False):
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+            in_specs=[whole_array_spec()],
+            out_specs=whole_array_spec(),
+            compiler_params=compiler_params(4, 1, interpret),
+            interpret=interpret,
+        )(x)
+
+    x = jnp.arange(8.0)
+    assert float(fn(x, interpret=True)[2]) == 4.0
+    with pytest.raises(Exception, match="power of 2"):
+        triton_kernel_names(fn, S((8,), jnp.float32))

@@ -1,0 +1,115 @@
+"""The benchmarked online steps, lowered for CUDA under ``'pallas'``, launch the fused Triton kernels.
+
+Lowering for another platform needs no GPU: here the jitted ``etrace_grad`` of each end-to-end
+benchmark workload (``benchmarks/_models.py``, at the GPU sizes) is lowered for ``cuda`` and the
+Triton kernels in the program are listed. This checks on any machine what the GPU run relies on: which
+kernel each trace and each sparse product dispatches to, that every trace is updated and solved in
+one kernel per step, and that no XLA operation inside the step produces a trace-sized array (the
+trace is read and written by its kernel only). Whether the kernels compile and what they compute is
+checked on the GPU (``tests/gpu``) and in interpret mode (``tests/test_backend_algorithms.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import braintrace
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import _models as models  # noqa: E402
+
+FUSED = "dense_trace_update_solve"
+
+# workload, algorithm, scale -> the Triton kernels of one step (a multiset).
+EXPECTED = {
+    # W_in, its bias, W_rec: one fused update+solve each.
+    ("dense", "d_rtrl", "gpu"): {FUSED: 3},
+    ("dense", "d_rtrl_bf16", "gpu"): {FUSED: 3},
+    # pp_prop's dense traces are per-unit vectors: XLA's fusions, no kernel.
+    ("dense", "pp_prop", "gpu"): {},
+    # The sparse product (non-zeros in column order), the CSR trace, and W_in with its bias.
+    ("csr", "d_rtrl", "gpu"): {"csr_segment_sum": 1, "csr_trace_update_solve": 1, FUSED: 2},
+    # pp_prop's sparse weight gradient is the SDDMM.
+    ("csr", "pp_prop", "gpu"): {"csr_segment_sum": 1, "csr_sddmm": 1},
+    # W_in, bias, the exact LoRA traces E and A.
+    ("lora", "d_rtrl", "gpu"): {FUSED: 4},
+    ("lora", "d_rtrl_bf16", "gpu"): {FUSED: 4},
+    # The factored option keeps only A's trace exact.
+    ("lora", "d_rtrl_factored", "gpu"): {FUSED: 3},
+    ("lora", "pp_prop", "gpu"): {},
+    # The spiking network (small size: the kernel choice does not depend on it).
+    ("snn", "pp_prop", "cpu"): {"csr_segment_sum": 1, "csr_sddmm": 1},
+}
+
+# The largest trace of each workload (float32 runs), as the leading dimensions of its array type in
+# any layout the step could give it: inside the step its kernel must be its only producer.
+TRACE_TYPES = {
+    "dense": ("64x512x512x",),  # (B, I, O, n) or (B, I, O)
+    "csr": ("839680x1x32x", "839680x32x", "32x839680x"),  # (nnz, n, B), (nnz, B), (B, nnz)
+    "lora": ("64x1024x1024x",),
+}
+
+
+def _lowered_for_cuda(workload: str, algorithm: str, scale: str, backend: str = "pallas") -> str:
+    s = models.spec(workload, scale)
+    xs = jax.ShapeDtypeStruct((3, s.batch, s.n_in), jnp.float32)
+    ys = jax.ShapeDtypeStruct((3, s.batch, s.n_out), jnp.float32)
+    with warnings.catch_warnings():
+        # Without a GPU, 'pallas' warns that it computes with the references; lowering for CUDA still
+        # takes the kernels.
+        warnings.filterwarnings("ignore", message=".*needs a CUDA GPU.*")
+        with braintrace.backend(backend):
+            run = models.online_fn(s, algorithm)
+            return run.trace(xs, ys).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _triton_kernels(text: str) -> collections.Counter:
+    """The kernel names of the Triton custom calls in a lowered module."""
+    calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+    return collections.Counter(re.search(r', name = "([^"]+)"', line).group(1) for line in calls)
+
+
+def _producers_of(text: str, prefixes) -> collections.Counter:
+    """Operations (other than function calls, returns and loops) whose result type starts with one
+    of ``prefixes``."""
+    found = collections.Counter()
+    for line in text.splitlines():
+        result_type = line.split("->")[-1].split(":")[-1]
+        if "=" not in line or not any(f"tensor<{p}" in result_type for p in prefixes):
+            continue
+        op = re.search(r"= (stablehlo\.custom_call @[\w$.]+|stablehlo\.[a-z_]+)", line)
+        if op and op.group(1) != "stablehlo.while":
+            found[op.group(1)] += 1
+    return found
+
+
+@pytest.mark.parametrize("workload,algorithm,scale", list(EXPECTED), ids=lambda v: str(v))
+def test_each_trace_and_sparse_product_dispatches_to_its_kernel(workload, algorithm, scale):
+    text = _lowered_for_cuda(workload, algorithm, scale)
+    assert _triton_kernels(text) == collections.Counter(EXPECTED[workload, algorithm, scale])
+    if algorithm == "d_rtrl_bf16":  # the traces are stored in bfloat16
+        kernel_lines = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+        assert all("bf16>" in line for line in kernel_lines)
+    if algorithm == "d_rtrl" and workload in TRACE_TYPES:
+        # One pass per step: the kernel is the trace's only writer besides its initial zeros.
+        producers = _producers_of(text, TRACE_TYPES[workload])
+        assert producers == collections.Counter(
+            {"stablehlo.custom_call @__gpu$xla.gpu.triton": 1, "stablehlo.broadcast_in_dim": 1}
+        ), producers
+
+
+@pytest.mark.parametrize("workload", sorted(TRACE_TYPES))
+def test_the_reference_backend_launches_no_kernel(workload):
+    text = _lowered_for_cuda(workload, "d_rtrl", "gpu", backend="xla")
+    assert _triton_kernels(text) == collections.Counter()
+    # The trace check above sees XLA's update: more than the initial zeros produce a trace.
+    producers = _producers_of(text, TRACE_TYPES[workload])
+    assert sum(producers.values()) > 1 and "stablehlo.add" in producers, producers
