@@ -19,3 +19,22 @@ def test_compiled_memory_is_flat_online_and_grows_under_bptt(tmp_path):
     for algorithm in ("d_rtrl", "pp_prop"):
         assert temp[(algorithm, 5)] == temp[(algorithm, 50)]
     assert temp[("bptt", 50)] > temp[("bptt", 5)]
+
+
+def test_kernel_tuning_sweep_runs_in_interpret_mode(tmp_path):
+    out = tmp_path / "tune.json"
+    cmd = [sys.executable, "ci/tune_kernels.py", "--smoke", "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    for op in ("dense_trace_update_solve", "csr_trace_update_solve"):
+        mine = [r for r in rows if r["op"] == op]
+        # the default, one more tile, then the second stage at the fastest tile
+        assert len(mine) >= 3 and sum(r["default"] for r in mine) == 1
+        assert len({json.dumps(r["block_sizes"], sort_keys=True) for r in mine}) == len(mine)
+        assert all(r["us"] > 0 for r in mine)
+
+
+def test_kernel_tuning_sweep_needs_a_gpu():
+    cmd = [sys.executable, "ci/tune_kernels.py"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "no CUDA GPU" in result.stderr
