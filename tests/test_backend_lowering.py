@@ -5,8 +5,10 @@ benchmark workload (``benchmarks/_models.py``, at the GPU sizes) is lowered for 
 Triton kernels in the program are listed. This checks on any machine what the GPU run relies on: which
 kernel each trace and each sparse product dispatches to, that every trace is updated and solved in
 one kernel per step, and that no XLA operation inside the step produces a trace-sized array (the
-trace is read and written by its kernel only). Whether the kernels compile and what they compute is
-checked on the GPU (``tests/gpu``) and in interpret mode (``tests/test_backend_algorithms.py``).
+trace is read and written by its kernel only). The per-step API (``alg(x)`` under
+``brainstate.transform.grad``) is lowered the same way on the models of
+``tests/test_backend_algorithms.py``. Whether the kernels compile and what they compute is checked on
+the GPU (``tests/gpu``) and in interpret mode (``tests/test_backend_algorithms.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import re
 import sys
 import warnings
 
+import brainstate
 import jax
 import jax.numpy as jnp
 import pytest
+from test_backend_algorithms import B, H, I, _Model
 
 import braintrace
 
@@ -113,3 +117,47 @@ def test_the_reference_backend_launches_no_kernel(workload):
     # The trace check above sees XLA's update: more than the initial zeros produce a trace.
     producers = _producers_of(text, TRACE_TYPES[workload])
     assert sum(producers.values()) > 1 and "stablehlo.add" in producers, producers
+
+
+# The per-step API (``alg(x)`` under ``brainstate.transform.grad``) on the two-state model of the
+# backend tests: the update runs in the forward pass and the solve in the backward pass, so each
+# trace gets an update kernel and a solve kernel (W_in, bias and the recurrence).
+PER_STEP_EXPECTED = {
+    ("dense", "d_rtrl"): {"dense_trace_update": 3, "dense_trace_solve": 3},
+    ("csr", "d_rtrl"): {
+        "dense_trace_update": 2,
+        "dense_trace_solve": 2,
+        "csr_trace_update": 1,
+        "csr_trace_solve": 1,
+    },
+    ("csc", "d_rtrl"): {
+        "csr_segment_sum": 1,
+        "dense_trace_update": 2,
+        "dense_trace_solve": 2,
+        "csr_trace_update": 1,
+        "csr_trace_solve": 1,
+    },
+    ("lora", "d_rtrl"): {"dense_trace_update": 4, "dense_trace_solve": 4},
+    # A pattern in row order keeps XLA's product; in column order it is the segment sum.
+    ("csr", "pp_prop"): {"csr_sddmm": 1},
+    ("csc", "pp_prop"): {"csr_segment_sum": 1, "csr_sddmm": 1},
+}
+
+
+@pytest.mark.parametrize("kind,algorithm", list(PER_STEP_EXPECTED), ids=lambda v: str(v))
+def test_per_step_api_dispatches_to_the_kernels(kind, algorithm):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*needs a CUDA GPU.*")
+        with braintrace.backend("pallas"):
+            model = _Model(kind)
+            brainstate.nn.init_all_states(model, batch_size=B)
+            alg = braintrace.D_RTRL(model) if algorithm == "d_rtrl" else braintrace.pp_prop(model, 0.6)
+            x, y = jnp.zeros((B, I)), jnp.zeros((B, H))
+            alg.compile_graph(x)
+            params = model.states(brainstate.ParamState)
+
+            def step(x, y):
+                return brainstate.transform.grad(lambda: jnp.sum((alg(x) - y) ** 2), params)()
+
+            lowered = brainstate.transform.jit(step).trace(x, y).lower(lowering_platforms=("cuda",))
+    assert _triton_kernels(lowered.as_text()) == collections.Counter(PER_STEP_EXPECTED[kind, algorithm])
