@@ -6,15 +6,15 @@ Usage (from the repository root, on the GPU host)::
     python3 ci/tune_kernels.py [--iters 50] [--repeats 5] [--json OUT.json] [--only dense|csr]
 
 For each case it times ``dense_trace_update_solve`` (or ``csr_trace_update_solve``) under every
-configuration of a staged sweep: first the tile shape and warps with the other fields at their
-defaults, then, at the fastest tile, the batch rows per program, the pipelining depth and (dense) the
-``min_programs`` rule. Each line gives the time per call and the bandwidth achieved (bytes that must
-move, as in ``benchmarks/_ops.py``) against a roofline measured in the same run at the same size (a
-float32 elementwise op over an array as large as the trace: bytes read + written), which is what the
-kernel could reach at this size, not at 1 GiB. The last lines compare the fastest configuration with
-the default one; change the defaults (``DenseBlockSizes`` in ``kernels/dense.py``, ``CsrBlockSizes``
-in ``kernels/csr.py``) only on a gain well beyond the spread between repeats, and write the figures
-into their docstrings.
+configuration of a staged sweep: first the tile shape, the warps and (dense) the prefetch of the next
+batch row, with the other fields at their defaults; then, at the fastest of these, the batch rows per
+program and (dense) the ``min_programs`` rule. Each line gives the time per call and the bandwidth
+achieved (bytes that must move, as in ``benchmarks/_ops.py``) against a roofline measured in the same
+run at the same size (a float32 elementwise op over an array as large as the trace: bytes read +
+written), which is what the kernel could reach at this size, not at 1 GiB. The last lines compare
+the fastest configuration with the default one; change the defaults (``DenseBlockSizes`` in
+``kernels/dense.py``, ``CsrBlockSizes`` in ``kernels/csr.py``) only on a gain well beyond the spread
+between repeats, and write the figures into their docstrings.
 
 Cases: the recurrent trace of the dense RNN (a) ``64 x 512 x 512``, the exact LoRA trace ``E`` of
 (c) ``64 x 1024 x 1024``, a two-state dense trace ``64 x 512 x 512 x 2``, and the CSR trace of (b)
@@ -23,7 +23,7 @@ relative error below 1e-6) before it is timed. Exit status: 0, 1 when a configur
 mismatches, 2 without a GPU. Needs only jax; braintrace's own dependencies are not imported.
 
 ``--smoke`` runs the same sweep logic on any machine, in Pallas interpret mode at tiny sizes and with
-two configurations per stage (a check of the script, not a measurement).
+three configurations per stage (a check of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -64,25 +64,30 @@ SMOKE_CASES = {
 
 
 def sweep(family: str, default):
-    """Stage 1 (tiles and warps) and, given its best, stage 2 (rows, stages, min_programs)."""
+    """Stage 1 (tiles, warps, dense prefetch) and, given its best, stage 2 (batch rows per program).
+
+    ``num_stages`` is not swept: Triton does not pipeline these kernels' loads (they feed no matrix
+    product), and the code compiled for sm_90 is the same at any depth.
+    """
     if family == "dense":
         tiles = [
-            dict(block_i=bi, block_o=bo, num_warps=w)
+            dict(block_i=bi, block_o=bo, num_warps=w, prefetch=p)
             for bi in (8, 16, 32)
             for bo in (128, 256, 512)
             for w in (4, 8)
+            for p in (False, True)
             if bi * bo <= 8192
         ]
 
         def second(best):
-            configs = [dict(best, block_b=b, num_stages=s) for b in (4, 8, 16, 32, 64) for s in (1, 2, 3)]
+            configs = [dict(best, block_b=b) for b in (2, 4, 8, 16, 32, 64)]
             return configs + [dict(best, min_programs=1), dict(best, min_programs=528)]
 
     else:
         tiles = [dict(block_nnz=nz, num_warps=w) for nz in (16, 32, 64, 128, 256) for w in (2, 4, 8)]
 
         def second(best):
-            return [dict(best, block_b=b, num_stages=s) for b in (None, 16, 32) for s in (1, 2, 3)]
+            return [dict(best, block_b=b) for b in (None, 8, 16, 32)]
 
     return [dataclasses.replace(default, **c) for c in tiles], lambda best: [
         dataclasses.replace(default, **c) for c in second(best)
@@ -96,10 +101,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write every row here")
     parser.add_argument("--only", choices=("dense", "csr"), default=None)
     parser.add_argument(
-        "--smoke", action="store_true", help="interpret mode, tiny sizes, 2 configs per stage"
+        "--smoke", action="store_true", help="interpret mode, tiny sizes, 3 configs per stage"
     )
     opts = parser.parse_args(argv)
-    cases, limit = (SMOKE_CASES, 2) if opts.smoke else (CASES, None)
+    cases, limit = (SMOKE_CASES, 3) if opts.smoke else (CASES, None)
     if opts.smoke:
         opts.iters, opts.repeats = 2, 1
     elif not any(dev.platform == "gpu" for dev in jax.devices()):
@@ -158,7 +163,9 @@ def main(argv=None) -> int:
         timed = {bs: measure(bs) for bs in ([default] + [c for c in first if c != default])[:limit]}
         best = min((bs for bs in timed if timed[bs] is not None), key=timed.get)
         tile_fields = {
-            k: getattr(best, k) for k in ("block_i", "block_o", "block_nnz", "num_warps") if hasattr(best, k)
+            k: getattr(best, k)
+            for k in ("block_i", "block_o", "block_nnz", "num_warps", "prefetch")
+            if hasattr(best, k)
         }
         for bs in second(tile_fields)[:limit]:
             if bs not in timed:

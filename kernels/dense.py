@@ -72,7 +72,12 @@ class DenseBlockSizes:
         chunks would give fewer programs than this (a small ``I x O``, e.g. a LoRA factor of rank
         16, would otherwise leave most SMs idle); 1 turns the rule off. 264 is two per H100 SM.
       num_warps: Triton warps per program.
-      num_stages: Triton software-pipelining depth of the batch loop.
+      num_stages: Triton software-pipelining depth of the batch loop. Triton 3.6 does not pipeline
+        this loop (its loads feed no matrix product): the code compiled for sm_90 is the same at 1
+        and 3 stages.
+      prefetch: load the next batch row's trace tile before the current row is updated and stored,
+        so that each program has two rows in flight (the software pipelining Triton does not do
+        here), at the price of one more tile of registers per thread.
 
     Measured on an H100 (jax 0.11.2, Triton 3.6), a 64 x 512 x 512 trace, 50 calls in one jitted loop
     (``ci/gpu_kernel_smoke.py``): n = 1, update 58 us (XLA's fusion of the reference: 56 us), update
@@ -86,6 +91,7 @@ class DenseBlockSizes:
     min_programs: int = 264
     num_warps: int = 4
     num_stages: int = 1
+    prefetch: bool = False
 
     @classmethod
     def get_default(cls) -> DenseBlockSizes:
@@ -106,6 +112,8 @@ class DenseBlockSizes:
         check_positive("min_programs", self.min_programs)
         check_positive("num_warps", self.num_warps)
         check_positive("num_stages", self.num_stages)
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"prefetch={self.prefetch!r} must be True or False.")
         return self
 
 
@@ -122,6 +130,7 @@ def _dense_trace_kernel(
     block_i: int,
     block_o: int,
     block_b: int,
+    prefetch: bool,
     acc_dtype,
 ):
     """One ``(block_i, block_o)`` tile of ``(i, o)`` for the batch rows of one chunk.
@@ -151,15 +160,28 @@ def _dense_trace_kernel(
         vec = load(ref.at[b, cols_o, *map(jnp.int32, idx)], mask=all_of(mask_o, valid), other=0)
         return vec.astype(acc_dtype)
 
-    def body(k, acc):
+    def batch_row(k, in_chunk=None):
+        """``(b, valid)`` of the chunk's ``k``-th row: ``b`` clamped into range, ``valid`` (a scalar
+        mask, ``None`` when always true) says whether the row exists (and is ``< rows`` given
+        ``in_chunk``)."""
         b_raw = chunk * block_b + k
-        valid = b_raw < num_b if partial_chunk else None
-        b = jnp.minimum(b_raw, num_b - 1) if partial_chunk else b_raw
-        mask = all_of(mask_tile, valid)
-        planes = [
-            load(tr_ref.at[b, rows_i, cols_o, jnp.int32(j)], mask=mask, other=0).astype(acc_dtype)
-            for j in range(n)
-        ]
+        valid = all_of(b_raw < num_b if partial_chunk else None, in_chunk)
+        b = jnp.minimum(b_raw, num_b - 1) if valid is not None else b_raw
+        return b, valid
+
+    def tile_mask(valid):
+        if valid is None or mask_tile is not None:
+            return all_of(mask_tile, valid)
+        return jnp.broadcast_to(valid, (block_i, block_o))
+
+    def load_planes(b, valid):  # the n state planes of row b, in the storage dtype
+        mask = tile_mask(valid)
+        return [load(tr_ref.at[b, rows_i, cols_o, jnp.int32(j)], mask=mask, other=0) for j in range(n)]
+
+    def update_and_solve(k, planes, acc):
+        b, valid = batch_row(k)
+        mask = tile_mask(valid)
+        planes = [p.astype(acc_dtype) for p in planes]
         if update:
             xb = load(x_ref.at[b, rows_i], mask=all_of(mask_i, valid), other=0).astype(acc_dtype)
             new = []
@@ -177,7 +199,19 @@ def _dense_trace_kernel(
         return acc
 
     init = jnp.zeros((block_i, block_o), acc_dtype) if solve else None
-    acc = lax.fori_loop(0, rows, body, init)
+    if prefetch:
+        # Row k + 1's tile is loaded before row k is computed and stored, so two rows per program
+        # are in flight. The load past the chunk's last row is masked off entirely (no traffic).
+        def body(k, carry):
+            planes, acc = carry
+            following = load_planes(*batch_row(k + 1, in_chunk=k + 1 < rows))
+            return following, update_and_solve(k, planes, acc)
+
+        acc = lax.fori_loop(0, rows, body, (load_planes(*batch_row(0)), init))[1]
+    else:
+        acc = lax.fori_loop(
+            0, rows, lambda k, acc: update_and_solve(k, load_planes(*batch_row(k)), acc), init
+        )
     if solve:
         store(part_ref.at[chunk, rows_i, cols_o], acc.astype(part_ref.dtype), mask=mask_tile)
 
@@ -205,6 +239,7 @@ def _dense_trace_call(
         block_i=bs.block_i,
         block_o=bs.block_o,
         block_b=rows,
+        prefetch=bs.prefetch,
         acc_dtype=acc_dtype,
     )
     operands = [trace] + ([d, x, df] if update else []) + ([ct] if solve else [])

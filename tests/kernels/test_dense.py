@@ -57,6 +57,24 @@ def test_kernels_match_reference_full_blocks():
     _check_all_kernels(*EVEN, 2, block_sizes=bs, interpret=True, fused_only=True)
 
 
+# Prefetching the next row: chunks of 3 rows over B = 7 end in a partial chunk of one row.
+PREFETCH = dataclasses.replace(SMALL, block_b=3, prefetch=True)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("shape", [(7, 37, 29), (7, 32, 16), (1, 37, 29)], ids=["ragged", "full-tiles", "B1"])
+def test_prefetching_kernels_match_reference(shape, n):
+    """Two rows in flight per program: partial tiles, full tiles with a partial batch chunk (a
+    tile-wide row mask), and a single row (the prefetch past it is masked off)."""
+    _check_all_kernels(*shape, n, block_sizes=PREFETCH, interpret=True, fused_only=n == 3)
+
+
+def test_prefetch_must_be_a_bool():
+    trace, _, _, _, ct = _operands(1, 3, 2, 1)
+    with pytest.raises(ValueError, match="prefetch"):
+        bk.dense_trace_solve(trace, ct, block_sizes=bk.DenseBlockSizes(prefetch=1), interpret=True)
+
+
 def test_rows_per_program():
     bs = bk.DenseBlockSizes()  # block_b=8, min_programs=264
     assert bs.rows_per_program(64, 64) == 8  # 64 tiles x 8 chunks = 512 programs
@@ -180,6 +198,14 @@ def test_kernels_match_reference_default_blocks_gpu(n):
     require_gpu()
     _check_all_kernels(16, 64, 512, n, block_sizes=None, interpret=False)  # full blocks: unmasked
     _check_all_kernels(13, 50, 300, n, block_sizes=None, interpret=False)  # partial blocks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [1, 3])
+def test_prefetching_kernels_match_reference_gpu(n):
+    require_gpu()
+    _check_all_kernels(7, 37, 29, n, block_sizes=PREFETCH, interpret=False)
+    _check_all_kernels(13, 50, 300, n, block_sizes=bk.DenseBlockSizes(prefetch=True), interpret=False)
 
 
 @pytest.mark.gpu

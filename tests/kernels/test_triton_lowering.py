@@ -23,11 +23,13 @@ from ._util import triton_kernel_names
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
 SMALL_DENSE = bk.DenseBlockSizes(block_i=16, block_o=8, block_b=2, min_programs=1)
+PREFETCH_DENSE = bk.DenseBlockSizes(prefetch=True)
 SMALL_CSR = bk.CsrBlockSizes(block_nnz=16, block_b=2)
 SMALL_MATMUL = bk.CsrMatmulBlockSizes(block_nnz=16, block_b=2)
 
-# (B, I, O): odd sizes (partial tiles), a single row, the dense benchmark, a LoRA rank-16 factor.
-DENSE_SHAPES = [(3, 37, 29), (1, 37, 29), (64, 512, 512), (64, 16, 1024)]
+# (B, I, O): odd sizes (partial tiles), full small tiles with a partial batch chunk (a row mask over
+# the whole tile), a single row, the dense benchmark, a LoRA rank-16 factor.
+DENSE_SHAPES = [(3, 37, 29), (3, 32, 16), (1, 37, 29), (64, 512, 512), (64, 16, 1024)]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
@@ -44,7 +46,9 @@ def _dense_operands(B, I, O, n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("block_sizes", [None, SMALL_DENSE], ids=["default", "small"])
+@pytest.mark.parametrize(
+    "block_sizes", [None, SMALL_DENSE, PREFETCH_DENSE], ids=["default", "small", "prefetch"]
+)
 def test_dense_kernels_lower(shape, n, dtype, block_sizes):
     ops = _dense_operands(*shape, n, dtype)
     kw = dict(block_sizes=block_sizes)
