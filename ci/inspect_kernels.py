@@ -72,6 +72,8 @@ def _cases():
         "(c) LoRA E 64x1024x1024": dense(64, 1024, 1024, 1),
         "(c) LoRA E 64x1024x1024 prefetch": dense(64, 1024, 1024, 1, prefetch=True),
         "two states 64x512x512x2": dense(64, 512, 512, 2),
+        "two states, block_i=8": dense(64, 512, 512, 2, block_i=8),
+        "two states, block_i=8, vector_states": dense(64, 512, 512, 2, block_i=8, vector_states=True),
         "(b) CSR trace 839,680 nnz": (bk.csr_trace_update_solve, csr_args + ids),
         "(b) CSR forward product": (
             lambda x, data, r, c, ptr: bk.csr_matmul(x, data, r, c, (H, H), csc=(None, ptr)),
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         return 0
 
     opts.out.mkdir(parents=True, exist_ok=True)
-    header = f"{'case':34s} {'kernel':26s} {'warps':>5s} {'regs':>4s} {'local':>5s} {'prog/SM':>7s} "
+    header = f"{'case':38s} {'kernel':26s} {'warps':>5s} {'regs':>4s} {'local':>5s} {'prog/SM':>7s} "
     print(header + f"{'bar':>3s} {'cvt':>3s}  global loads and stores")
     failures = 0
     for case, (fn, args) in _cases().items():
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
             path = opts.out / f"{slug}.ttir"
             path.write_text(ttir)
             if opts.ttir_only:
-                print(f"{case:34s} {name:26s} {warps:5d}  {path}")
+                print(f"{case:38s} {name:26s} {warps:5d}  {path}")
                 continue
             cmd = [
                 sys.executable,
@@ -200,12 +202,12 @@ def main(argv=None) -> int:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 failures += 1
-                print(f"{case:34s} {name:26s} FAILED\n{done.stderr.strip()[-2000:]}")
+                print(f"{case:38s} {name:26s} FAILED\n{done.stderr.strip()[-2000:]}")
                 continue
             info = json.loads(done.stdout.strip().splitlines()[-1])
             memory = " ".join(f"{count}x{op}" for op, count in info["memory"].items())
             print(
-                f"{case:34s} {name:26s} {warps:5d} {info['regs']:4d} {info['local']:5d} "
+                f"{case:38s} {name:26s} {warps:5d} {info['regs']:4d} {info['local']:5d} "
                 f"{programs_per_sm(info['regs'], warps, info['shared']):7d} {info['barriers']:3d} "
                 f"{info['conversions']:3d}  {memory}"
             )

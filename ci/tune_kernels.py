@@ -7,11 +7,13 @@ Usage (from the repository root, on the GPU host)::
 
 For each case it times ``dense_trace_update_solve`` (or ``csr_trace_update_solve``) under every
 configuration of a staged sweep: first the tile shape, the warps and (dense) the prefetch of the next
-batch row, with the other fields at their defaults; then, at the fastest of these, the batch rows per
-program and (dense) the ``min_programs`` rule. Each line gives the time per call and the bandwidth
-achieved (bytes that must move, as in ``benchmarks/_ops.py``) against a roofline measured in the same
-run at the same size (a float32 elementwise op over an array as large as the trace: bytes read +
-written), which is what the kernel could reach at this size, not at 1 GiB. The last lines compare
+batch row and, with several states per unit, whole-state tiles, the other fields at their defaults;
+then, at the fastest of these, the batch rows per program and (dense) the ``min_programs`` rule.
+Each line gives the time per call and the bandwidth achieved (bytes that must move, as in
+``benchmarks/_ops.py``) against a roofline measured in the same run at the same size (a float32
+elementwise op over an array as large as the trace: bytes read + written), which is what the kernel
+could reach at this size, not at 1 GiB. About 150 configurations in all, each compiled once: on the
+GPU host, ``--only dense`` and ``--only csr`` split the run in two. The last lines compare
 the fastest configuration with the default one; change the defaults (``DenseBlockSizes`` in
 ``kernels/dense.py``, ``CsrBlockSizes`` in ``kernels/csr.py``) only on a gain well beyond the spread
 between repeats, and write the figures into their docstrings.
@@ -63,19 +65,21 @@ SMOKE_CASES = {
 }
 
 
-def sweep(family: str, default):
-    """Stage 1 (tiles, warps, dense prefetch) and, given its best, stage 2 (batch rows per program).
+def sweep(family: str, default, n: int = 1):
+    """Stage 1 (tiles, warps, dense prefetch and, for ``n > 1``, whole-state tiles) and, given its
+    best, stage 2 (batch rows per program).
 
     ``num_stages`` is not swept: Triton does not pipeline these kernels' loads (they feed no matrix
     product), and the code compiled for sm_90 is the same at any depth.
     """
     if family == "dense":
         tiles = [
-            dict(block_i=bi, block_o=bo, num_warps=w, prefetch=p)
-            for bi in (8, 16, 32)
-            for bo in (128, 256, 512)
+            dict(block_i=bi, block_o=bo, num_warps=w, prefetch=p, vector_states=v)
+            for bi in ((4, 8, 16) if n > 1 else (8, 16, 32))
+            for bo in ((128, 256) if n > 1 else (128, 256, 512))
             for w in (4, 8)
             for p in (False, True)
+            for v in ((False, True) if n > 1 else (False,))
             if bi * bo <= 8192
         ]
 
@@ -159,12 +163,12 @@ def main(argv=None) -> int:
             )
             return t
 
-        first, second = sweep(family, default)
+        first, second = sweep(family, default, sizes.get("n", 1))
         timed = {bs: measure(bs) for bs in ([default] + [c for c in first if c != default])[:limit]}
         best = min((bs for bs in timed if timed[bs] is not None), key=timed.get)
         tile_fields = {
             k: getattr(best, k)
-            for k in ("block_i", "block_o", "block_nnz", "num_warps", "prefetch")
+            for k in ("block_i", "block_o", "block_nnz", "num_warps", "prefetch", "vector_states")
             if hasattr(best, k)
         }
         for bs in second(tile_fields)[:limit]:

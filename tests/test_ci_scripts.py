@@ -45,7 +45,9 @@ def test_kernel_inspection_writes_the_triton_ir(tmp_path):
     cmd = [sys.executable, "ci/inspect_kernels.py", "--ttir-only", "--out", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
     names = [line.split()[-3] for line in out.splitlines()[1:]]
-    assert {"dense_trace_update_solve", "csr_trace_update_solve", "csr_segment_sum", "csr_sddmm"} <= set(names)
+    assert {"dense_trace_update_solve", "csr_trace_update_solve", "csr_segment_sum", "csr_sddmm"} <= set(
+        names
+    )
     files = sorted(tmp_path.glob("*.ttir"))
     assert len(files) == len(names)
     assert all("tt.func public" in f.read_text() and "tt.load" in f.read_text() for f in files)

@@ -69,10 +69,27 @@ def test_prefetching_kernels_match_reference(shape, n):
     _check_all_kernels(*shape, n, block_sizes=PREFETCH, interpret=True, fused_only=n == 3)
 
 
-def test_prefetch_must_be_a_bool():
+# Whole-state tiles: n = 2 (a power of two) and n = 3 (padded to 4, the fourth state masked off).
+# Interpret mode bounds each dimension on its own, so a missing mask on the padding state would go
+# unseen here; compiled, it would touch the next unit's first state: the GPU twin checks that.
+VECTOR_STATES = dataclasses.replace(SMALL, vector_states=True)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize(
+    "block_sizes",
+    [VECTOR_STATES, dataclasses.replace(PREFETCH, vector_states=True)],
+    ids=["vector_states", "vector_states+prefetch"],
+)
+def test_vector_states_kernels_match_reference(block_sizes, n):
+    _check_all_kernels(7, 37, 29, n, block_sizes=block_sizes, interpret=True, fused_only=block_sizes.prefetch)
+
+
+@pytest.mark.parametrize("field", ["prefetch", "vector_states"])
+def test_flags_must_be_bools(field):
     trace, _, _, _, ct = _operands(1, 3, 2, 1)
-    with pytest.raises(ValueError, match="prefetch"):
-        bk.dense_trace_solve(trace, ct, block_sizes=bk.DenseBlockSizes(prefetch=1), interpret=True)
+    with pytest.raises(ValueError, match=field):
+        bk.dense_trace_solve(trace, ct, block_sizes=bk.DenseBlockSizes(**{field: 1}), interpret=True)
 
 
 def test_rows_per_program():
@@ -206,6 +223,15 @@ def test_prefetching_kernels_match_reference_gpu(n):
     require_gpu()
     _check_all_kernels(7, 37, 29, n, block_sizes=PREFETCH, interpret=False)
     _check_all_kernels(13, 50, 300, n, block_sizes=bk.DenseBlockSizes(prefetch=True), interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 3])
+def test_vector_states_kernels_match_reference_gpu(n):
+    require_gpu()
+    _check_all_kernels(7, 37, 29, n, block_sizes=VECTOR_STATES, interpret=False)
+    bs = bk.DenseBlockSizes(block_i=8, vector_states=True, prefetch=True)
+    _check_all_kernels(13, 50, 300, n, block_sizes=bs, interpret=False)
 
 
 @pytest.mark.gpu

@@ -23,7 +23,7 @@ from ._util import triton_kernel_names
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
 SMALL_DENSE = bk.DenseBlockSizes(block_i=16, block_o=8, block_b=2, min_programs=1)
-PREFETCH_DENSE = bk.DenseBlockSizes(prefetch=True)
+PREFETCH_DENSE = bk.DenseBlockSizes(prefetch=True, vector_states=True)
 SMALL_CSR = bk.CsrBlockSizes(block_nnz=16, block_b=2)
 SMALL_MATMUL = bk.CsrMatmulBlockSizes(block_nnz=16, block_b=2)
 
@@ -47,7 +47,7 @@ def _dense_operands(B, I, O, n, dtype):
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize(
-    "block_sizes", [None, SMALL_DENSE, PREFETCH_DENSE], ids=["default", "small", "prefetch"]
+    "block_sizes", [None, SMALL_DENSE, PREFETCH_DENSE], ids=["default", "small", "prefetch+vector_states"]
 )
 def test_dense_kernels_lower(shape, n, dtype, block_sizes):
     ops = _dense_operands(*shape, n, dtype)
