@@ -225,7 +225,7 @@ def _dense_trace_kernel(
                 for j in range(n):
                     val = val + unit_vector(d_ref, b, valid, s, j)[None, :] * planes[j]
                 new.append(val)
-                if not whole_states:  # stored at once: fewer values live in registers
+                if not whole_states:  # each state stored once computed: fewer live registers
                     store_plane(b, valid, s, val)
             if whole_states:
                 store_states(b, valid, new)

@@ -43,12 +43,19 @@ def _dense_operands(B, I, O, n, dtype):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,block_sizes",
+    [
+        (jnp.float32, None),
+        (jnp.bfloat16, None),
+        (jnp.float32, SMALL_DENSE),
+        (jnp.float32, PREFETCH_DENSE),
+        (jnp.bfloat16, PREFETCH_DENSE),
+    ],
+    ids=["f32", "bf16", "f32-small", "f32-prefetch+vector_states", "bf16-prefetch+vector_states"],
+)
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize(
-    "block_sizes", [None, SMALL_DENSE, PREFETCH_DENSE], ids=["default", "small", "prefetch+vector_states"]
-)
 def test_dense_kernels_lower(shape, n, dtype, block_sizes):
     ops = _dense_operands(*shape, n, dtype)
     kw = dict(block_sizes=block_sizes)
@@ -77,10 +84,13 @@ def _csr_operands(nnz, B, n, num_in, num_out, dtype):
 CSR_SHAPES = [(211, 3, 37, 29), (211, 1, 37, 29), (4096 * 205, 32, 4096, 4096)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,block_sizes",
+    [(jnp.float32, None), (jnp.bfloat16, None), (jnp.float32, SMALL_CSR)],
+    ids=["f32", "bf16", "f32-small"],
+)
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("shape", CSR_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("block_sizes", [None, SMALL_CSR], ids=["default", "small"])
 def test_csr_trace_kernels_lower(shape, n, dtype, block_sizes):
     o = _csr_operands(*shape[:2], n, *shape[2:], dtype)
     kw = dict(block_sizes=block_sizes)
@@ -98,9 +108,12 @@ def test_csr_trace_kernels_lower(shape, n, dtype, block_sizes):
 MATMUL_SHAPES = [(211, 3, 37, 29), (211, 1, 37, 29), (25_000_000, 8, 50_000, 50_000)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype,block_sizes",
+    [(jnp.float32, None), (jnp.bfloat16, None), (jnp.float32, SMALL_MATMUL)],
+    ids=["f32", "bf16", "f32-small"],
+)
 @pytest.mark.parametrize("shape", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("block_sizes", [None, SMALL_MATMUL], ids=["default", "small"])
 def test_csr_products_lower(shape, dtype, block_sizes):
     nnz, B, I, O = shape
     x, g, data = S((B, I), dtype), S((B, O), dtype), S((nnz,), dtype)
