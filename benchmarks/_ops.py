@@ -59,13 +59,19 @@ def _bind(fn, interpret, **kwargs):
     return functools.partial(fn, interpret=interpret, **kwargs)
 
 
-def dense_cases(bk, B=64, I=512, O=512, n=1, *, interpret=False, seed=0) -> Dict[str, Case]:
-    """``dense_trace_{update,solve,update_solve}``: trace ``(B, I, O, n)``."""
+def dense_cases(
+    bk, B=64, I=512, O=512, n=1, *, dtype=jnp.float32, interpret=False, seed=0
+) -> Dict[str, Case]:
+    """``dense_trace_{update,solve,update_solve}``: trace ``(B, I, O, n)``, every operand in ``dtype``
+    (float32, or bfloat16 storage with float32 arithmetic)."""
     k = jax.random.split(jax.random.key(seed + n), 5)
-    tr, d = normal(k[0], (B, I, O, n)), normal(k[1], (B, O, n, n), 0.3)
-    x, df, ct = normal(k[2], (B, I)), normal(k[3], (B, O, n)), normal(k[4], (B, O, n))
+    tr, d = normal(k[0], (B, I, O, n), dtype=dtype), normal(k[1], (B, O, n, n), 0.3, dtype)
+    x, df = normal(k[2], (B, I), dtype=dtype), normal(k[3], (B, O, n), dtype=dtype)
+    ct = normal(k[4], (B, O, n), dtype=dtype)
     dw = jax.ShapeDtypeStruct((I, O), jnp.float32)
-    size = f"B={B} I={I} O={O} n={n}"
+    size = f"B={B} I={I} O={O} n={n}" + (
+        "" if jnp.dtype(dtype) == jnp.float32 else f" {jnp.dtype(dtype).name}"
+    )
     tb = nbytes(tr)
     return {
         "dense_trace_update": Case(

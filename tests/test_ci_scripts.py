@@ -26,9 +26,12 @@ def test_kernel_tuning_sweep_runs_in_interpret_mode(tmp_path):
     cmd = [sys.executable, "ci/tune_kernels.py", "--smoke", "--json", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
-    for op in ("dense_trace_update_solve", "csr_trace_update_solve"):
-        mine = [r for r in rows if r["op"] == op]
-        # the default, one more tile, then the second stage at the fastest tile
+    assert {r["op"] for r in rows} == {"dense_trace_update_solve", "csr_trace_update_solve"}
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 3  # two dense (one in bfloat16 storage), one CSR
+    for case in cases:
+        mine = [r for r in rows if r["case"] == case]
+        # the default, more tiles, then the second stage at the fastest tile
         assert len(mine) >= 3 and sum(r["default"] for r in mine) == 1
         assert len({json.dumps(r["block_sizes"], sort_keys=True) for r in mine}) == len(mine)
         assert all(r["us"] > 0 for r in mine)
