@@ -12,7 +12,7 @@ then, at the fastest of these, the batch rows per program and (dense) the ``min_
 Each line gives the time per call and the bandwidth achieved (bytes that must move, as in
 ``benchmarks/_ops.py``) against a roofline measured in the same run at the same size (a float32
 elementwise op over an array as large as the trace: bytes read + written), which is what the kernel
-could reach at this size, not at 1 GiB. About 150 configurations in all, each compiled once: on the
+could reach at this size, not at 1 GiB. About 200 configurations in all, each compiled once: on the
 GPU host, ``--only dense`` and ``--only csr`` split the run in two. The last lines compare
 the fastest configuration with the default one; change the defaults (``DenseBlockSizes`` in
 ``kernels/dense.py``, ``CsrBlockSizes`` in ``kernels/csr.py``) only on a gain well beyond the spread
