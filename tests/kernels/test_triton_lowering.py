@@ -117,7 +117,7 @@ MATMUL_SHAPES = [(211, 3, 37, 29), (211, 1, 37, 29), (25_000_000, 8, 50_000, 50_
 def test_csr_products_lower(shape, dtype, block_sizes):
     nnz, B, I, O = shape
     x, g, data = S((B, I), dtype), S((B, O), dtype), S((nnz,), dtype)
-    rows, cols, col_ptr, row_ptr = S((nnz,), I32), S((nnz,), I32), S((O + 1,), I32), S((I + 1,), I32)
+    rows, cols, col_ptr = S((nnz,), I32), S((nnz,), I32), S((O + 1,), I32)
     kw = dict(block_sizes=block_sizes)
 
     def forward_in_column_order(x, data, rows, cols, col_ptr):
@@ -150,7 +150,6 @@ def test_csr_products_lower(shape, dtype, block_sizes):
         "csr_segment_sum"
     ]
     assert triton_kernel_names(sddmm, x, g, rows, cols) == ["csr_sddmm"]
-    del row_ptr
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
