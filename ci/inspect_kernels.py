@@ -83,44 +83,21 @@ def _cases():
     }
 
 
-def _unescape_mlir_string(text: str) -> bytes:
-    """The bytes of an MLIR string attribute's body (``\\XX`` hex escapes, ``\\\\``, ``\\"``)."""
-    out, i = bytearray(), 0
-    while i < len(text):
-        if text[i] != "\\":
-            out += text[i].encode()
-            i += 1
-        elif text[i + 1] in '\\"':
-            out += text[i + 1].encode()
-            i += 2
-        else:
-            out.append(int(text[i + 1 : i + 3], 16))
-            i += 3
-    return bytes(out)
-
-
 def triton_kernels(fn, args):
     """``[(kernel name, num_warps, num_stages, Triton IR text)]`` of ``jax.jit(fn)`` lowered for CUDA."""
-    import jax
     from jax._src.lib import triton as jaxlib_triton
     from jax._src.lib.mlir import ir
 
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    from braintrace._kernel_import import kernel_module
+
+    lowering = kernel_module("triton_calls")
     found = []
-    for line in lowered.splitlines():
-        if "xla.gpu.triton" not in line:
-            continue
-        attr = dict(
-            name=re.search(r', name = "([^"]+)"', line).group(1),
-            warps=int(re.search(r"num_warps = (\d+)", line).group(1)),
-            stages=int(re.search(r"num_stages = (\d+)", line).group(1)),
-        )
-        payload = _unescape_mlir_string(re.search(r'ir = "((?:[^"\\]|\\.)*)"', line).group(1))
+    for call in lowering.triton_calls(lowering.lowered_for_cuda(fn, *args)):
         context = ir.Context()
         jaxlib_triton.dialect.register_dialect(context)
         with context:
-            module = ir.Module.parse(payload)
-            found.append((attr["name"], attr["warps"], attr["stages"], module.operation.get_asm()))
+            module = ir.Module.parse(call.ir)
+            found.append((call.name, call.num_warps, call.num_stages, module.operation.get_asm()))
     return found
 
 

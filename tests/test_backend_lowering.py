@@ -26,6 +26,7 @@ import pytest
 from test_backend_algorithms import B, H, I, _Model
 
 import braintrace
+from braintrace._kernel_import import kernel_module
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import _models as models  # noqa: E402
@@ -127,8 +128,7 @@ def pallas_programs():
 
 def _triton_kernels(text: str) -> collections.Counter:
     """The kernel names of the Triton custom calls in a lowered module."""
-    calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
-    return collections.Counter(re.search(r', name = "([^"]+)"', line).group(1) for line in calls)
+    return collections.Counter(call.name for call in kernel_module("triton_calls").triton_calls(text))
 
 
 def _producers_of(text: str, prefixes) -> collections.Counter:

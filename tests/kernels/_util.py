@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from braintrace_kernels.triton_calls import lowered_for_cuda, triton_calls
 
 #: Normwise relative tolerance of kernel against reference in float32.
 TOL_F32 = 1e-6
@@ -72,13 +71,4 @@ def triton_kernel_names(fn, *args) -> list[str]:
     operations Triton has no lowering for). ``args`` may be ``jax.ShapeDtypeStruct``.
     Compiling the Triton IR to GPU code still needs a GPU.
     """
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return triton_names_in(text)
-
-
-def triton_names_in(lowered_text: str) -> list[str]:
-    """The ``name`` of every Triton custom call in a lowered module's text, in order."""
-    calls = [line for line in lowered_text.splitlines() if "xla.gpu.triton" in line]
-    names = [re.search(r', name = "([^"]+)"', line) for line in calls]
-    assert all(names), "a Triton custom call without a kernel name"
-    return [m.group(1) for m in names]
+    return [call.name for call in triton_calls(lowered_for_cuda(fn, *args))]

@@ -190,3 +190,15 @@ def test_the_lowering_rejects_what_interpret_mode_accepts():
     assert float(fn(x, interpret=True)[2]) == 4.0
     with pytest.raises(Exception, match="power of 2"):
         triton_kernel_names(fn, S((8,), jnp.float32))
+
+
+def test_triton_calls_reads_the_attributes_and_fails_on_a_changed_format():
+    from braintrace_kernels.triton_calls import TritonCall, triton_calls
+
+    line = (
+        "%0 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {backend_config = {grid_x = 1 : i32, "
+        'ir = "ML\\EFR\\\\x\\22y", name = "k", num_stages = 2 : i32, num_warps = 8 : i32}}'
+    )
+    assert triton_calls("other\n" + line) == [TritonCall("k", 8, 2, b'ML\xefR\\x"y')]
+    with pytest.raises(ValueError, match="without name"):
+        triton_calls(line.replace('name = "k"', 'kernel = "k"'))
