@@ -85,20 +85,11 @@ def _cases():
 
 def triton_kernels(fn, args):
     """``[(kernel name, num_warps, num_stages, Triton IR text)]`` of ``jax.jit(fn)`` lowered for CUDA."""
-    from jax._src.lib import triton as jaxlib_triton
-    from jax._src.lib.mlir import ir
-
     from braintrace._kernel_import import kernel_module
 
     lowering = kernel_module("triton_calls")
-    found = []
-    for call in lowering.triton_calls(lowering.lowered_for_cuda(fn, *args)):
-        context = ir.Context()
-        jaxlib_triton.dialect.register_dialect(context)
-        with context:
-            module = ir.Module.parse(call.ir)
-            found.append((call.name, call.num_warps, call.num_stages, module.operation.get_asm()))
-    return found
+    calls = lowering.triton_calls(lowering.lowered_for_cuda(fn, *args))
+    return [(call.name, call.num_warps, call.num_stages, call.ir_text()) for call in calls]
 
 
 def compile_one(ttir: pathlib.Path, warps: int, stages: int, arch: int) -> dict:

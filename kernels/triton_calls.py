@@ -52,6 +52,17 @@ class TritonCall(NamedTuple):
     num_stages: int
     ir: bytes
 
+    def ir_text(self) -> str:
+        """The Triton IR as text (``tt.load``, ``tt.store``, ... one operation per line), parsed with
+        the Triton dialect that jaxlib ships."""
+        from jax._src.lib import triton as jaxlib_triton
+        from jax._src.lib.mlir import ir
+
+        context = ir.Context()
+        jaxlib_triton.dialect.register_dialect(context)
+        with context:
+            return ir.Module.parse(self.ir).operation.get_asm()
+
 
 def lowered_for_cuda(fn, *args) -> str:
     """The text of ``jax.jit(fn)`` lowered for CUDA at ``args`` (arrays or ``jax.ShapeDtypeStruct``)."""

@@ -68,6 +68,31 @@ def test_dense_kernels_lower(shape, n, dtype, block_sizes):
     assert triton_kernel_names(fused, t, d, x, df, ct) == ["dense_trace_update_solve"]
 
 
+@pytest.mark.parametrize("n,padded", [(3, True), (2, False)])
+def test_vector_states_masks_the_padded_state(n, padded):
+    """With ``vector_states`` a row's ``(block_i, block_o, n)`` tile is accessed as ``n`` padded to a
+    power of two; the padded state lies in the next unit, so the compiled kernel must mask it (interpret
+    mode bounds each dimension separately and would not notice). Full tiles and batch chunks: the state
+    mask is the only one, and ``n = 2`` needs none (the control)."""
+    from braintrace_kernels.triton_calls import lowered_for_cuda, triton_calls
+
+    ops = _dense_operands(64, 512, 512, n, jnp.float32)
+    block_sizes = bk.DenseBlockSizes(vector_states=True)
+    fused = functools.partial(bk.dense_trace_update_solve, block_sizes=block_sizes)
+    [call] = triton_calls(lowered_for_cuda(fused, *ops.values()))
+    tile = f"tensor<16x256x{pl.next_power_of_2(n)}x!tt.ptr<f32>>"
+    accesses = [
+        line.split("=")[-1].strip()
+        for line in call.ir_text().splitlines()
+        if tile in line and ("tt.load" in line or "tt.store" in line)
+    ]
+    # The row's load, then the store (which Pallas lowers as a load of the old values, unused and
+    # removed by Triton, and the store). Operands: tt.load ptr[, mask, other]; tt.store ptr, value[, mask].
+    assert [a.split()[0] for a in accesses] == ["tt.load", "tt.load", "tt.store"], accesses
+    operands = [a.split(":")[0].count("%") for a in accesses]
+    assert operands == ([3, 3, 3] if padded else [1, 1, 2]), accesses
+
+
 def _csr_operands(nnz, B, n, num_in, num_out, dtype):
     return dict(
         trace=S((nnz, n, B), dtype),
