@@ -7,12 +7,13 @@ Usage (from the repository root, on the GPU host)::
 
 For each case it times ``dense_trace_update_solve`` (or ``csr_trace_update_solve``) under every
 configuration of a staged sweep: first the tile shape, the warps and (dense) the prefetch of the next
-batch row and, with several states per unit, whole-state tiles, the other fields at their defaults;
-then, at the fastest of these, the batch rows per program and (dense) the ``min_programs`` rule.
+batch row and, with several states per unit, whole-state tiles, the other fields at their defaults,
+and (dense) small tiles each covering the whole batch, so that no partial ``dW`` is written; then,
+at the fastest of these, the batch rows per program and (dense) the ``min_programs`` rule.
 Each line gives the time per call and the bandwidth achieved (bytes that must move, as in
 ``benchmarks/_ops.py``) against a roofline measured in the same run at the same size (a float32
 elementwise op over an array as large as the trace: bytes read + written), which is what the kernel
-could reach at this size, not at 1 GiB. About 200 configurations in all, each compiled once: on the
+could reach at this size, not at 1 GiB. About 250 configurations in all, each compiled once: on the
 GPU host, ``--only dense`` and ``--only csr`` split the run in two. The last lines compare
 the fastest configuration with the default one; change the defaults (``DenseBlockSizes`` in
 ``kernels/dense.py``, ``CsrBlockSizes`` in ``kernels/csr.py``) only on a gain well beyond the spread
@@ -71,9 +72,10 @@ SMOKE_CASES = {
 }
 
 
-def sweep(family: str, default, n: int = 1):
-    """Stage 1 (tiles, warps, dense prefetch and, for ``n > 1``, whole-state tiles) and, given its
-    best, stage 2 (batch rows per program).
+def sweep(family: str, default, n: int = 1, batch: int = 64):
+    """Stage 1 (tiles, warps, dense prefetch and, for ``n > 1``, whole-state tiles; dense also one
+    program per small tile over the whole batch) and, given its best, stage 2 (batch rows per
+    program).
 
     ``num_stages`` is not swept: Triton does not pipeline these kernels' loads (they feed no matrix
     product), and the code compiled for sm_90 is the same at any depth.
@@ -87,6 +89,21 @@ def sweep(family: str, default, n: int = 1):
             for p in (False, True)
             for v in ((False, True) if n > 1 else (False,))
             if bi * bo <= 8192
+        ]
+        # One program per (i, o) tile over the whole batch writes dW once, with no partials to sum
+        # afterwards (XLA's fusion of the reference works this way): 8 MB less traffic and one launch
+        # less per step on (a), 67 MB on (c). Small tiles keep enough programs; 4 elements per thread.
+        tiles += [
+            dict(
+                block_i=bi,
+                block_o=bo,
+                num_warps=max(1, bi * bo // 128),
+                prefetch=p,
+                block_b=batch,
+                min_programs=1,
+            )
+            for bi, bo in ((1, 256), (2, 128), (2, 256), (4, 128), (4, 256), (8, 128))
+            for p in (False, True)
         ]
 
         def second(best):
@@ -170,7 +187,7 @@ def main(argv=None) -> int:
             )
             return t
 
-        first, second = sweep(family, default, sizes.get("n", 1))
+        first, second = sweep(family, default, sizes.get("n", 1), sizes["B"])
         timed = {bs: measure(bs) for bs in ([default] + [c for c in first if c != default])[:limit]}
         best = min((bs for bs in timed if timed[bs] is not None), key=timed.get)
         tile_fields = {

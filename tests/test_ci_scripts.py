@@ -65,3 +65,64 @@ def test_programs_per_sm():
     assert programs_per_sm(32, 4, 0) == 16  # the warp limit (64 per SM)
     assert programs_per_sm(16, 1, 0) == 32  # the program limit
     assert programs_per_sm(32, 4, 100 * 1024) == 2  # shared memory
+
+
+def _gpu_program():
+    sys.path.insert(0, str(ROOT / "ci"))
+    import gpu_program
+
+    return gpu_program
+
+
+def test_gpu_program_counts_the_launches_and_bytes_of_a_step():
+    """The HLO reader on a real compiled program (this machine's backend; the format is XLA's on
+    every backend): the loop body over T is found, and a dynamic slice of the sequence counts only
+    the slice, the in-place stacking of the outputs only the update."""
+    import jax
+    import jax.numpy as jnp
+
+    gp = _gpu_program()
+    T, n = 7, 256
+
+    def run(c, xs):
+        def body(c, x):
+            c = jnp.tanh(c + x)
+            return c, c * 2.0
+
+        return jax.lax.scan(body, c, xs)
+
+    text = jax.jit(run).lower(jnp.ones((n, n)), jnp.ones((T, n, n))).compile().as_text()
+    launches = gp.step_launches(gp.parse_hlo(text), T)
+    assert launches and gp.step_launches(gp.parse_hlo(text), T + 1) == []
+    plane = 4 * n * n
+    # read c and x_t, write c; read c, write 2c into the stacked outputs: 5 planes (+ a few scalars)
+    assert 5 * plane <= sum(r["bytes"] for r in launches) < 5 * plane + 1024
+    assert max(r["bytes"] for r in launches) < T * plane  # never the whole sequence
+
+
+def test_gpu_program_bytes_of_hlo_types():
+    gp = _gpu_program()
+    assert gp.array_bytes("f32[64,512,512,1]{3,2,1,0}") == 4 * 64 * 512 * 512
+    assert gp.array_bytes("(bf16[3,5]{1,0}, /*index=1*/s32[], pred[7])") == 2 * 15 + 4 + 7
+
+
+def test_gpu_program_needs_the_cuda_plugin_or_compiles_for_an_h100(tmp_path):
+    """Without JAX's CUDA plugin the script stops with exit status 2 and says what to install; with
+    it (no GPU needed), a dense D-RTRL step under 'pallas' launches the fused kernel for each of its
+    three traces."""
+    import importlib.util
+
+    out = tmp_path / "program.json"
+    cmd = [sys.executable, "ci/gpu_program.py", "--scale", "cpu", "--workloads", "dense"]
+    cmd += ["--algorithms", "d_rtrl", "--backends", "pallas", "--T", "5", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    has_plugin = importlib.util.find_spec("jax_plugins") is not None and any(
+        importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)
+    )
+    if not has_plugin:
+        assert result.returncode == 2 and "needs JAX's CUDA plugin" in result.stderr, result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(out.read_text())["rows"]
+    kinds = [r["kind"] for r in row["launches"]]
+    assert kinds.count("triton:dense_trace_update_solve") == 3

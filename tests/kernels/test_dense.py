@@ -85,6 +85,16 @@ def test_vector_states_kernels_match_reference(block_sizes, n):
     _check_all_kernels(7, 37, 29, n, block_sizes=block_sizes, interpret=True, fused_only=block_sizes.prefetch)
 
 
+# One program per thin (i, o) tile over the whole batch: a single chunk, so dW is written once with no
+# partials to sum (the configuration the tuning sweep compares with the batch chunks).
+WHOLE_BATCH = bk.DenseBlockSizes(block_i=1, block_o=16, block_b=64, min_programs=1, prefetch=True)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_whole_batch_programs_match_reference(n):
+    _check_all_kernels(7, 37, 29, n, block_sizes=WHOLE_BATCH, interpret=True, fused_only=True)
+
+
 @pytest.mark.parametrize("field", ["prefetch", "vector_states"])
 def test_flags_must_be_bools(field):
     trace, _, _, _, ct = _operands(1, 3, 2, 1)

@@ -68,6 +68,17 @@ def test_dense_kernels_lower(shape, n, dtype, block_sizes):
     assert triton_kernel_names(fused, t, d, x, df, ct) == ["dense_trace_update_solve"]
 
 
+@pytest.mark.parametrize("block_i,block_o,prefetch", [(1, 256, True), (8, 128, False)])
+def test_whole_batch_tiles_lower(block_i, block_o, prefetch):
+    """The thin tiles of ``ci/tune_kernels.py`` that cover the whole batch (one chunk, no partials)."""
+    bs = bk.DenseBlockSizes(
+        block_i=block_i, block_o=block_o, block_b=64, min_programs=1, num_warps=2, prefetch=prefetch
+    )
+    ops = _dense_operands(64, 512, 512, 1, jnp.float32)
+    fused = functools.partial(bk.dense_trace_update_solve, block_sizes=bs)
+    assert triton_kernel_names(fused, *ops.values()) == ["dense_trace_update_solve"]
+
+
 @pytest.mark.parametrize("n,padded", [(3, True), (2, False)])
 def test_vector_states_masks_the_padded_state(n, padded):
     """With ``vector_states`` a row's ``(block_i, block_o, n)`` tile is accessed as ``n`` padded to a
