@@ -27,7 +27,7 @@ before it is timed. Exit status: 0, 1 when a configuration fails or
 mismatches, 2 without a GPU. Needs only jax; braintrace's own dependencies are not imported.
 
 ``--smoke`` runs the same sweep logic on any machine, in Pallas interpret mode at tiny sizes and with
-three configurations per stage (a check of the script, not a measurement).
+two configurations per stage (a check of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -128,10 +128,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write every row here")
     parser.add_argument("--only", choices=("dense", "csr"), default=None)
     parser.add_argument(
-        "--smoke", action="store_true", help="interpret mode, tiny sizes, 3 configs per stage"
+        "--smoke", action="store_true", help="interpret mode, tiny sizes, 2 configs per stage"
     )
     opts = parser.parse_args(argv)
-    cases, limit = (SMOKE_CASES, 3) if opts.smoke else (CASES, None)
+    cases, limit = (SMOKE_CASES, 2) if opts.smoke else (CASES, None)
     if opts.smoke:
         opts.iters, opts.repeats = 2, 1
     elif not any(dev.platform == "gpu" for dev in jax.devices()):
