@@ -244,13 +244,32 @@ def _dense_update_solve_reference(trace, d, x, df, ct):
     return new, _dense_solve_reference(new, ct)
 
 
+def _kernel_splits_the_batch(shape, block_sizes) -> bool:
+    """Whether the update+solve kernel, for a trace of ``shape`` ``(B, I, O, n)`` with one state per
+    unit, would split the batch finer than ``block_sizes.block_b`` rows per program.
+
+    It does so when the ``(i, o)`` tiles alone give too few programs (a small ``I x O``: an input
+    weight, a bias, a LoRA factor), and then writes one partial ``dW`` per one or two batch rows: as
+    many bytes again as the trace itself, and one more launch to sum them. XLA's fusion of the
+    reference makes one pass with no partials (in the H100 programs of the benchmark models,
+    ``ci/gpu_program.py``: 8.9 MB against 17 MB for the input weight of the dense RNN).
+    """
+    num_b, num_i, num_o, n = shape
+    tiles = -(-num_o // block_sizes.block_o) * -(-num_i // block_sizes.block_i)
+    return n == 1 and block_sizes.rows_per_program(num_b, tiles) < min(block_sizes.block_b, num_b)
+
+
 def _dense_update_solve_kernel(trace, d, x, df, ct, *, interpret):
     # Unlike the update alone, the fused update+solve kernel is used for one state as well: it makes
     # one pass over the trace where XLA's update and reduction make two or share one only partly
-    # (H100, 64 x 512 x 512: 66 us against 70 us; docs/performance.md).
+    # (H100, 64 x 512 x 512: 66 us against 70 us; docs/performance.md); but not for a small one-state
+    # trace, where its partial sums would double the bytes.
     from braintrace._kernel_import import kernel_module
 
-    new, dw = kernel_module("dense").dense_trace_update_solve(trace, d, x, df, ct, interpret=interpret)
+    dense = kernel_module("dense")
+    if not interpret and _kernel_splits_the_batch(trace.shape, dense.DenseBlockSizes.get_default()):
+        return _dense_update_solve_reference(trace, d, x, df, ct)
+    new, dw = dense.dense_trace_update_solve(trace, d, x, df, ct, interpret=interpret)
     return new, dw.astype(_arithmetic_dtype(trace.dtype))
 
 
