@@ -3,7 +3,7 @@
 
 Usage (from the repository root, on the GPU host)::
 
-    python3 ci/tune_kernels.py [--iters 50] [--repeats 5] [--json OUT.json] [--only dense|csr]
+    python3 ci/tune_kernels.py [--iters 50] [--repeats 5] [--json OUT.json] [--only dense|csr] [--cases ...]
 
 For each case it times ``dense_trace_update_solve`` (or ``csr_trace_update_solve``) under every
 configuration of a staged sweep: first the tile shape, the warps and (dense) the prefetch of the next
@@ -14,7 +14,8 @@ Each line gives the time per call and the bandwidth achieved (bytes that must mo
 ``benchmarks/_ops.py``) against a roofline measured in the same run at the same size (a float32
 elementwise op over an array as large as the trace: bytes read + written), which is what the kernel
 could reach at this size, not at 1 GiB. About 250 configurations in all, each compiled once: on the
-GPU host, ``--only dense`` and ``--only csr`` split the run in two. The last lines compare
+GPU host, ``--only dense`` and ``--only csr`` split the run in two, and ``--cases "(a)" "(c)"``
+(substrings of the case labels) splits it further. The last lines compare
 the fastest configuration with the default one; change the defaults (``DenseBlockSizes`` in
 ``kernels/dense.py``, ``CsrBlockSizes`` in ``kernels/csr.py``) only on a gain well beyond the spread
 between repeats, and write the figures into their docstrings.
@@ -128,6 +129,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write every row here")
     parser.add_argument("--only", choices=("dense", "csr"), default=None)
     parser.add_argument(
+        "--cases", nargs="+", default=None, help="only the cases whose label contains one of these strings"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="interpret mode, tiny sizes, 2 configs per stage"
     )
     opts = parser.parse_args(argv)
@@ -142,6 +146,8 @@ def main(argv=None) -> int:
     rows, failures = [], 0
     for label, (family, sizes) in cases.items():
         if opts.only and family != opts.only:
+            continue
+        if opts.cases and not any(c in label for c in opts.cases):
             continue
         make = dense_cases if family == "dense" else csr_cases
         op = f"{family}_trace_update_solve"

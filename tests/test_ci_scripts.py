@@ -37,6 +37,14 @@ def test_kernel_tuning_sweep_runs_in_interpret_mode(tmp_path):
         assert all(r["us"] > 0 for r in mine)
 
 
+def test_kernel_tuning_sweep_selects_cases(tmp_path):
+    out = tmp_path / "tune.json"
+    cmd = [sys.executable, "ci/tune_kernels.py", "--smoke", "--cases", "csr", "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and {r["op"] for r in rows} == {"csr_trace_update_solve"}
+
+
 def test_kernel_tuning_sweep_needs_a_gpu():
     cmd = [sys.executable, "ci/tune_kernels.py"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
