@@ -143,14 +143,14 @@ def parse_hlo(text: str) -> dict[str, list[Instr]]:
         match = _INSTR.match(line) if current is not None else None
         if match:
             root, name, type_text, opcode, rest = match.groups()
-            depth, args = 1, []
+            depth = 1
             for k, ch in enumerate(rest):  # the operand list ends at the matching parenthesis
                 depth += (ch == "(") - (ch == ")")
                 if depth == 0:
                     args, attrs = rest[:k], rest[k + 1 :]
                     break
-            else:
-                attrs = ""
+            else:  # unbalanced: take the rest as operands
+                args, attrs = rest, ""
             operands = re.findall(r"%([\w.\-]+)", args)
             current.append(Instr(name, type_text, opcode, operands, args, attrs, bool(root)))
     if entry is not None:
