@@ -249,8 +249,8 @@ def _kernel_splits_the_batch(shape, block_sizes) -> bool:
     unit, would split the batch finer than ``block_sizes.block_b`` rows per program.
 
     It does so when the ``(i, o)`` tiles alone give too few programs (a small ``I x O``: an input
-    weight, a bias, a LoRA factor), and then writes one partial ``dW`` per one to a few batch rows: about
-    many bytes again as the trace itself, and one more launch to sum them. XLA's fusion of the
+    weight, a bias, a LoRA factor), and then writes one partial ``dW`` per one to a few batch rows,
+    about as many bytes again as the trace itself, and one more launch to sum them. XLA's fusion of the
     reference makes one pass with no partials (in the H100 programs of the benchmark models,
     ``ci/gpu_program.py``: 8.9 MB against 17 MB for the input weight of the dense RNN).
     """
