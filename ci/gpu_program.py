@@ -74,7 +74,7 @@ NO_LAUNCH = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4}
 _DTYPE_BYTES.update({"f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16})
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
-_INSTR = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 
 
@@ -112,7 +112,6 @@ class Instr:
     operands: list[str]
     args: str  # the operand list's text (a parameter's number)
     attrs: str
-    root: bool
 
 
 def array_bytes(type_text: str) -> int:
@@ -142,7 +141,7 @@ def parse_hlo(text: str) -> dict[str, list[Instr]]:
             continue
         match = _INSTR.match(line) if current is not None else None
         if match:
-            root, name, type_text, opcode, rest = match.groups()
+            name, type_text, opcode, rest = match.groups()
             depth = 1
             for k, ch in enumerate(rest):  # the operand list ends at the matching parenthesis
                 depth += (ch == "(") - (ch == ")")
@@ -152,7 +151,7 @@ def parse_hlo(text: str) -> dict[str, list[Instr]]:
             else:  # unbalanced: take the rest as operands
                 args, attrs = rest, ""
             operands = re.findall(r"%([\w.\-]+)", args)
-            current.append(Instr(name, type_text, opcode, operands, args, attrs, bool(root)))
+            current.append(Instr(name, type_text, opcode, operands, args, attrs))
     if entry is not None:
         computations["ENTRY"] = computations[entry]
     return computations

@@ -16,6 +16,7 @@ import braintrace_kernels as bk
 import jax
 import jax.numpy as jnp
 import pytest
+from braintrace_kernels.triton_calls import TritonCall, lowered_for_cuda, triton_calls
 from jax.experimental import pallas as pl
 
 from ._util import triton_kernel_names
@@ -85,8 +86,6 @@ def test_vector_states_masks_the_padded_state(n, padded):
     power of two; the padded state lies in the next unit, so the compiled kernel must mask it (interpret
     mode bounds each dimension separately and would not notice). Full tiles and batch chunks: the state
     mask is the only one, and ``n = 2`` needs none (the control)."""
-    from braintrace_kernels.triton_calls import lowered_for_cuda, triton_calls
-
     ops = _dense_operands(64, 512, 512, n, jnp.float32)
     block_sizes = bk.DenseBlockSizes(vector_states=True)
     fused = functools.partial(bk.dense_trace_update_solve, block_sizes=block_sizes)
@@ -229,8 +228,6 @@ def test_the_lowering_rejects_what_interpret_mode_accepts():
 
 
 def test_triton_calls_reads_the_attributes_and_fails_on_a_changed_format():
-    from braintrace_kernels.triton_calls import TritonCall, triton_calls
-
     line = (
         "%0 = stablehlo.custom_call @__gpu$xla.gpu.triton(%arg0) {backend_config = {grid_x = 1 : i32, "
         'ir = "ML\\EFR\\\\x\\22y", name = "k", num_stages = 2 : i32, num_warps = 8 : i32}}'
