@@ -54,7 +54,11 @@ ALGORITHMS = {
     "d_rtrl_factored": ("d_rtrl", {"lora_factored": True, "decay_or_rank": PP_PROP_DECAY}),
     "d_rtrl_bf16": ("d_rtrl", {"trace_dtype": jnp.bfloat16}),
     "pp_prop": ("pp_prop", {"decay_or_rank": PP_PROP_DECAY}),
+    "pp_prop_solve32": ("pp_prop", {"decay_or_rank": PP_PROP_DECAY}),
 }
+#: ``etrace_grad`` options of a benchmark algorithm: ``pp_prop_solve32`` forms the weight gradients
+#: once per 32 steps from the stored factors (``solve_every=32``).
+ETRACE_GRAD_OPTIONS = {"pp_prop_solve32": {"solve_every": 32}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +280,10 @@ def online_fn(s: Spec, algorithm: str, seed: int = 0):
         x0 = jnp.zeros((s.batch, s.n_in), jnp.float32)
         name, options = ALGORITHMS[algorithm]
         learner = braintrace.compile(model, name, x0, batch_size=s.batch, **options)
-    return _InContext(brainstate.transform.jit(lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=loss)))
+    grad_options = ETRACE_GRAD_OPTIONS.get(algorithm, {})
+    return _InContext(
+        brainstate.transform.jit(lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=loss, **grad_options))
+    )
 
 
 def bptt_fn(s: Spec, seed: int = 0):

@@ -5,7 +5,9 @@
   ``benchmarks/_config.py``), time per step, for D_RTRL and pp_prop on the workloads of
   ``benchmarks/_models.py`` ((a) dense, (b) CSR, (c) LoRA RNNs, the latter also under D_RTRL with
   the factored LoRA trace, and D_RTRL with bfloat16 traces under ``'pallas'``; (d) the 50k-neuron LIF
-  network under pp_prop at batch 8 and 1), on both backends.
+  network under pp_prop at batch 8 and 1), on both backends; pp_prop also with its weight
+  gradients formed once per 32 steps (``pp_prop_solve32``, ``etrace_grad(..., solve_every=32)``)
+  on (b) and (d).
 * ``test_bptt_step``: ``jax.grad`` of the summed loss through a scan, same models, same ``T``.
 * ``test_memory``: each of BPTT, D_RTRL and pp_prop on (a)-(c) at T = 100, 1,000 and 10,000 (GPU):
   peak device memory measured one configuration per process, and the compiled program's
@@ -43,9 +45,11 @@ E2E = {
     "gpu": [(w, a, b) for w in RNNS for a in ONLINE for b in BACKENDS]
     + [("lora", "d_rtrl_factored", b) for b in BACKENDS]
     + [(w, "d_rtrl_bf16", "pallas") for w in RNNS]
-    + [(w, "pp_prop", b) for w in ("snn", "snn_b1") for b in BACKENDS],
+    + [(w, a, b) for w in ("snn", "snn_b1") for a in ("pp_prop", "pp_prop_solve32") for b in BACKENDS]
+    + [("csr", "pp_prop_solve32", b) for b in BACKENDS],
     "cpu": [(w, a, "xla") for w in RNNS for a in ONLINE]
     + [("lora", "d_rtrl_factored", "xla"), ("dense", "d_rtrl_bf16", "xla"), ("snn", "pp_prop", "xla")]
+    + [("snn", "pp_prop_solve32", "xla")]
     + [("dense", "d_rtrl", "pallas")],
 }
 MEMORY_ALGORITHMS = ("bptt",) + ONLINE

@@ -69,8 +69,10 @@ platform_name: "CUDA"
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
-#: HLO instructions that launch nothing (views, tuples, constants, loop plumbing).
+#: HLO instructions that launch nothing themselves (views, tuples, constants, loop plumbing; a
+#: ``while`` runs its body, whose launches are counted on their own).
 NO_LAUNCH = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "opt-barrier"}
+NO_LAUNCH.add("while")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4}
 _DTYPE_BYTES.update({"f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16})
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
@@ -174,18 +176,28 @@ def launch_bytes(instr: Instr, shapes: dict[str, str], computations) -> int:
     for i in body:
         for op in i.operands:
             users[op].append(i)
+
+    def uses_of(name):
+        """``[(user, the name it reads)]``, looking through bitcasts (a relabelled view of the same
+        bytes: XLA's layout assignment inserts them around a loop's stacked buffers)."""
+        found = []
+        for u in users.get(name, []):
+            found += uses_of(u.name) if u.opcode == "bitcast" else [(u, name)]
+        return found
+
     for pname, index in params.items():
-        uses = users.get(pname, [])
+        pairs = uses_of(pname)
+        uses = [u for u, _ in pairs]
         if (
             index < len(operand_bytes)
             and uses
-            and all(u.opcode == "dynamic-slice" and u.operands[0] == pname for u in uses)
+            and all(u.opcode == "dynamic-slice" and u.operands[0] == via for u, via in pairs)
         ):
             operand_bytes[index] = sum(array_bytes(u.type) for u in uses)
         elif (
             index < len(operand_bytes)
             and uses
-            and all(u.opcode == "dynamic-update-slice" and u.operands[0] == pname for u in uses)
+            and all(u.opcode == "dynamic-update-slice" and u.operands[0] == via for u, via in pairs)
         ):
             updates = sum(array_bytes(by_name[u.operands[1]].type) for u in uses if u.operands[1] in by_name)
             operand_bytes[index] = 0  # updated in place: only the update is written
@@ -214,26 +226,49 @@ def launch_kind(instr: Instr, computations) -> str:
     return instr.opcode
 
 
-def step_launches(computations, T: int) -> list[dict]:
-    """The launches of one step: the bodies of the entry's loops that run ``T`` times (BPTT has two)."""
+def _trip_count(instr: Instr) -> int | None:
+    """A ``while``'s known trip count (XLA's ``known_trip_count`` in its backend config)."""
+    match = re.search(r'"n":"(\d+)"', instr.attrs)
+    return int(match.group(1)) if match else None
+
+
+def step_launches(computations, T: int, block: int = 1) -> list[dict]:
+    """The launches of one step, each with ``per_step``: how often it runs per step.
+
+    ``block = 1``: the bodies of the entry's loops that run ``T`` times (BPTT has two), once per step.
+    ``block = K > 1`` (``etrace_grad(..., solve_every=K)``): a loop over the ``T // K`` blocks whose
+    body holds the loop over a block's ``K`` steps; the inner body runs once per step, the rest of
+    the block's body once per ``K`` steps, and the loop over the ``T % K`` remaining steps (if any) in
+    proportion. The remainder block's own solve runs once per program and is left out, like
+    everything else outside the loops.
+    """
+    n_blocks, rest = divmod(T, block) if block > 1 else (T, 0)
     rows = []
-    for instr in computations["ENTRY"]:
-        if instr.opcode != "while" or f'"n":"{T}"' not in instr.attrs:
-            continue
-        body_name = _called(instr, "body")
+
+    def add(body_name, per_step):
         body = computations[body_name]
         shapes = {i.name: i.type for i in body}
         for i in body:
             if i.opcode in NO_LAUNCH:
                 continue
-            rows.append(
-                {
-                    "loop": body_name,
-                    "name": i.name,
-                    "kind": launch_kind(i, computations),
-                    "bytes": launch_bytes(i, shapes, computations),
-                }
-            )
+            row = {"loop": body_name, "name": i.name, "kind": launch_kind(i, computations)}
+            row.update(bytes=launch_bytes(i, shapes, computations), per_step=per_step)
+            rows.append(row)
+
+    for instr in computations["ENTRY"]:
+        n = _trip_count(instr) if instr.opcode == "while" else None
+        if n is None:
+            continue
+        body_name = _called(instr, "body")
+        if block == 1 and n == T:
+            add(body_name, 1.0)
+        elif block > 1 and n == n_blocks:
+            inner = [i for i in computations[body_name] if i.opcode == "while" and _trip_count(i) == block]
+            if len(inner) == 1:
+                add(body_name, n_blocks / T)
+                add(_called(inner[0], "body"), n_blocks * block / T)
+        elif block > 1 and rest and n == rest:
+            add(body_name, rest / T)
     return rows
 
 
@@ -271,19 +306,23 @@ def analyse(device, workload, algorithm, backend, T, scale="gpu", hlo_dir=None) 
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
         (hlo_dir / f"{workload}-{algorithm}-{backend}-T{T}.hlo.txt").write_text(text)
-    launches = step_launches(parse_hlo(text), T)
+    from benchmarks import _models as M
+
+    block = M.ETRACE_GRAD_OPTIONS.get(algorithm, {}).get("solve_every", 1)
+    launches = step_launches(parse_hlo(text), T, block)
     return {
         "workload": workload,
         "label": s.label,
         "algorithm": algorithm,
         "backend": backend,
         "T": T,
+        "solve_every": block,
         "temp_bytes": int(memory.temp_size_in_bytes),
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "alias_bytes": int(memory.alias_size_in_bytes),
-        "step_launches": len(launches),
-        "step_bytes": sum(r["bytes"] for r in launches),
+        "step_launches": round(sum(r["per_step"] for r in launches), 3),
+        "step_bytes": round(sum(r["bytes"] * r["per_step"] for r in launches)),
         "launches": launches,
         "compile_s": round(time.perf_counter() - start, 2),
     }
@@ -324,13 +363,16 @@ def main(argv=None) -> int:
                     mb = lambda key: row[key] / 1e6  # noqa: E731
                     print(
                         f"{row['label']:40s} {algorithm:16s} {backend:7s} {T:6d} {mb('temp_bytes'):9.1f} "
-                        f"{mb('argument_bytes'):8.1f} {mb('output_bytes'):8.1f} {row['step_launches']:8d} "
+                        f"{mb('argument_bytes'):8.1f} {mb('output_bytes'):8.1f} {row['step_launches']:8.2f} "
                         f"{mb('step_bytes'):8.1f}  {summary(row['launches'])}",
                         flush=True,
                     )
                     if args.launches:
                         for r in row["launches"]:
-                            print(f"    {r['kind']:34s} {r['bytes'] / 1e6:9.3f} MB  {r['name']}")
+                            print(
+                                f"    {r['kind']:34s} {r['bytes'] / 1e6:9.3f} MB"
+                                f" x {r['per_step']:.3g}  {r['name']}"
+                            )
     if args.json is not None:
         import jax
 

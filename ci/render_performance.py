@@ -44,13 +44,14 @@ FAMILY_TITLES = OrderedDict(
     ]
 )
 WORKLOAD_ORDER = ("dense", "csr", "lora", "snn")
-ALGORITHM_ORDER = ("bptt", "d_rtrl", "d_rtrl_factored", "d_rtrl_bf16", "pp_prop")
+ALGORITHM_ORDER = ("bptt", "d_rtrl", "d_rtrl_factored", "d_rtrl_bf16", "pp_prop", "pp_prop_solve32")
 ALGORITHM_NAMES = {
     "bptt": "BPTT",
     "d_rtrl": "D_RTRL",
     "d_rtrl_factored": "D_RTRL (factored LoRA)",
     "d_rtrl_bf16": "D_RTRL (bfloat16 traces)",
     "pp_prop": "pp_prop",
+    "pp_prop_solve32": "pp_prop (solve_every=32)",
 }
 BACKEND_ORDER = ("xla", "pallas")
 STATUS_TEXT = {"oom": "OOM", "skipped": "skipped", "timeout": "timeout", "error": "error"}

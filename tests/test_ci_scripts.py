@@ -108,6 +108,40 @@ def test_gpu_program_counts_the_launches_and_bytes_of_a_step():
     assert max(r["bytes"] for r in launches) < T * plane  # never the whole sequence
 
 
+def test_gpu_program_counts_blocked_loops_per_step():
+    """``solve_every=K`` programs: a loop over blocks holding the loop over a block's steps, and a
+    loop over the remainder. The inner body runs once per step, the block's own work once per K
+    steps, the remainder loop in proportion; nothing is counted for a K the program does not have."""
+    import jax
+    import jax.numpy as jnp
+
+    gp = _gpu_program()
+    T, K, n = 11, 4, 64  # 2 blocks of 4, 3 remaining steps
+
+    def step(c, x):
+        c = jnp.tanh(c + x)
+        return c, c * 2.0
+
+    def block(c, xs):
+        c, ys = jax.lax.scan(step, c, xs)
+        return jnp.sin(c) + ys.sum(0), ys.sum(0)
+
+    def run(c, xs):
+        c, _ = jax.lax.scan(block, c, xs[: 2 * K].reshape(2, K, n, n))
+        return jax.lax.scan(step, c, xs[2 * K :])
+
+    text = jax.jit(run).lower(jnp.ones((n, n)), jnp.ones((T, n, n))).compile().as_text()
+    computations = gp.parse_hlo(text)
+    launches = gp.step_launches(computations, T, block=K)
+    weights = {r["loop"]: r["per_step"] for r in launches}
+    assert sorted(weights.values()) == sorted([2 / T, 2 * K / T, 3 / T]), weights
+    assert not any(r["kind"] == "while" for r in launches)
+    inner = [r for r in launches if r["per_step"] == 2 * K / T]
+    assert inner and max(r["bytes"] for r in inner) < K * 4 * n * n  # stacking: the update only
+    assert gp.step_launches(computations, T, block=K + 1) == []
+    assert gp.step_launches(computations, T) == []  # no loop runs T times
+
+
 def test_gpu_program_bytes_of_hlo_types():
     gp = _gpu_program()
     assert gp.array_bytes("f32[64,512,512,1]{3,2,1,0}") == 4 * 64 * 512 * 512

@@ -10,6 +10,8 @@ import pytest
 import saiunit as u
 
 import braintrace
+from braintrace._compatible_imports import jaxpr_of
+from braintrace._compiler.jaxpr_tools import sub_jaxprs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -113,6 +115,116 @@ def test_etrace_grad_factored_lora_equals_per_step_gradients():
         tol=1e-12,
         what="etrace_grad, factored LoRA trace, vs summed per-step gradients",
     )
+
+
+# solve_every=K: pp_prop forms the x-dependent weight gradients once per block of K steps from the
+# stored factors. Same sums as the per-step solve; STEPS=10 with K=3 leaves a remainder block.
+@pytest.mark.parametrize("solve_every", [3, 16])
+@pytest.mark.parametrize("model", list(DRIVER_MODELS))
+def test_solve_every_equals_the_pp_prop_oracle(model, solve_every):
+    spec = DRIVER_MODELS[model]()
+    xs, targets = om.make_data(spec, STEPS)
+    learner = braintrace.compile(om.build_module(spec), "pp_prop", xs[0], decay_or_rank=0.8)
+    grads, losses = learner.etrace_grad(
+        xs, targets, step_fn=om.loss_fn, return_value=True, solve_every=solve_every
+    )
+    want = om.pp_prop_oracle(spec, xs, targets, 0.8)
+    om.assert_grads_close(
+        {k[-1]: v for k, v in grads.items()},
+        {k: v.sum(0) for k, v in want.items()},
+        what=f"etrace_grad pp_prop solve_every={solve_every} on {spec.name} vs the oracle",
+    )
+    per_step = learner.etrace_grad(xs, targets, step_fn=om.loss_fn, return_value=True)[1]
+    assert losses.shape == (STEPS,)
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(per_step), rtol=1e-12)
+    factored = {r.primitive.name for r in learner._factored_relations()}
+    if spec.batch is None:
+        assert not factored  # unbatched primitives keep the per-step solve
+    elif model in ("dense_rnn_bias", "sparse_csr", "lora_recurrent", "conv"):
+        assert factored, f"{model}: no relation formed its gradient from factors"
+
+
+class _DecayingWeight(brainstate.nn.Module):
+    """``h' = tanh(x W + x V + 0.5 h)`` where the step also writes ``W <- 0.99 W``: ``W``'s operand
+    changes from step to step, so its gradient cannot be summed over steps before routing; ``V``'s
+    can."""
+
+    def __init__(self, n_in=3, n_hid=4):
+        super().__init__()
+        rng = np.random.default_rng(3)
+        self.W = brainstate.ParamState(jnp.asarray(rng.normal(size=(n_in, n_hid)) * 0.6))
+        self.V = brainstate.ParamState(jnp.asarray(rng.normal(size=(n_in, n_hid)) * 0.6))
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.h = brainstate.HiddenState(jnp.zeros((batch_size, self.W.value.shape[1])))
+
+    def update(self, x):
+        w, v = self.W.value, self.V.value
+        self.h.value = jnp.tanh(braintrace.matmul(x, w) + braintrace.matmul(x, v) + 0.5 * self.h.value)
+        self.W.value = 0.99 * w
+        return self.h.value
+
+
+def test_solve_every_keeps_the_per_step_solve_for_weights_written_by_the_step():
+    rng = np.random.default_rng(4)
+    xs, ys = jnp.asarray(rng.normal(size=(STEPS, 2, 3))), jnp.asarray(rng.normal(size=(STEPS, 2, 4)))
+    loss = lambda out, y: jnp.mean((out - y) ** 2)
+    results = []
+    for k in (1, 4):  # fresh models: the step writes W, so a second run would start elsewhere
+        learner = braintrace.compile(_DecayingWeight(), "pp_prop", xs[0], batch_size=2, decay_or_rank=0.7)
+        factored = [r.trainable_vars for r in learner._factored_relations()]
+        results.append(learner.etrace_grad(xs, ys, step_fn=loss, solve_every=k))
+    assert len(learner.graph.hidden_param_op_relations) == 2 and len(factored) == 1  # V only
+    for key in results[0]:
+        assert om.rel_err(results[1][key], results[0][key]) < 1e-12, key
+
+
+def test_solve_every_forms_the_sparse_weight_gradient_once_per_block():
+    """The SDDMM of the sparse layer leaves the per-step loop: one per block of K steps."""
+    spec = om.sparse_rnn(batch=3)
+    xs, targets = om.make_data(spec, 8)
+    learner = braintrace.compile(om.build_module(spec), "pp_prop", xs[0], decay_or_rank=0.8)
+    run = lambda k: lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=om.loss_fn, solve_every=k)
+    per_step = brainstate.transform.make_jaxpr(run(1))(xs, targets)[0]
+    blocked = brainstate.transform.make_jaxpr(run(4))(xs, targets)[0]
+    count = lambda eqn: _primitive_names(eqn.params["jaxpr"]).count("csr_sddmm")
+    (loop,) = _outermost_scans(per_step)
+    (blocks,) = _outermost_scans(blocked)  # 8 = 2 blocks of 4, no remainder
+    (steps,) = _outermost_scans(blocks.params["jaxpr"])
+    # (the bias key's exact trace goes through the same xy_to_dw rule; its unused weight product
+    # stays in the step and is removed by XLA's dead-code elimination)
+    assert count(loop) >= 1
+    assert count(steps) == count(loop) - 1  # the weight's SDDMM left the per-step loop ...
+    assert count(blocks) - count(steps) == 1  # ... for one per block
+
+
+def _outermost_scans(jaxpr):
+    """The ``scan`` equations of ``jaxpr``, looking through calls (``pjit``) but not into scans."""
+    found = []
+    for eqn in jaxpr_of(jaxpr).eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn)
+        else:
+            for sub in sub_jaxprs(eqn):
+                found.extend(_outermost_scans(sub))
+    return found
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_solve_every_must_be_a_positive_int(bad):
+    spec = om.dense_rnn(batch=2)
+    xs, targets = om.make_data(spec, 3)
+    learner = braintrace.compile(om.build_module(spec), "pp_prop", xs[0])
+    with pytest.raises(ValueError, match="solve_every"):
+        learner.etrace_grad(xs, targets, step_fn=om.loss_fn, solve_every=bad)
+
+
+def test_solve_every_is_refused_by_d_rtrl():
+    spec = om.dense_rnn(batch=2)
+    xs, targets = om.make_data(spec, 3)
+    learner = braintrace.compile(om.build_module(spec), "d_rtrl", xs[0])
+    with pytest.raises(ValueError, match="solve_every=2.*pp_prop / ES_D_RTRL.*solves its traces every step"):
+        learner.etrace_grad(xs, targets, step_fn=om.loss_fn, solve_every=2)
 
 
 def test_return_value_false_returns_only_gradients():
@@ -328,7 +440,6 @@ def test_traces_reset_when_states_are_reinitialised(name):
 
 def _primitive_names(jaxpr, out=None):
     """Every primitive name in ``jaxpr`` and the jaxprs nested in its equations' params."""
-    from braintrace._compatible_imports import jaxpr_of
 
     out = [] if out is None else out
     for eqn in jaxpr_of(jaxpr).eqns:

@@ -192,8 +192,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self._write_states(states, new_state_leaves)
         return jax.tree.unflatten(info.out_treedef, outs)
 
-    def _step_grad(self, step_fn, params, inputs, targets):
-        r"""One step of the sequence driver: ``(gradients keyed like params, loss)``.
+    def _step_grad(self, step_fn, params, inputs, targets, factored=False):
+        r"""One step of the sequence driver: ``(gradients keyed like params, loss)``; with
+        ``factored``, ``(gradients, factors, loss)`` where the gradients of
+        :meth:`_factored_relations` are left out and returned as factors (see
+        :meth:`_factored_param_grads`).
 
         Equal to ``brainstate.transform.grad`` of ``step_fn(self(*inputs), *targets)`` with respect
         to ``params``, computed in another order: :math:`\partial L_t/\partial h_t` comes first (the
@@ -220,7 +223,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         (grads, d_perturbation), loss, (step, state_leaves) = grad_fn(ex.perturbation.zeros())
         step = StepValues(*step)
         old = self._restart_if_new_epoch(self.etrace.value)
-        new_traces, relation_grads = self._update_and_solve(old, step, ex.group_cotangents(d_perturbation))
+        cts = ex.group_cotangents(d_perturbation)
+        if factored:
+            new_traces, relation_grads, factors = self._update_solve_factored(old, step, cts)
+        else:
+            new_traces, relation_grads = self._update_and_solve(old, step, cts)
         new_traces = jax.lax.stop_gradient(new_traces)
         new_traces["epoch"] = old["epoch"]
         self.etrace.value = new_traces
@@ -229,7 +236,31 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         grads = dict(grads)
         for key, value in self._param_cotangents(states, params, routed).items():
             grads[key] = jax.tree.map(jnp.add, grads[key], value)
-        return grads, loss
+        return (grads, factors, loss) if factored else (grads, loss)
+
+    # weight gradients formed once per block of steps -------------------------------------------
+    def _factored_relations(self) -> Tuple:
+        """Relations whose gradient the algorithm can form once from factors stacked over many
+        steps (``etrace_grad(..., solve_every=K)``); none by default."""
+        return ()
+
+    def _update_solve_factored(self, traces, step: StepValues, cts):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _solve_factors(self, factors, weights, aux):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _factored_param_grads(self, params, factors) -> Dict:
+        """Gradients keyed like ``params`` from ``factors`` stacked over steps (leading axis)."""
+        relations = [r for r in self._factored_relations() if r.index in factors]
+        if not relations:
+            return {}
+        ex = self.executor
+        states, state_leaves = self._current_states()
+        weights, aux = ex.constant_operands(state_leaves, relations)
+        relation_grads = self._solve_factors(factors, weights, aux)
+        routed = ex.route_constant_operands(state_leaves, relations, relation_grads)
+        return self._param_cotangents(states, params, routed)
 
     def _param_cotangents(self, states, params, leaf_cts):
         """Cotangents of the state leaves, regrouped per parameter of ``params`` (by key)."""

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from braintrace._compatible_imports import Literal, bind_equation, consts_of
 from braintrace._compiler.graph import ETraceGraph, HiddenGroup
-from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked, is_trainable_etp_eqn
+from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked, is_trainable_etp_eqn, live_towards
 from braintrace._compiler.perturbation import add_hidden_perturbation_in_module
 
 __all__ = ["ETraceGraphExecutor", "ETraceVjpGraphExecutor", "StepValues"]
@@ -223,15 +223,62 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         _, vjp_t = jax.vjp(lambda s: self._trainable_values(s, arg_leaves), list(state_leaves))
         return vjp_t(self._operand_cotangents(relation_grads, weights))[0]
 
-    def _operand_cotangents(self, relation_grads, weights):
-        """``relation_grads`` in the dtype of each trainable operand, for every relation and key."""
-        return {
-            r.index: {
-                k: jnp.asarray(relation_grads[r.index][k], dtype=jnp.result_type(weights[r.index][k]))
-                for k in r.trainable_vars
+    def _operand_cotangents(self, relation_grads, weights, relations=None):
+        """``relation_grads`` in the dtype of each trainable operand, for every relation and key (of
+        ``relations``, default all); a key without a gradient gets zeros."""
+        relations = self.graph.hidden_param_op_relations if relations is None else relations
+        out = {}
+        for r in relations:
+            got = relation_grads.get(r.index, {})
+            out[r.index] = {}
+            for k in r.trainable_vars:
+                w = weights[r.index][k]
+                g = got.get(k)
+                out[r.index][k] = jnp.zeros_like(w) if g is None else jnp.asarray(g, jnp.result_type(w))
+        return out
+
+    # -- operands that stay fixed over a sequence ---------------------------------------------
+    def constant_operand_relations(self):
+        """The relations whose trainable and auxiliary operands depend only on states the step
+        never writes (parameters, index arrays) and on no input: over one sequence they are the
+        same at every step, so gradients with respect to them can be summed over steps before
+        they are routed to the states (:meth:`route_constant_operands`)."""
+        if not hasattr(self, "_constant_operand_relations"):
+            info = self.info
+            fixed = {
+                v for leaf, v in enumerate(info.state_invars()) if not info.written[info.leaf_owner(leaf)]
             }
-            for r in self.graph.hidden_param_op_relations
-        }
+            invars = set(self.jaxpr.invars)
+            found = []
+            for r in self.graph.hidden_param_op_relations:
+                targets = [*r.trainable_vars.values(), *r.aux_vars]
+                slice_ = live_towards(self.jaxpr, targets)
+                if all(v in fixed for v in slice_ if v in invars):
+                    found.append(r)
+            self._constant_operand_relations = tuple(found)
+        return self._constant_operand_relations
+
+    def constant_operands(self, state_leaves, relations):
+        """``(weights, aux)`` of ``relations`` (see :meth:`constant_operand_relations`), computed
+        from ``state_leaves`` alone by evaluating only the equations they depend on."""
+        targets = [v for r in relations for v in (*r.trainable_vars.values(), *r.aux_vars)]
+        live = live_towards(self.jaxpr, targets)
+
+        def skip(i, eqn, invals):  # equations the operands do not need are not evaluated
+            return None if any(v in live for v in eqn.outvars) else [None] * len(eqn.outvars)
+
+        args = [None] * (len(self.jaxpr.invars) - len(state_leaves))
+        _, env = eval_jaxpr_hooked(self.jaxpr, self.consts, [*state_leaves, *args], eqn_hook=skip)
+        weights = {r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()} for r in relations}
+        aux = {r.index: tuple(_read(env, v) for v in r.aux_vars) for r in relations}
+        return weights, aux
+
+    def route_constant_operands(self, state_leaves, relations, relation_grads):
+        """:meth:`route_to_states` for ``relations`` whose operands are constant over a sequence:
+        ``relation_grads`` may be a sum over many steps."""
+        weights_of = lambda s: self.constant_operands(s, relations)[0]
+        weights, vjp_t = jax.vjp(weights_of, list(state_leaves))
+        return vjp_t(self._operand_cotangents(relation_grads, weights, relations))[0]
 
     def _make_call(self):
         perturbed = self.perturbed

@@ -103,6 +103,7 @@ def _etrace_grad(
     step_fn: Optional[Callable] = None,
     return_value: bool = False,
     reset: bool = True,
+    solve_every: int = 1,
 ):
     r"""Run the model online over time-major ``sequences`` and sum the per-step gradients.
 
@@ -125,6 +126,17 @@ def _etrace_grad(
     reset : bool
         Restore the model's non-parameter states to their values at compile time and zero the
         traces before the sequence.
+    solve_every : int
+        pp_prop only: form the ``x``-dependent weight gradients once every ``solve_every`` steps.
+        Each step's gradient is the product :math:`\mathrm{xy\_to\_dw}(\epsilon_x, g_t)` of two
+        small factors, ``(B, I)`` and ``(B, O)``; the driver keeps the factors of ``K`` steps and
+        forms the sum of their gradients in one product over ``K B`` rows (one GEMM for a dense
+        layer, one SDDMM for a sparse one). The result is the same sum (up to rounding order);
+        the weight gradient is read and written once per ``K`` steps instead of every step, at
+        the cost of ``K B (I + O)`` stored values per layer. This pays most when the weight
+        gradient outweighs the traces: large sparse layers at small batch. Layers of an
+        unbatched model, and layers whose weights are not fixed over the sequence, keep the
+        per-step solve.
 
     Returns
     -------
@@ -140,6 +152,14 @@ def _etrace_grad(
     lengths = {jnp.shape(s)[0] for s in jax.tree.leaves(sequences)}
     if len(lengths) != 1:
         raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
+    if isinstance(solve_every, bool) or not isinstance(solve_every, int) or solve_every < 1:
+        raise ValueError(f"`solve_every` must be an int >= 1, got {solve_every!r}.")
+    if solve_every > 1 and not isinstance(self, IODimVjpAlgorithm):
+        raise ValueError(
+            f"`solve_every={solve_every}` needs an algorithm whose weight gradients are products of "
+            f"stored factors (pp_prop / ES_D_RTRL); {type(self).__name__} solves its traces every "
+            f"step. Use solve_every=1."
+        )
     params = self.model.states(brainstate.ParamState)
     # brainstate's jit keeps the state objects it traced: a model re-initialised with
     # init_all_states (new state objects) needs a new compiled loop.
@@ -149,6 +169,7 @@ def _etrace_grad(
         bool(reset),
         tuple(id(s) for s in params.values()),
         tuple(id(s) for s in self._current_states()[0]),
+        solve_every,
     )
     cache = self.__dict__.setdefault("_etrace_grad_cache", {})
     if key not in cache:
@@ -159,18 +180,55 @@ def _etrace_grad(
                 self._restore_initial_states()
             inputs, targets = seqs[:n_in], seqs[n_in:]
 
-            def body(acc, step_seqs):
-                xs_t, ys_t = step_seqs
-                grads, loss = self._step_grad(step_fn, params, xs_t, ys_t)
-                return jax.tree.map(jnp.add, acc, grads), loss
-
             zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in params.items()})
-            total, losses = brainstate.transform.scan(body, zeros, (inputs, targets))
-            return total, losses
+            if solve_every == 1:
+
+                def body(acc, step_seqs):
+                    xs_t, ys_t = step_seqs
+                    grads, loss = self._step_grad(step_fn, params, xs_t, ys_t)
+                    return jax.tree.map(jnp.add, acc, grads), loss
+
+                return brainstate.transform.scan(body, zeros, (inputs, targets))
+            return _scan_in_blocks(self, step_fn, params, zeros, (inputs, targets), solve_every)
 
         cache[key] = brainstate.transform.jit(run)
     grads, losses = cache[key](*sequences)
     return (grads, losses) if return_value else grads
+
+
+def _add_grads(acc, grads):
+    acc = dict(acc)
+    for key, value in grads.items():
+        acc[key] = jax.tree.map(jnp.add, acc[key], value)
+    return acc
+
+
+def _scan_in_blocks(alg, step_fn, params, zeros, seqs, k):
+    """The sequence loop with factored weight gradients formed once per block of ``k`` steps (the
+    last block holds the remainder): ``(gradients, per-step losses)``."""
+
+    def step(acc, step_seqs):
+        xs_t, ys_t = step_seqs
+        grads, factors, loss = alg._step_grad(step_fn, params, xs_t, ys_t, factored=True)
+        return _add_grads(acc, grads), (factors, loss)
+
+    def block(acc, block_seqs):
+        acc, (factors, losses) = brainstate.transform.scan(step, acc, block_seqs)
+        return _add_grads(acc, alg._factored_param_grads(params, factors)), losses
+
+    length = jnp.shape(jax.tree.leaves(seqs)[0])[0]
+    n_blocks, rest = divmod(length, k)
+    acc, parts = zeros, []
+    if n_blocks:
+        head = jax.tree.map(lambda s: s[: n_blocks * k].reshape((n_blocks, k) + s.shape[1:]), seqs)
+        acc, losses = brainstate.transform.scan(block, acc, head)
+        parts.append(losses.reshape((n_blocks * k,)))
+    if rest:
+        acc, losses = block(acc, jax.tree.map(lambda s: s[n_blocks * k :], seqs))
+        parts.append(losses)
+    if not parts:
+        return acc, jnp.zeros((0,), jnp.float32)
+    return acc, jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _warn_if_loss_ignores_output(alg, step_fn, sequences, n_in):

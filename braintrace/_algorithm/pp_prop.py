@@ -146,9 +146,15 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         return new
 
     def _solve(self, traces, cts, weights, aux):
+        return self._solve_parts(traces, cts, weights, aux, factored=())[0]
+
+    def _solve_parts(self, traces, cts, weights, aux, factored):
+        """``(gradients, factors)``: for a relation in ``factored`` (indices), the gradient of its
+        ``x``-dependent keys is returned as the factor pair ``(epsilon_x, g)`` of
+        ``xy_to_dw(epsilon_x, g)`` instead (see :meth:`_solve_factors`)."""
         lam = self.decay
         t = traces["count"]  # number of steps taken, including this one
-        grads = {}
+        grads, factors = {}, {}
         for r, gi, g in self._relation_groups():
             ct = cts[(r.index, gi)]
             kwargs = rule_kwargs(r.params, aux[r.index])
@@ -158,8 +164,13 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             if self._needs_x(r):
                 correction = 1.0 - jnp.asarray(lam, ct.dtype) ** t.astype(ct.dtype)
                 gsig = (ct * traces[f"f{r.index}_g{gi}"]).sum(-1) / correction
-                full = _xy_to_dw(r, x_tr, gsig, weights[r.index], kwargs, bnd)
-                part.update({k: v for k, v in full.items() if k not in _exact_keys(r)})
+                if r.index in factored:
+                    # xy_to_dw is linear in its cotangent: the groups' cotangents add up.
+                    prev = factors.get(r.index)
+                    factors[r.index] = (x_tr, gsig if prev is None else prev[1] + gsig)
+                else:
+                    full = _xy_to_dw(r, x_tr, gsig, weights[r.index], kwargs, bnd)
+                    part.update({k: v for k, v in full.items() if k not in _exact_keys(r)})
             for key in _exact_keys(r):
                 gk = (ct * traces[f"e{r.index}_g{gi}_{key}"]).sum(-1)
                 x_for = (
@@ -170,7 +181,47 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                 part[key] = _xy_to_dw(r, x_for, gk, weights[r.index], kwargs, bnd)[key]
             prev = grads.get(r.index)
             grads[r.index] = part if prev is None else jax.tree.map(jnp.add, prev, part)
-        return grads
+        return grads, factors
+
+    # weight gradients formed once per block of steps (``etrace_grad(..., solve_every=K)``) ------
+    def _factored_relations(self):
+        """Relations whose ``x``-dependent gradient can be formed once for many steps: a batched
+        primitive (its ``xy_to_dw`` sums over the leading batch axis, so ``K`` steps stacked along
+        it give the sum of their gradients in one product) whose operands stay fixed over the
+        sequence (so the summed gradient routes to the parameters like one step's)."""
+        fixed = {r.index for r in self.executor.constant_operand_relations()}
+        return tuple(
+            r
+            for r in self.graph.hidden_param_op_relations
+            if self._needs_x(r) and r.primitive in BATCHED_PRIMITIVES and r.index in fixed
+        )
+
+    def _update_solve_factored(self, traces, step: StepValues, cts):
+        """``(new traces, gradients, factors)``: :meth:`_update_and_solve` with the gradients of
+        :meth:`_factored_relations`' ``x``-dependent keys left as factors."""
+        new = self._update_traces(traces, step)
+        factored = {r.index for r in self._factored_relations()}
+        grads, factors = self._solve_parts(new, cts, step.weights, step.aux, factored)
+        return new, grads, factors
+
+    def _solve_factors(self, factors, weights, aux):
+        r"""Gradients from factors stacked over ``K`` steps: ``x (K, B, ...)``, ``g (K, B, ...)``.
+
+        :math:`\sum_k \mathrm{xy\_to\_dw}(x_k, g_k) = \mathrm{xy\_to\_dw}(x_{1..K}, g_{1..K})` with
+        the steps folded into the batch axis: one product of ``K B`` rows (one GEMM for a dense
+        layer, one SDDMM for a sparse one) instead of ``K`` products of ``B`` rows.
+        """
+        out = {}
+        for r in self._factored_relations():
+            if r.index not in factors:
+                continue
+            x, g = factors[r.index]
+            x = x.reshape((-1,) + x.shape[2:])
+            g = g.reshape((-1,) + g.shape[2:])
+            kwargs = rule_kwargs(r.params, aux[r.index])
+            full = get_rule(r.primitive, "xy_to_dw")(x, g, weights[r.index], **kwargs)
+            out[r.index] = {k: v for k, v in full.items() if k not in _exact_keys(r)}
+        return out
 
 
 #: Public names of :class:`IODimVjpAlgorithm`.

@@ -28,7 +28,7 @@ from braintrace._etrace_op._registries import (
 )
 
 from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
-from .jaxpr_tools import is_trainable_etp_eqn
+from .jaxpr_tools import is_trainable_etp_eqn, live_towards
 from .module_info import HiddenLeaf, ModuleInfo, extract_module_info
 
 __all__ = [
@@ -179,16 +179,6 @@ class ETraceGraph:
 # ----------------------------------------------------------------------------------------------
 
 
-def _live_towards(jaxpr, targets, blocks=lambda eqn: False) -> set:
-    """Variables from which some variable in ``targets`` can be computed (a backward slice that
-    does not pass through equations for which ``blocks(eqn)`` holds)."""
-    live = {v for v in targets if not isinstance(v, Literal)}
-    for eqn in reversed(jaxpr.eqns):
-        if not blocks(eqn) and any(v in live for v in eqn.outvars):
-            live.update(v for v in eqn.invars if not isinstance(v, Literal))
-    return live
-
-
 def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None, live=None) -> Dict:
     """Forward label propagation: ``labels[var]`` is the union of its inputs' labels.
 
@@ -235,7 +225,7 @@ def find_hidden_groups_from_module(
     for k, h in enumerate(leaves):
         seeds.setdefault(in_vars[h.leaf], set()).add(k)
     mixing = set()
-    live = _live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
+    live = live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
     labels = _propagate(jaxpr, seeds, is_trainable_etp_eqn, lambda e, inc: mixing.add(e.primitive.name), live)
     parent = list(range(len(leaves)))
 
@@ -312,7 +302,7 @@ def find_hidden_param_op_relations_from_module(
             mixing.setdefault(i, set()).add(eqn.primitive.name)
 
     reach_labels = _propagate(
-        jaxpr, seeds, is_trainable_etp_eqn, note_mixing, _live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
+        jaxpr, seeds, is_trainable_etp_eqn, note_mixing, live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
     )
     reached: Dict[int, List[HiddenLeaf]] = {}
     for h in info.hidden_leaves:

@@ -22,6 +22,7 @@ __all__ = [
     "inline_calls",
     "eval_jaxpr_hooked",
     "read",
+    "live_towards",
 ]
 
 #: Call-like primitives whose body is inlined so the compiler sees every ETP equation.
@@ -112,6 +113,16 @@ def eval_jaxpr_hooked(
         for v, val in zip(eqn.outvars, outs):
             write(v, val)
     return [read(env, v) for v in jaxpr.outvars], env
+
+
+def live_towards(jaxpr, targets, blocks=lambda eqn: False) -> set:
+    """Variables from which some variable in ``targets`` can be computed (a backward slice that
+    does not pass through equations for which ``blocks(eqn)`` holds)."""
+    live = {v for v in targets if not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if not blocks(eqn) and any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return live
 
 
 def check_control_flow(jaxpr) -> None:
