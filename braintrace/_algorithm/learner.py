@@ -141,6 +141,29 @@ def _etrace_grad(
     Returns
     -------
     dict of gradients keyed like ``model.states(brainstate.ParamState)`` (and the losses).
+
+    Examples
+    --------
+    >>> import brainstate, jax, jax.numpy as jnp, braintrace
+    >>> class Leaky(brainstate.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = brainstate.ParamState(jax.random.normal(jax.random.PRNGKey(0), (2, 3)))
+    ...     def init_state(self, batch_size=None, **kw):
+    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+    ...     def update(self, x):
+    ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
+    ...         return self.h.value
+    >>> learner = braintrace.compile(Leaky(), 'pp_prop', jnp.zeros((4, 2)), batch_size=4)
+    >>> xs = jax.random.normal(jax.random.PRNGKey(1), (10, 4, 2))
+    >>> ys = jnp.zeros((10, 4, 3))
+    >>> loss = lambda out, y: jnp.mean((out - y) ** 2)
+    >>> grads, losses = learner.etrace_grad(xs, ys, step_fn=loss, return_value=True)
+    >>> losses.shape
+    (10,)
+    >>> blocked = learner.etrace_grad(xs, ys, step_fn=loss, solve_every=4)  # blocks of 4, 4, 2
+    >>> bool(jnp.allclose(blocked[('w',)], grads[('w',)], rtol=1e-5, atol=1e-6))
+    True
     """
     if not self.is_compiled:
         raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_grad`.")
