@@ -40,7 +40,19 @@ from saiunit import sparse as ss
 import braintrace
 from braintrace import nn
 
-__all__ = ["Spec", "SPECS", "spec", "build_model", "make_data", "online_fn", "bptt_fn", "ALGORITHMS", "DT"]
+__all__ = [
+    "Spec",
+    "SPECS",
+    "spec",
+    "build_model",
+    "make_data",
+    "online_fn",
+    "bptt_fn",
+    "compiled_program",
+    "ALGORITHMS",
+    "ETRACE_GRAD_OPTIONS",
+    "DT",
+]
 
 #: Simulation step of the spiking model.
 DT = 1.0 * u.ms
@@ -284,6 +296,16 @@ def online_fn(s: Spec, algorithm: str, seed: int = 0):
     return _InContext(
         brainstate.transform.jit(lambda xs, ys: learner.etrace_grad(xs, ys, step_fn=loss, **grad_options))
     )
+
+
+def compiled_program(s: Spec, algorithm: str, T: int, sharding=None):
+    """The compiled program ``pytest benchmarks`` times for ``algorithm`` (``'bptt'`` or a key of
+    :data:`ALGORITHMS`) over ``T`` steps, built from the shapes of the sequences alone, for the
+    device of ``sharding`` (default: the local default device); compiled, never run."""
+    run = bptt_fn(s) if algorithm == "bptt" else online_fn(s, algorithm)
+    xs = jax.ShapeDtypeStruct((T, s.batch, s.n_in), jnp.float32, sharding=sharding)
+    ys = jax.ShapeDtypeStruct((T, s.batch, s.n_out), jnp.float32, sharding=sharding)
+    return run.trace(xs, ys).lower().compile()
 
 
 def bptt_fn(s: Spec, seed: int = 0):

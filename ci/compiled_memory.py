@@ -38,12 +38,10 @@ ALGORITHMS = ("bptt", "d_rtrl", "pp_prop")
 def compiled_memory(workload: str, algorithm: str, T: int, scale: str = "gpu") -> dict:
     """One row: the compiled program's memory analysis, in bytes."""
     s = M.spec(workload, scale)
+    start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = M.bptt_fn(s) if algorithm == "bptt" else M.online_fn(s, algorithm)
-        xs, ys = M.make_data(s, T)
-        start = time.perf_counter()
-        analysis = run.lower(xs, ys).compile().memory_analysis()
+        analysis = M.compiled_program(s, algorithm, T).memory_analysis()
     return {
         "workload": workload,
         "label": s.label,

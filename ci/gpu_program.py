@@ -278,24 +278,19 @@ def step_launches(computations, T: int, block: int = 1) -> list[dict]:
 
 
 def compile_workload(device, workload: str, algorithm: str, backend: str, T: int, scale: str = "gpu"):
-    """The compiled H100 program of one benchmark (``algorithm``: ``'bptt'`` or a key of
+    """``(spec, the compiled H100 program of one benchmark)`` (``algorithm``: ``'bptt'`` or a key of
     ``benchmarks._models.ALGORITHMS``)."""
     import jax
-    import jax.numpy as jnp
 
     import braintrace
     from benchmarks import _models as M
 
     s = M.spec(workload, scale)
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    xs = jax.ShapeDtypeStruct((T, s.batch, s.n_in), jnp.float32, sharding=sharding)
-    ys = jax.ShapeDtypeStruct((T, s.batch, s.n_out), jnp.float32, sharding=sharding)
     with warnings.catch_warnings(), braintrace.backend(backend):
         # Without a GPU, 'pallas' warns that it computes with the references; compiling for the
         # GPU device still takes the kernels.
         warnings.simplefilter("ignore")
-        run = M.bptt_fn(s) if algorithm == "bptt" else M.online_fn(s, algorithm)
-        return s, run.trace(xs, ys).lower().compile()
+        return s, M.compiled_program(s, algorithm, T, jax.sharding.SingleDeviceSharding(device))
 
 
 def analyse(device, workload, algorithm, backend, T, scale="gpu", hlo_dir=None) -> dict:
