@@ -126,10 +126,11 @@ def test_pallas_interpret_equals_xla(kind, algorithm, driver):
     _check_equal(got, ref, 1e-6)
 
 
-@pytest.mark.parametrize("kind", ["dense", "csr", "lora"])
+@pytest.mark.parametrize("kind", ["csr"])
 def test_pallas_interpret_blocked_solve_equals_xla(kind):
-    """``etrace_grad(..., solve_every=2)`` under 'pallas' (the SDDMM over the stacked steps for the
-    sparse layer) equals the per-step solve under 'xla'."""
+    """``etrace_grad(..., solve_every=2)`` under 'pallas' (the ``csr_sddmm`` kernel over the stacked
+    steps) equals the per-step solve under 'xla'. (Dense and LoRA weight gradients have no kernel
+    under pp_prop; their blocked products are checked against the oracle in ``test_learner.py``.)"""
     ref = _online_grads(kind, "pp_prop", "xla", False, "etrace_grad")
     got = _online_grads(kind, "pp_prop", "pallas", True, "etrace_grad_solve2")
     _check_equal(got, ref, 1e-6)

@@ -119,8 +119,11 @@ def test_etrace_grad_factored_lora_equals_per_step_gradients():
 
 # solve_every=K: pp_prop forms the x-dependent weight gradients once per block of K steps from the
 # stored factors. Same sums as the per-step solve; STEPS=10 with K=3 leaves a remainder block.
-@pytest.mark.parametrize("solve_every", [3, 16])
-@pytest.mark.parametrize("model", list(DRIVER_MODELS))
+# K=3: three blocks and a remainder of one step; K=16 > STEPS: the remainder block alone.
+SOLVE_EVERY_CASES = [(m, 3) for m in DRIVER_MODELS] + [("sparse_csr", 16), ("unbatched_two_state", 16)]
+
+
+@pytest.mark.parametrize("model,solve_every", SOLVE_EVERY_CASES)
 def test_solve_every_equals_the_pp_prop_oracle(model, solve_every):
     spec = DRIVER_MODELS[model]()
     xs, targets = om.make_data(spec, STEPS)
