@@ -49,7 +49,6 @@ from ._common import (
     outer_mask,
     resolve_block_sizes,
     store,
-    sum_partials,
     tail_mask,
     whole_array_spec,
 )
@@ -77,7 +76,8 @@ class CsrMatmulBlockSizes:
       block_k: segment entries each of those rows gathers per step (power of two).
       block_nnz: non-zeros per program of :func:`csr_sddmm` (power of two).
       block_b: batch lanes per program (power of two); ``None`` picks the batch rounded up to a
-        power of two, at most 64.
+        power of two, at most 64. :func:`csr_sddmm` walks a larger batch ``block_b`` lanes at a
+        time within each program.
       num_warps: Triton warps per program.
       num_stages: Triton software-pipelining depth.
     """
@@ -192,7 +192,7 @@ def _sddmm_kernel(
     col_ref,
     a_ref,
     g_ref,
-    part_ref,
+    out_ref,
     *,
     nnz: int,
     batch: int,
@@ -202,17 +202,25 @@ def _sddmm_kernel(
     block_b: int,
     acc_dtype,
 ):
-    """``part[b_blk, p] = sum_{b in block} a_t[r_p, b] g_t[c_p, b]`` for a block of non-zeros."""
-    p_blk, b_blk = pl.program_id(0), pl.program_id(1)
-    p0 = p_blk * block_nnz
+    """``out[p] = sum_b a_t[r_p, b] g_t[c_p, b]`` for a block of non-zeros, over every lane block of
+    the batch in turn (one lane block in the usual case; several, summed in registers, when the
+    batch is larger than ``block_b``, e.g. steps stacked by ``etrace_grad(..., solve_every=K)``)."""
+    p0 = pl.program_id(0) * block_nnz
     mask_p = tail_mask(p0, block_nnz, nnz)
-    _, lanes, mask_b = batch_lanes(b_blk, block_b, batch)
     rows = block_ids(row_ref, p0, block_nnz, mask_p, num_in)[:, None]
     cols = block_ids(col_ref, p0, block_nnz, mask_p, num_out)[:, None]
-    prod = a_ref[rows, lanes].astype(acc_dtype) * g_ref[cols, lanes].astype(acc_dtype)
-    if mask_b is not None:
-        prod = jnp.where(mask_b[None, :], prod, 0)
-    store(part_ref.at[b_blk, pl.ds(p0, block_nnz)], jnp.sum(prod, axis=1).astype(part_ref.dtype), mask=mask_p)
+
+    def lane_block(b_blk, acc):
+        _, lanes, mask_b = batch_lanes(b_blk, block_b, batch)
+        prod = a_ref[rows, lanes].astype(acc_dtype) * g_ref[cols, lanes].astype(acc_dtype)
+        if mask_b is not None:
+            prod = jnp.where(mask_b[None, :], prod, 0)
+        return acc + jnp.sum(prod, axis=1)
+
+    zeros = jnp.zeros((block_nnz,), acc_dtype)
+    num_b_blocks = pl.cdiv(batch, block_b)
+    acc = lane_block(0, zeros) if num_b_blocks == 1 else lax.fori_loop(0, num_b_blocks, lane_block, zeros)
+    store(out_ref.at[pl.ds(p0, block_nnz)], acc.astype(out_ref.dtype), mask=mask_p)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,8 +268,6 @@ def _sddmm_call(a, g, row_ids, col_ids, *, block_sizes: CsrMatmulBlockSizes, int
     num_out = g.shape[1]
     nnz = row_ids.shape[0]
     bs = block_sizes
-    block_b = batch_block(bs.block_b, batch)
-    num_b_blocks = pl.cdiv(batch, block_b)
     acc_dtype = accumulator_dtype(a.dtype)
     kernel = functools.partial(
         _sddmm_kernel,
@@ -270,20 +276,20 @@ def _sddmm_call(a, g, row_ids, col_ids, *, block_sizes: CsrMatmulBlockSizes, int
         num_in=num_in,
         num_out=num_out,
         block_nnz=bs.block_nnz,
-        block_b=block_b,
+        block_b=batch_block(bs.block_b, batch),
         acc_dtype=acc_dtype,
     )
-    partial = pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
-        grid=(pl.cdiv(nnz, bs.block_nnz), num_b_blocks),
+        grid=(pl.cdiv(nnz, bs.block_nnz),),
         in_specs=[whole_array_spec() for _ in range(4)],
         out_specs=whole_array_spec(),
-        out_shape=jax.ShapeDtypeStruct((num_b_blocks, nnz), acc_dtype),
+        out_shape=jax.ShapeDtypeStruct((nnz,), acc_dtype),
         compiler_params=compiler_params(bs.num_warps, bs.num_stages, interpret),
         interpret=interpret,
         name="csr_sddmm",
     )(row_ids, col_ids, a.T, g.T)
-    return sum_partials(partial).astype(a.dtype)
+    return out.astype(a.dtype)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,6 +62,18 @@ def test_products_match_reference(B):
     _check_products(B, block_sizes=SMALL, interpret=True)
 
 
+def test_sddmm_walks_a_batch_larger_than_its_lanes():
+    """B = 150 with the default 64 lanes: three lane blocks, the last one partial, summed within
+    each program (the steps stacked by ``etrace_grad(..., solve_every=K)`` make such batches)."""
+    rows, cols = _pattern()
+    x, g, _ = _product_operands(150, rows.shape[0])
+    assert_close(
+        bk.csr_sddmm(x, g, rows, cols, interpret=True),
+        bk.csr_sddmm_reference(x, g, rows, cols),
+        what="csr_sddmm, B=150",
+    )
+
+
 def test_csr_matmul_gradient_matches_reference():
     rows, cols = _pattern()
     x, _, data = _product_operands(3, rows.shape[0])

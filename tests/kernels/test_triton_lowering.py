@@ -187,6 +187,15 @@ def test_csr_products_lower(shape, dtype, block_sizes):
     assert triton_kernel_names(sddmm, x, g, rows, cols) == ["csr_sddmm"]
 
 
+def test_sddmm_over_stacked_steps_lowers():
+    """(d)'s weight gradient over 32 stacked steps of batch 8: 256 rows, four lane blocks walked
+    inside one kernel (no partial gradients, no second launch to sum them)."""
+    nnz, B, I, O = 25_000_000, 256, 50_000, 50_000
+    args = S((B, I), jnp.float32), S((B, O), jnp.float32), S((nnz,), I32), S((nnz,), I32)
+    assert triton_kernel_names(bk.csr_sddmm, *args) == ["csr_sddmm"]
+    assert "stablehlo.reduce" not in lowered_for_cuda(bk.csr_sddmm, *args)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("B", [64, 3, 1])
