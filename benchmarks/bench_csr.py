@@ -26,6 +26,9 @@ MATMUL_SIZES = {
     "gpu": [
         {"B": 8, "I": 1024, "O": 1024, "density": 0.05},
         {"B": 32, "I": 4096, "O": 4096, "density": 0.05},
+        # 256 rows, as 32 steps of batch 8 stacked by etrace_grad(..., solve_every=32): csr_sddmm
+        # walks four lane blocks in each program
+        {"B": 256, "I": 4096, "O": 4096, "density": 0.05},
     ],
     "cpu": [{"B": 2, "I": 64, "O": 64, "density": 0.1}],
 }
