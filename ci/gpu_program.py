@@ -16,7 +16,9 @@ GPU size, each algorithm and each backend this compiles the program ``pytest ben
   set; ``args`` the sequences and the states; ``out`` the gradients and, online, the new traces);
 * what one step launches: the instructions of the loop body over ``T`` that run as kernels (fusions,
   GEMMs, Triton custom calls, copies), and the bytes each one must read and write (its operands and
-  results, counting only the slice a dynamic slice reads and the update a dynamic update writes).
+  results, counting only the slice a dynamic slice reads and the update a dynamic update writes);
+  for a program that loops over blocks of steps (``solve_every``), the work of a block counts in
+  proportion.
 
 Launches and bytes explain a measured step time (a step of many small kernels is bound by launches,
 one of a few large kernels by bandwidth), and show which operations a change removed, without a
@@ -71,8 +73,16 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 
 #: HLO instructions that launch nothing themselves (views, tuples, constants, loop plumbing; a
 #: ``while`` runs its body, whose launches are counted on their own).
-NO_LAUNCH = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all", "opt-barrier"}
-NO_LAUNCH.add("while")
+NO_LAUNCH = {
+    "parameter",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "constant",
+    "after-all",
+    "opt-barrier",
+    "while",
+}
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4}
 _DTYPE_BYTES.update({"f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16})
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
