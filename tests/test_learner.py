@@ -119,8 +119,21 @@ def test_etrace_grad_factored_lora_equals_per_step_gradients():
 
 # solve_every=K: pp_prop forms the x-dependent weight gradients once per block of K steps from the
 # stored factors. Same sums as the per-step solve; STEPS=10 with K=3 leaves a remainder block.
-# K=3: three blocks and a remainder of one step; K=16 > STEPS: the remainder block alone.
-SOLVE_EVERY_CASES = [(m, 3) for m in DRIVER_MODELS] + [("sparse_csr", 16), ("unbatched_two_state", 16)]
+# K=3: three blocks and a remainder of one step; K=16 > STEPS: the remainder block alone. The
+# models: each factored primitive (dense with bias, CSR, LoRA, conv), two hidden groups (their
+# cotangents summed before the product), a plain parameter, and unbatched layers (not factored).
+SOLVE_EVERY_CASES = [
+    (m, 3)
+    for m in (
+        "dense_rnn_bias",
+        "sparse_csr",
+        "lora_recurrent",
+        "conv",
+        "two_hidden_groups",
+        "plain_parameter_input",
+        "unbatched_sparse",
+    )
+] + [("sparse_csr", 16)]
 
 
 @pytest.mark.parametrize("model,solve_every", SOLVE_EVERY_CASES)
