@@ -16,6 +16,14 @@ from .executor import ETraceVjpGraphExecutor, StepValues
 __all__ = ["EligibilityTrace", "ETraceAlgorithm", "ETraceVjpAlgorithm"]
 
 
+def add_param_grads(total: Dict, grads: Dict) -> Dict:
+    """``total`` with ``grads`` (keyed like it, possibly fewer keys) added, key by key."""
+    total = dict(total)
+    for key, value in grads.items():
+        total[key] = jax.tree.map(jnp.add, total[key], value)
+    return total
+
+
 class EligibilityTrace(brainstate.ShortTermState):
     """A ``brainstate`` state that holds eligibility traces (a dict of arrays)."""
 
@@ -233,9 +241,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self.etrace.value = new_traces
         routed = ex.route_to_states(state_leaves, arg_leaves, relation_grads, step.weights)
         states, _ = self._current_states()
-        grads = dict(grads)
-        for key, value in self._param_cotangents(states, params, routed).items():
-            grads[key] = jax.tree.map(jnp.add, grads[key], value)
+        grads = add_param_grads(grads, self._param_cotangents(states, params, routed))
         return (grads, factors, loss) if factored else (grads, loss)
 
     # weight gradients formed once per block of steps -------------------------------------------
@@ -247,7 +253,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
     def _update_solve_factored(self, traces, step: StepValues, cts):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _solve_factors(self, factors, weights, aux):  # pragma: no cover - abstract
+    def _solve_factors(self, relations, factors, weights, aux):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _factored_param_grads(self, params, factors) -> Dict:
@@ -255,12 +261,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         relations = [r for r in self._factored_relations() if r.index in factors]
         if not relations:
             return {}
-        ex = self.executor
         states, state_leaves = self._current_states()
-        weights, aux = ex.constant_operands(state_leaves, relations)
-        relation_grads = self._solve_factors(factors, weights, aux)
-        routed = ex.route_constant_operands(state_leaves, relations, relation_grads)
-        return self._param_cotangents(states, params, routed)
+        weights, aux, route = self.executor.constant_operands(state_leaves, relations)
+        relation_grads = self._solve_factors(relations, factors, weights, aux)
+        return self._param_cotangents(states, params, route(relation_grads))
 
     def _param_cotangents(self, states, params, leaf_cts):
         """Cotangents of the state leaves, regrouped per parameter of ``params`` (by key)."""

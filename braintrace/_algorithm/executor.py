@@ -242,7 +242,7 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         """The relations whose trainable and auxiliary operands depend only on states the step
         never writes (parameters, index arrays) and on no input: over one sequence they are the
         same at every step, so gradients with respect to them can be summed over steps before
-        they are routed to the states (:meth:`route_constant_operands`)."""
+        they are routed to the states (:meth:`constant_operands`)."""
         if not hasattr(self, "_constant_operand_relations"):
             info = self.info
             fixed = {
@@ -259,26 +259,28 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         return self._constant_operand_relations
 
     def constant_operands(self, state_leaves, relations):
-        """``(weights, aux)`` of ``relations`` (see :meth:`constant_operand_relations`), computed
-        from ``state_leaves`` alone by evaluating only the equations they depend on."""
+        """``(weights, aux, route)`` of ``relations`` (see :meth:`constant_operand_relations`),
+        computed from ``state_leaves`` alone by evaluating only the equations they depend on.
+        ``route(relation_grads)`` is :meth:`route_to_states` for these operands: since they are the
+        same at every step, ``relation_grads`` may be a sum over many steps."""
         targets = [v for r in relations for v in (*r.trainable_vars.values(), *r.aux_vars)]
         live = live_towards(self.jaxpr, targets)
 
         def skip(i, eqn, invals):  # equations the operands do not need are not evaluated
             return None if any(v in live for v in eqn.outvars) else [None] * len(eqn.outvars)
 
-        args = [None] * (len(self.jaxpr.invars) - len(state_leaves))
-        _, env = eval_jaxpr_hooked(self.jaxpr, self.consts, [*state_leaves, *args], eqn_hook=skip)
-        weights = {r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()} for r in relations}
-        aux = {r.index: tuple(_read(env, v) for v in r.aux_vars) for r in relations}
-        return weights, aux
+        def operands(leaves):
+            args = [None] * (len(self.jaxpr.invars) - len(leaves))
+            _, env = eval_jaxpr_hooked(self.jaxpr, self.consts, [*leaves, *args], eqn_hook=skip)
+            weights = {r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()} for r in relations}
+            return weights, {r.index: tuple(_read(env, v) for v in r.aux_vars) for r in relations}
 
-    def route_constant_operands(self, state_leaves, relations, relation_grads):
-        """:meth:`route_to_states` for ``relations`` whose operands are constant over a sequence:
-        ``relation_grads`` may be a sum over many steps."""
-        weights_of = lambda s: self.constant_operands(s, relations)[0]
-        weights, vjp_t = jax.vjp(weights_of, list(state_leaves))
-        return vjp_t(self._operand_cotangents(relation_grads, weights, relations))[0]
+        weights, vjp_t, aux = jax.vjp(operands, list(state_leaves), has_aux=True)
+
+        def route(relation_grads):
+            return vjp_t(self._operand_cotangents(relation_grads, weights, relations))[0]
+
+        return weights, aux, route
 
     def _make_call(self):
         perturbed = self.perturbed

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from braintrace._compatible_imports import Var
 
-from .base import ETraceAlgorithm
+from .base import ETraceAlgorithm, add_param_grads
 from .d_rtrl import D_RTRL
 from .pp_prop import IODimVjpAlgorithm
 
@@ -219,13 +219,6 @@ def _etrace_grad(
     return (grads, losses) if return_value else grads
 
 
-def _add_grads(acc, grads):
-    acc = dict(acc)
-    for key, value in grads.items():
-        acc[key] = jax.tree.map(jnp.add, acc[key], value)
-    return acc
-
-
 def _scan_in_blocks(alg, step_fn, params, zeros, seqs, k):
     """The sequence loop with factored weight gradients formed once per block of ``k`` steps (the
     last block holds the remainder): ``(gradients, per-step losses)``."""
@@ -233,11 +226,11 @@ def _scan_in_blocks(alg, step_fn, params, zeros, seqs, k):
     def step(acc, step_seqs):
         xs_t, ys_t = step_seqs
         grads, factors, loss = alg._step_grad(step_fn, params, xs_t, ys_t, factored=True)
-        return _add_grads(acc, grads), (factors, loss)
+        return add_param_grads(acc, grads), (factors, loss)
 
     def block(acc, block_seqs):
         acc, (factors, losses) = brainstate.transform.scan(step, acc, block_seqs)
-        return _add_grads(acc, alg._factored_param_grads(params, factors)), losses
+        return add_param_grads(acc, alg._factored_param_grads(params, factors)), losses
 
     length = jnp.shape(jax.tree.leaves(seqs)[0])[0]
     n_blocks, rest = divmod(length, k)

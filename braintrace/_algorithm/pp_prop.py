@@ -204,7 +204,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         grads, factors = self._solve_parts(new, cts, step.weights, step.aux, factored)
         return new, grads, factors
 
-    def _solve_factors(self, factors, weights, aux):
+    def _solve_factors(self, relations, factors, weights, aux):
         r"""Gradients from factors stacked over ``K`` steps: ``x (K, B, ...)``, ``g (K, B, ...)``.
 
         :math:`\sum_k \mathrm{xy\_to\_dw}(x_k, g_k) = \mathrm{xy\_to\_dw}(x_{1..K}, g_{1..K})` with
@@ -212,9 +212,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         layer, one SDDMM for a sparse one) instead of ``K`` products of ``B`` rows.
         """
         out = {}
-        for r in self._factored_relations():
-            if r.index not in factors:
-                continue
+        for r in relations:
             x, g = factors[r.index]
             x = x.reshape((-1,) + x.shape[2:])
             g = g.reshape((-1,) + g.shape[2:])
