@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from braintrace._compiler.diagnostics import CompilationError
 from braintrace._compiler.graph import ETraceGraph, compile_etrace_graph
 
-from .executor import ETraceVjpGraphExecutor, StepValues
+from .executor import ETraceVjpGraphExecutor, StepValues, add_relation_grads
 
 __all__ = ["EligibilityTrace", "ETraceAlgorithm", "ETraceVjpAlgorithm"]
 
@@ -195,7 +195,8 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         old = self._restart_if_new_epoch(self.etrace.value)
         new_traces = jax.lax.stop_gradient(self._update_traces(old, step))
         new_traces["epoch"] = old["epoch"]
-        outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step)
+        old_traces = jax.lax.stop_gradient(old) if self.executor.reads_old else None
+        outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step, old_traces)
         self.etrace.value = new_traces
         self._write_states(states, new_state_leaves)
         return jax.tree.unflatten(info.out_treedef, outs)
@@ -217,10 +218,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         ex = self.executor
         arg_leaves = jax.tree.leaves(inputs)
 
-        def loss_fn(perturbation):
+        def loss_fn(perturbations):
             states, state_leaves = self._current_states()
             outs, new_state_leaves, env = ex.perturbed(
-                state_leaves, arg_leaves, perturbation, return_env=True
+                state_leaves, arg_leaves, *perturbations, return_env=True
             )
             step = ex.step_values(state_leaves, arg_leaves, env=env)  # no second evaluation of the step
             self._write_states(states, new_state_leaves)
@@ -228,7 +229,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             return loss, (step.as_tuple(), [jax.lax.stop_gradient(v) for v in state_leaves])
 
         grad_fn = brainstate.transform.grad(loss_fn, params, argnums=0, has_aux=True, return_value=True)
-        (grads, d_perturbation), loss, (step, state_leaves) = grad_fn(ex.perturbation.zeros())
+        zeros_old = ex.perturbation.zeros() if ex.reads_old else None
+        (grads, (d_perturbation, d_old)), loss, (step, state_leaves) = grad_fn(
+            (ex.perturbation.zeros(), zeros_old)
+        )
         step = StepValues(*step)
         old = self._restart_if_new_epoch(self.etrace.value)
         cts = ex.group_cotangents(d_perturbation)
@@ -236,6 +240,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             new_traces, relation_grads, factors = self._update_solve_factored(old, step, cts)
         else:
             new_traces, relation_grads = self._update_and_solve(old, step, cts)
+        if ex.reads_old:  # paths h_(t-1) -> L_t that avoid h_t: the previous traces, in full
+            relation_grads = add_relation_grads(
+                relation_grads, self._solve(old, ex.group_cotangents(d_old), step.weights, step.aux)
+            )
         new_traces = jax.lax.stop_gradient(new_traces)
         new_traces["epoch"] = old["epoch"]
         self.etrace.value = new_traces

@@ -28,7 +28,7 @@ from braintrace._compiler.graph import ETraceGraph, HiddenGroup
 from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked, is_trainable_etp_eqn, live_towards
 from braintrace._compiler.perturbation import add_hidden_perturbation_in_module
 
-__all__ = ["ETraceGraphExecutor", "ETraceVjpGraphExecutor", "StepValues"]
+__all__ = ["ETraceGraphExecutor", "ETraceVjpGraphExecutor", "StepValues", "add_relation_grads"]
 
 
 def _read(env, v):
@@ -199,7 +199,9 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         #: ``perturbed(state_leaves, arg_leaves, perturbation) -> (out_leaves, new_state_leaves)``:
         #: the step with a perturbation added to every hidden state's new value and the trainable
         #: operands of the relations cut from the gradient (the traces carry their paths).
-        self.perturbed, self.perturbation = add_hidden_perturbation_in_module(self.info, stop_trainables)
+        self.perturbed, self.perturbation = add_hidden_perturbation_in_module(
+            self.info, stop_trainables, rel_eqns.keys()
+        )
         self._call = self._make_call()
 
     def _trainable_values(self, state_leaves, arg_leaves):
@@ -208,6 +210,13 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
             r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()}
             for r in self.graph.hidden_param_op_relations
         }
+
+    @property
+    def reads_old(self) -> bool:
+        """Whether the step's outputs read a hidden state's previous value other than through its
+        new value: then the gradient also contracts the previous step's traces (see
+        :func:`~braintrace.add_hidden_perturbation_in_module`)."""
+        return self.perturbation.reads_old
 
     def group_cotangents(self, d_perturbation):
         """``{(relation, group position): dL/dh (*unit, n)}`` from the perturbations' gradients."""
@@ -284,34 +293,59 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
 
     def _make_call(self):
         perturbed = self.perturbed
+        reads_old = self.reads_old
+        zeros_old = lambda: self.perturbation.zeros() if reads_old else None
 
         @jax.custom_vjp
         def call(state_leaves, arg_leaves, trace_data, weights, aux):
-            outs, new_states = perturbed(state_leaves, arg_leaves, self.perturbation.zeros())
-            return outs, new_states
+            return perturbed(state_leaves, arg_leaves, self.perturbation.zeros(), zeros_old())
 
         def fwd(state_leaves, arg_leaves, trace_data, weights, aux):
             (outs, new_states), vjp_f = jax.vjp(
-                lambda s, a, p: perturbed(s, a, p), state_leaves, arg_leaves, self.perturbation.zeros()
+                lambda s, a, p, q: perturbed(s, a, p, q),
+                state_leaves,
+                arg_leaves,
+                self.perturbation.zeros(),
+                zeros_old(),
             )
             _, vjp_t = jax.vjp(lambda s: self._trainable_values(s, arg_leaves), state_leaves)
             return (outs, new_states), (vjp_f, vjp_t, trace_data, weights, aux)
 
         def bwd(res, cts):
-            vjp_f, vjp_t, trace_data, weights, aux = res
-            ct_states, ct_args, ct_perts = vjp_f(cts)
-            grads = self.solve(trace_data, self.group_cotangents(ct_perts), weights, aux)
+            vjp_f, vjp_t, (new_traces, old_traces), weights, aux = res
+            ct_states, ct_args, ct_perts, ct_old = vjp_f(cts)
+            grads = self.solve(new_traces, self.group_cotangents(ct_perts), weights, aux)
+            if reads_old:
+                grads = add_relation_grads(
+                    grads, self.solve(old_traces, self.group_cotangents(ct_old), weights, aux)
+                )
             (ct_from_relations,) = vjp_t(self._operand_cotangents(grads, weights))
             ct_states = [_add_ct(a, b) for a, b in zip(ct_states, ct_from_relations)]
             zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
-            return ct_states, ct_args, zeros(trace_data), zeros(weights), zeros(aux)
+            return ct_states, ct_args, zeros((new_traces, old_traces)), zeros(weights), zeros(aux)
 
         call.defvjp(fwd, bwd)
         return call
 
-    def call(self, state_leaves, arg_leaves, trace_data, step: StepValues):
-        """``(out_leaves, new_state_leaves)`` with the online backward pass attached."""
-        return self._call(list(state_leaves), list(arg_leaves), trace_data, step.weights, step.aux)
+    def call(self, state_leaves, arg_leaves, trace_data, step: StepValues, old_trace_data=None):
+        """``(out_leaves, new_state_leaves)`` with the online backward pass attached.
+
+        ``trace_data`` holds the traces after this step's update; ``old_trace_data`` those before
+        it, needed when :attr:`reads_old` (the gradient along paths from ``h_{t-1}`` to the
+        outputs that avoid ``h_t`` is their contraction).
+        """
+        traces = (trace_data, old_trace_data if self.reads_old else None)
+        return self._call(list(state_leaves), list(arg_leaves), traces, step.weights, step.aux)
+
+
+def add_relation_grads(a, b):
+    """``{relation: {key: gradient}}`` sums: ``a + b``, key by key (either may lack keys)."""
+    out = {r: dict(g) for r, g in a.items()}
+    for r, g in b.items():
+        target = out.setdefault(r, {})
+        for k, v in g.items():
+            target[k] = v if k not in target else jax.tree.map(jnp.add, target[k], v)
+    return out
 
 
 class _StoppedEnv:

@@ -28,8 +28,9 @@ from braintrace._etrace_op._registries import (
 )
 
 from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
-from .jaxpr_tools import is_trainable_etp_eqn, live_towards
+from .jaxpr_tools import is_trainable_etp_eqn
 from .module_info import HiddenLeaf, ModuleInfo, extract_module_info
+from .unit_map import MIXED, identity_map, is_diagonal, propagate_unit_maps
 
 __all__ = [
     "HiddenGroup",
@@ -39,38 +40,6 @@ __all__ = [
     "find_hidden_param_op_relations_from_module",
     "compile_etrace_graph",
 ]
-
-#: Primitives that are not element-wise: on a ``y -> h`` or ``h -> h`` path they mix units.
-_MIXING = frozenset(
-    {
-        "dot_general",
-        "conv_general_dilated",
-        "reduce_sum",
-        "reduce_max",
-        "reduce_min",
-        "reduce_prod",
-        "argmax",
-        "argmin",
-        "cumsum",
-        "cumprod",
-        "cummax",
-        "cummin",
-        "transpose",
-        "gather",
-        "scatter",
-        "scatter-add",
-        "scatter_add",
-        "sort",
-        "rev",
-        "dynamic_slice",
-        "dynamic_update_slice",
-        "fft",
-        "reduce_precision_mix",
-        "top_k",
-        "concatenate",
-        "pad",
-    }
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +148,7 @@ class ETraceGraph:
 # ----------------------------------------------------------------------------------------------
 
 
-def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None, live=None) -> Dict:
+def _propagate(jaxpr, seeds: Dict, blocks) -> Dict:
     """Forward label propagation: ``labels[var]`` is the union of its inputs' labels.
 
     ``seeds``: var -> set of labels (also applied to equation outputs). ``blocks(eqn)`` True: the
@@ -196,13 +165,6 @@ def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None, live=None) -> Dict:
             for v in eqn.invars:
                 if not isinstance(v, Literal):
                     incoming |= labels.get(v, set())
-        if (
-            incoming
-            and on_mixing is not None
-            and eqn.primitive.name in _MIXING
-            and (live is None or any(v in live for v in eqn.outvars))
-        ):
-            on_mixing(eqn, incoming)
         for v in eqn.outvars:
             labels[v] = incoming | set(seeds.get(v, ()))
     return labels
@@ -210,6 +172,25 @@ def _propagate(jaxpr, seeds: Dict, blocks, on_mixing=None, live=None) -> Dict:
 
 def _labels_of(labels, v):
     return set() if isinstance(v, Literal) else labels.get(v, set())
+
+
+def _unit_maps(jaxpr, seeds):
+    """:func:`propagate_unit_maps` with trainable ETP outputs held fixed, and the primitives that
+    turned a source's map :data:`MIXED` (``{source: {primitive names}}``)."""
+    culprits: Dict = {}
+
+    def on_eqn(eqn, ins, outs):
+        for out in outs:
+            for src, m in out.items():
+                if m is MIXED and all(lab.get(src, None) is not MIXED for lab in ins):
+                    culprits.setdefault(src, set()).add(eqn.primitive.name)
+
+    maps = propagate_unit_maps(jaxpr, seeds, is_trainable_etp_eqn, on_eqn)
+    return maps, culprits
+
+
+def _map_of(maps, v, src):
+    return None if isinstance(v, Literal) else maps.get(v, {}).get(src)
 
 
 def find_hidden_groups_from_module(
@@ -224,9 +205,12 @@ def find_hidden_groups_from_module(
     seeds = {}
     for k, h in enumerate(leaves):
         seeds.setdefault(in_vars[h.leaf], set()).add(k)
+    labels = _propagate(jaxpr, seeds, is_trainable_etp_eqn)
+    unit_seeds: Dict = {}
+    for k, h in enumerate(leaves):
+        unit_seeds.setdefault(in_vars[h.leaf], {})[k] = identity_map(len(h.shape), h.slot is not None)
+    maps, culprits = _unit_maps(jaxpr, unit_seeds)
     mixing = set()
-    live = live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
-    labels = _propagate(jaxpr, seeds, is_trainable_etp_eqn, lambda e, inc: mixing.add(e.primitive.name), live)
     parent = list(range(len(leaves)))
 
     def find(a):
@@ -240,6 +224,9 @@ def find_hidden_groups_from_module(
         for j in _labels_of(labels, out_vars[h.leaf]):
             if leaves[j].shape == h.shape:
                 parent[find(i)] = find(j)
+                m = _map_of(maps, out_vars[h.leaf], j)
+                if m is not None and not is_diagonal(m, len(h.shape)):
+                    mixing |= culprits.get(j, {"<unknown>"})
             elif (i, j) not in reported:
                 reported.add((i, j))
                 emit(
@@ -256,7 +243,7 @@ def find_hidden_groups_from_module(
             records,
             DiagnosticKind.NON_DIAGONAL_PATH,
             DiagnosticLevel.WARNING,
-            f"The intrinsic hidden dynamics use unit-mixing operations ({', '.join(sorted(mixing))}); "
+            f"The intrinsic hidden dynamics mix units (through {', '.join(sorted(mixing))}); "
             f"D-RTRL keeps one block of dh_t/dh_(t-1) per unit, and with mixing that block is the sum "
             f"of the unit's Jacobian row, not its diagonal. Mark mixing weights with an ETP primitive "
             f"(braintrace.matmul) so the traces hold them fixed.",
@@ -295,15 +282,13 @@ def find_hidden_param_op_relations_from_module(
     for i, e in etp_eqns:
         y = e.outvars[ETP_Y_OUTVAR_INDICES.get(e.primitive, 0)]
         seeds.setdefault(y, set()).add(i)
+    reach_labels = _propagate(jaxpr, seeds, is_trainable_etp_eqn)
+    y_seeds = {}
+    for i, e in etp_eqns:
+        y = e.outvars[ETP_Y_OUTVAR_INDICES.get(e.primitive, 0)]
+        y_seeds.setdefault(y, {})[i] = identity_map(len(y.aval.shape))
+    y_maps, y_culprits = _unit_maps(jaxpr, y_seeds)
     mixing: Dict[int, set] = {}
-
-    def note_mixing(eqn, incoming):
-        for i in incoming:
-            mixing.setdefault(i, set()).add(eqn.primitive.name)
-
-    reach_labels = _propagate(
-        jaxpr, seeds, is_trainable_etp_eqn, note_mixing, live_towards(jaxpr, out_vars, is_trainable_etp_eqn)
-    )
     reached: Dict[int, List[HiddenLeaf]] = {}
     for h in info.hidden_leaves:
         for i in _labels_of(reach_labels, out_vars[h.leaf]):
@@ -386,6 +371,15 @@ def find_hidden_param_op_relations_from_module(
                 break
             gs.append(g)
             bnds.append(bnd)
+        for h in reached[i]:
+            g = group_of[(h.leaf, h.slot)]
+            m = _map_of(y_maps, out_vars[h.leaf], i)
+            if (
+                g in gs
+                and m is not None
+                and not is_diagonal(m, len(g.shape), len(g.shape) - len(y.aval.shape))
+            ):
+                mixing.setdefault(i, set()).update(y_culprits.get(i, {"<unknown>"}))
         if not ok:
             continue
         if i in mixing:
@@ -394,7 +388,7 @@ def find_hidden_param_op_relations_from_module(
                 DiagnosticKind.NON_DIAGONAL_PATH,
                 DiagnosticLevel.WARNING,
                 f"{label}: the path from its output to the hidden states uses unit-mixing operations "
-                f"({', '.join(sorted(mixing[i]))}); the trace keeps one value of dh/dy per unit (the "
+                f"(through {', '.join(sorted(mixing[i]))}); the trace keeps one value of dh/dy per unit (the "
                 f"sum of the unit's Jacobian row, not its diagonal).",
                 tuple(names),
             )

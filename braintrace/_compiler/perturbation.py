@@ -35,6 +35,9 @@ class HiddenPerturbation:
     """The perturbation slots of a step: one per hidden state (``HiddenLeaf``)."""
 
     hidden_leaves: Tuple[HiddenLeaf, ...]
+    #: Whether the step's outputs read a hidden state's previous value other than through its new
+    #: value (a spike of the pre-reset potential, ``return h_old + ...``).
+    reads_old: bool = False
 
     def zeros(self) -> List[jax.Array]:
         return [jnp.zeros(h.shape, h.dtype) for h in self.hidden_leaves]
@@ -114,10 +117,30 @@ def _slot_components(info: ModuleInfo) -> Dict[int, object]:
     return found
 
 
+def _reach(jaxpr, seeds, blocked) -> set:
+    """Variables computed from ``seeds`` by paths that do not pass through ``blocked`` variables
+    (a blocked variable gets its value from elsewhere, so nothing flows through it)."""
+    reached = {v for v in seeds if not isinstance(v, Literal)}
+    for eqn in jaxpr.eqns:
+        if any((not isinstance(v, Literal)) and v in reached for v in eqn.invars):
+            reached.update(v for v in eqn.outvars if v not in blocked)
+    return reached
+
+
+def _live_avoiding(jaxpr, targets, blocked) -> set:
+    """Variables from which a variable in ``targets`` is computed by a path that does not pass
+    through ``blocked`` variables."""
+    live = {v for v in targets if not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live and v not in blocked for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return live
+
+
 def add_hidden_perturbation_in_module(
-    info: ModuleInfo, eqn_hook: Optional[Callable] = None
+    info: ModuleInfo, eqn_hook: Optional[Callable] = None, relation_eqns=()
 ) -> Tuple[Callable, HiddenPerturbation]:
-    """Build ``fn(state_leaves, arg_leaves, perts) -> (out_leaves, new_state_leaves)``.
+    r"""Build ``fn(state_leaves, arg_leaves, perts, old_perts=None) -> (out_leaves, new_state_leaves)``.
 
     ``perts`` is a list with one array per hidden state (see :class:`HiddenPerturbation`); the
     output leaves see ``new value + pert`` for every hidden state, the returned new state values
@@ -125,12 +148,24 @@ def add_hidden_perturbation_in_module(
     the step's jaxpr -> its value), so a caller can read the step's intermediate values without
     evaluating the step again. ``eqn_hook(index, eqn, invals)`` may replace the binding of a
     trainable ETP equation (the executor uses it to stop gradients at the trainable operands of
-    relations).
+    relations, the equations at ``relation_eqns``).
+
+    The outputs are evaluated in a third environment in which (a) every hidden state's new value
+    is the perturbed one, so nothing reaches an output through a stored new value except through
+    the perturbation; (b) the relations are bound *without* ``eqn_hook``, so their trainable
+    operands reach an output directly (``return h + y``, a spike of the pre-reset potential): the
+    within-step gradient of those paths is ordinary reverse mode; and (c) the previous value of
+    every hidden state carries a second perturbation ``old_perts`` (same shapes as ``perts``):
+    ``\partial L/\partial`` ``old_perts`` is the gradient of the step's loss with respect to
+    ``h_{t-1}`` along paths that avoid the new stored values, which an algorithm contracts with
+    its traces of the previous step. ``HiddenPerturbation.reads_old`` says whether any such path
+    exists (when not, ``old_perts`` may be omitted and its gradient is zero).
     """
     jaxpr = info.jaxpr
     consts = consts_of(info.closed_jaxpr)
     n_out = info.num_out_leaves
     state_out = info.state_outvars()
+    state_in = info.state_invars()
     components = _slot_components(info)
     by_var: Dict = {}
     for k, h in enumerate(info.hidden_leaves):
@@ -142,32 +177,47 @@ def add_hidden_perturbation_in_module(
             continue
         by_var.setdefault(v, []).append((k, h.slot))
     affected = _downstream(jaxpr, by_var.keys())
-    pert = HiddenPerturbation(info.hidden_leaves)
+    relation_eqns = frozenset(relation_eqns)
+    outs_needed = _live_avoiding(jaxpr, jaxpr.outvars[:n_out], by_var.keys())
+    old_vars: Dict = {}
+    for k, h in enumerate(info.hidden_leaves):
+        old_vars.setdefault(state_in[h.leaf], []).append((k, h.slot))
+    reads_old = bool(_reach(jaxpr, old_vars.keys(), by_var.keys()) & set(jaxpr.outvars[:n_out]))
+    rel_outs = {v for i in relation_eqns for v in jaxpr.eqns[i].outvars}
+    seeds_o = rel_outs | (set(old_vars) if reads_old else set())
+    # variables whose output-environment value differs from the perturbed one, on a path to an output
+    differs_o = _reach(jaxpr, seeds_o, by_var.keys()) & outs_needed
+    pert = HiddenPerturbation(info.hidden_leaves, reads_old)
 
-    def fn(state_leaves, arg_leaves, perts, return_env=False):
+    def fn(state_leaves, arg_leaves, perts, old_perts=None, return_env=False):
         # env_d: the step's dynamics; a perturbation reaches it only through trainable ETP outputs.
-        # env_p: what the outputs (and ETP inputs) see: each hidden state's new value is its
-        # dynamics value plus the perturbation.
-        env_d, env_p = {}, {}
+        # env_p: what trainable ETP inputs see: each hidden state's new value is its dynamics value
+        # plus the perturbation. env_o: what the outputs see (see the docstring).
+        env_d, env_p, env_o = {}, {}, {}
 
         def read(env, v):
             return v.val if isinstance(v, Literal) else env[v]
 
-        def define(v, val_d, val_p):
+        def define(v, val_d, val_p, val_o):
             if type(v).__name__ == "DropVar":
                 return
             env_d[v] = val_d
             if v in by_var:
                 for k, slot in by_var[v]:
                     val_d = val_d + perts[k] if slot is None else val_d.at[..., slot].add(perts[k])
-                env_p[v] = val_d
+                env_p[v] = env_o[v] = val_d
             else:
                 env_p[v] = val_p
+                env_o[v] = val_o
 
         for v, c in zip(jaxpr.constvars, consts):
-            define(v, c, c)
+            define(v, c, c, c)
         for v, a in zip(jaxpr.invars, [*state_leaves, *arg_leaves]):
-            define(v, a, a)
+            a_o = a
+            if reads_old and old_perts is not None and v in old_vars:
+                for k, slot in old_vars[v]:
+                    a_o = a_o + old_perts[k] if slot is None else a_o.at[..., slot].add(old_perts[k])
+            define(v, a, a, a_o)
 
         def run(i, eqn, invals):
             outs = eqn_hook(i, eqn, invals) if eqn_hook is not None else None
@@ -182,9 +232,15 @@ def add_hidden_perturbation_in_module(
                     outs_p = run(i, eqn, [read(env_p, v) for v in eqn.invars])
                 else:
                     outs_p = outs_d
-            for v, a, b in zip(eqn.outvars, outs_d, outs_p):
-                define(v, a, b)
-        outs = [read(env_p, v) for v in jaxpr.outvars[:n_out]]
+            if any(v in differs_o for v in eqn.outvars):
+                invals_o = [read(env_o, v) for v in eqn.invars]
+                # a relation's trainable operands are not stopped here: its direct paths count
+                outs_o = bind_equation(eqn, invals_o) if i in relation_eqns else run(i, eqn, invals_o)
+            else:
+                outs_o = outs_p
+            for v, a, b, c in zip(eqn.outvars, outs_d, outs_p, outs_o):
+                define(v, a, b, c)
+        outs = [read(env_o, v) for v in jaxpr.outvars[:n_out]]
         new_states = [read(env_d, v) for v in state_out]
         return (outs, new_states, env_d) if return_env else (outs, new_states)
 
