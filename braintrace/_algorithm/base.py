@@ -24,6 +24,14 @@ def add_param_grads(total: Dict, grads: Dict) -> Dict:
     return total
 
 
+def _scaled(traces: Dict, keep) -> Dict:
+    """Every leaf of ``traces`` (but the ``epoch`` counter) times ``keep`` (0 or 1)."""
+    return {
+        k: v if k == "epoch" else jax.tree.map(lambda t: t * keep.astype(t.dtype), v)
+        for k, v in traces.items()
+    }
+
+
 class EligibilityTrace(brainstate.ShortTermState):
     """A ``brainstate`` state that holds eligibility traces (a dict of arrays)."""
 
@@ -158,6 +166,38 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
     def _build(self):
         self.executor = ETraceVjpGraphExecutor(self.graph, self._solve)
         self.etrace = EligibilityTrace({**self._init_trace_values(), "epoch": jnp.zeros((), jnp.int32)})
+        info = self.graph.module_info
+        self._hidden_leaf_ids = tuple(sorted({h.leaf for h in info.hidden_leaves}))
+        leaves = jax.tree.leaves([s.value for s in info.states])
+        #: The hidden values this algorithm last wrote: a step that finds other values (the model
+        #: was reset, ``brainstate.nn.reset_all_states``, or its states were set by hand) restarts
+        #: the traces, which describe how the old values depended on the parameters.
+        self.hidden_seen = brainstate.ShortTermState([leaves[i] for i in self._hidden_leaf_ids])
+
+    def _restart_if_reset(self, traces, state_leaves, step: StepValues):
+        """``(traces, keep)`` at the start of a step: ``keep`` is 0 when the hidden states differ
+        from those the previous step wrote, else 1. The restart costs no pass over the traces that
+        propagate through ``D`` (``D`` is scaled by ``keep``, in ``step``); the other leaves are
+        scaled by :meth:`_restart_undecayed`."""
+        traces = self._restart_if_new_epoch(traces)
+        stale = jnp.zeros((), bool)
+        for leaf, seen in zip(self._hidden_leaf_ids, self.hidden_seen.value):
+            now = jax.lax.stop_gradient(state_leaves[leaf])
+            differ = (now != seen) & ~(jnp.isnan(now) & jnp.isnan(seen))
+            stale = stale | jnp.any(differ)
+        keep = 1 - stale.astype(jnp.int32)
+        step.d = {g: d * keep.astype(d.dtype) for g, d in step.d.items()}
+        body = self._restart_undecayed({k: v for k, v in traces.items() if k != "epoch"}, keep)
+        return {**body, "epoch": traces["epoch"]}, keep
+
+    def _restart_undecayed(self, traces: Dict, keep) -> Dict:
+        """``traces`` with the leaves that do not propagate through ``D`` multiplied by ``keep``;
+        this default multiplies every leaf (algorithms whose large traces all go through ``D``
+        override it, so a restart check adds no pass over them)."""
+        return _scaled(traces, keep)
+
+    def _remember_hidden(self, new_state_leaves):
+        self.hidden_seen.value = [jax.lax.stop_gradient(new_state_leaves[i]) for i in self._hidden_leaf_ids]
 
     def _reset_traces(self):
         self.etrace.value = {
@@ -192,12 +232,13 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         states, state_leaves = self._current_states()
         arg_leaves = jax.tree.leaves(inputs)
         step = self.executor.step_values(state_leaves, arg_leaves)
-        old = self._restart_if_new_epoch(self.etrace.value)
+        old, keep = self._restart_if_reset(self.etrace.value, state_leaves, step)
         new_traces = jax.lax.stop_gradient(self._update_traces(old, step))
         new_traces["epoch"] = old["epoch"]
-        old_traces = jax.lax.stop_gradient(old) if self.executor.reads_old else None
+        old_traces = jax.lax.stop_gradient(_scaled(old, keep)) if self.executor.reads_old else None
         outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step, old_traces)
         self.etrace.value = new_traces
+        self._remember_hidden(new_state_leaves)
         self._write_states(states, new_state_leaves)
         return jax.tree.unflatten(info.out_treedef, outs)
 
@@ -234,7 +275,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             (ex.perturbation.zeros(), zeros_old)
         )
         step = StepValues(*step)
-        old = self._restart_if_new_epoch(self.etrace.value)
+        old, keep = self._restart_if_reset(self.etrace.value, state_leaves, step)
         cts = ex.group_cotangents(d_perturbation)
         if factored:
             new_traces, relation_grads, factors = self._update_solve_factored(old, step, cts)
@@ -242,13 +283,15 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             new_traces, relation_grads = self._update_and_solve(old, step, cts)
         if ex.reads_old:  # paths h_(t-1) -> L_t that avoid h_t: the previous traces, in full
             relation_grads = add_relation_grads(
-                relation_grads, self._solve(old, ex.group_cotangents(d_old), step.weights, step.aux)
+                relation_grads,
+                self._solve(_scaled(old, keep), ex.group_cotangents(d_old), step.weights, step.aux),
             )
         new_traces = jax.lax.stop_gradient(new_traces)
         new_traces["epoch"] = old["epoch"]
         self.etrace.value = new_traces
         routed = ex.route_to_states(state_leaves, arg_leaves, relation_grads, step.weights)
-        states, _ = self._current_states()
+        states, new_state_leaves = self._current_states()
+        self._remember_hidden(new_state_leaves)
         grads = add_param_grads(grads, self._param_cotangents(states, params, routed))
         return (grads, factors, loss) if factored else (grads, loss)
 

@@ -111,6 +111,21 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
             vals[_key(r.index, gi)] = trace
         return vals
 
+    def _restart_undecayed(self, traces: Dict, keep) -> Dict:
+        """The library's own trace operations propagate every leaf through ``D`` (which the
+        restart scales), except the undecayed factors of the factored LoRA trace; a custom
+        primitive's own operations may not, so all of its leaves are scaled."""
+        out = dict(traces)
+        scale = lambda t: t * keep.astype(t.dtype)
+        for r, gi, _ in self._relation_groups():
+            k = _key(r.index, gi)
+            ops = self._ops(r.primitive)
+            if self.lora_factored and r.primitive in (etp_lora_mm_p, etp_lora_mv_p):
+                out[k] = {n: scale(v) if n in ("eps_x", "count") else v for n, v in traces[k].items()}
+            elif not getattr(ops.update, "__module__", "").startswith("braintrace."):
+                out[k] = jax.tree.map(scale, traces[k])
+        return out
+
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
         new = {}
         for r, gi, g in self._relation_groups():

@@ -57,6 +57,13 @@ class DiagnosticKind(enum.Enum):
     CROSS_GROUP_COUPLING = "cross_group_coupling"
     #: A hidden state that no ETP relation drives.
     HIDDEN_WITHOUT_RELATION = "hidden_without_relation"
+    #: An integer or boolean hidden state: no gradient, carried like a non-hidden state.
+    NON_FLOAT_HIDDEN_STATE = "non_float_hidden_state"
+    #: A traced weight also reaches hidden states through plain JAX ops: that recurrence is in no trace.
+    WEIGHT_ALSO_PLAIN = "weight_also_plain"
+    #: A traced weight moves another, self-recurrent hidden group (a stacked layer) within a step:
+    #: its influence carried by that group's own recurrence at later steps is in no trace.
+    CROSS_LAYER_INFLUENCE = "cross_layer_influence"
 
 
 @dataclasses.dataclass(frozen=True)

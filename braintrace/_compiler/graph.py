@@ -483,4 +483,87 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
                 f"within-step gradient.",
                 (info.path_of(i),),
             )
+    _check_plain_uses(info, relations, rel_state_idx, records)
+    _check_cross_layer(info, groups, relations, records)
     return ETraceGraph(info, groups, relations, records, rel_state_idx)
+
+
+def _hidden_out_vars(info: ModuleInfo):
+    out_vars = info.state_outvars()
+    return {out_vars[h.leaf]: h for h in info.hidden_leaves if not isinstance(out_vars[h.leaf], Literal)}
+
+
+def _check_plain_uses(info: ModuleInfo, relations, rel_state_idx, records) -> None:
+    """Record every traced weight that also reaches a hidden state's new value by a path that does
+    not enter a relation as its trainable operand (``matmul(x, W) + 0.5 * (x @ W)``): the step
+    differentiates that path, but its recurrence through the hidden state is in no trace."""
+    jaxpr = info.jaxpr
+    trainable_slots = {(r.eqn_index, j) for r in relations for j in r.trainable_invar_indices.values()}
+    hidden_out = _hidden_out_vars(info)
+    in_vars = info.state_invars()
+    for si in rel_state_idx:
+        a, b = info.state_leaf_ranges[si]
+        reached = {in_vars[leaf] for leaf in range(a, b)}
+        for i, eqn in enumerate(jaxpr.eqns):
+            if any(
+                (not isinstance(v, Literal)) and v in reached and (i, j) not in trainable_slots
+                for j, v in enumerate(eqn.invars)
+            ):
+                reached.update(eqn.outvars)
+        hit = sorted({hidden_out[v].name for v in reached if v in hidden_out})
+        if hit:
+            path = info.path_of(si)
+            emit(
+                records,
+                DiagnosticKind.WEIGHT_ALSO_PLAIN,
+                DiagnosticLevel.WARNING,
+                f"Parameter {path!r} is traced through an ETP op but also reaches the hidden state(s) "
+                f"{hit} through plain JAX ops; the step differentiates that use, but its effect carried "
+                f"by the hidden states to later steps is in no trace, so the online gradient of "
+                f"{path!r} is approximate. Route every use of the weight through the ETP op.",
+                (path,),
+            )
+
+
+def _check_cross_layer(info: ModuleInfo, groups, relations, records) -> None:
+    """Record every relation whose output moves, within the step, a hidden group it does not
+    drive (through another trainable ETP op: a stacked layer) when that group depends on its own
+    previous value: the weights' influence carried by that group's recurrence is in no trace."""
+    jaxpr = info.jaxpr
+    in_vars, out_vars = info.state_invars(), info.state_outvars()
+    group_of = {(h.leaf, h.slot): g for g in groups for h in g.hidden_leaves}
+    seeds = {}
+    for k, h in enumerate(info.hidden_leaves):
+        seeds.setdefault(in_vars[h.leaf], set()).add(group_of[(h.leaf, h.slot)].index)
+    own = _propagate(jaxpr, seeds, is_trainable_etp_eqn)
+    recurrent = {
+        g.index for g in groups for h in g.hidden_leaves if g.index in _labels_of(own, out_vars[h.leaf])
+    }
+    y_seeds = {}
+    for r in relations:
+        y_seeds.setdefault(r.y_var, set()).add(r.index)
+    reach = _propagate(jaxpr, y_seeds, lambda eqn: False)
+    for r in relations:
+        driven = {g.index for g in r.hidden_groups}
+        moved = sorted(
+            {
+                h.name
+                for h in info.hidden_leaves
+                if r.index in _labels_of(reach, out_vars[h.leaf])
+                and group_of[(h.leaf, h.slot)].index not in driven
+                and group_of[(h.leaf, h.slot)].index in recurrent
+            }
+        )
+        if moved:
+            names = sorted({p for paths in r.param_paths.values() for p in paths})
+            emit(
+                records,
+                DiagnosticKind.CROSS_LAYER_INFLUENCE,
+                DiagnosticLevel.WARNING,
+                f"Weight(s) {names} of {r.primitive.name} (equation {r.eqn_index}) move the hidden "
+                f"state(s) {moved} of another layer within a step, and those states keep part of "
+                f"their value to the next step; the traces carry the weights' effect on their own "
+                f"states only, so their online gradient misses that later effect (approximate). "
+                f"The current step's effect is exact.",
+                tuple(names),
+            )

@@ -1,0 +1,367 @@
+"""No silent wrong gradient: model shapes outside the curated set, against independent oracles.
+
+* Outputs that bypass the stored hidden state (``return h + y``; the spike of the pre-reset
+  potential of a neuron that resets within the step): D-RTRL equals BPTT (float64), per step and
+  through ``etrace_grad``; pp_prop equals it at ``T = 1`` (where pp_prop is exact).
+* Unit mixing in the intrinsic dynamics or on ``y -> h`` is found structurally (slices with
+  broadcasting, permuted concatenations, ``cond`` branches, reversals): a record names it, and
+  models without a record equal the masked-RTRL oracle.
+* A generative test: random step functions from a grammar of element-wise maps, leaks, resets,
+  selects, slices, concatenations, reversals, ``cond`` and plain matmuls. Each either equals the
+  masked-RTRL oracle of ``online_models`` or carries a record naming the approximation.
+* A traced weight also used by plain ops, and a stacked layer whose own recurrence carries a lower
+  layer's weights forward, are recorded; the feed-forward stack without that recurrence is exact.
+* ``brainstate.nn.reset_all_states`` restarts the traces.
+"""
+
+from __future__ import annotations
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import online_models as om
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import braintrace
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+B, I, H = 2, 3, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _float64():
+    with om.float64():
+        yield
+
+
+def _records(graph, skip=("PLAIN_PARAMETER", "HIDDEN_WITHOUT_RELATION")):
+    return {r.kind.name for r in graph.records if r.kind.name not in skip}
+
+
+class _Step(brainstate.nn.Module):
+    """``h`` of shape ``(B, H)`` updated by ``body(h, y, x)`` with ``y = braintrace.matmul(x, W)``;
+    the output is ``out(h_old, h_new, y)``."""
+
+    def __init__(self, body, out, w):
+        super().__init__()
+        self.w = brainstate.ParamState(w)
+        self._fns = (body, out)
+
+    def init_state(self, batch_size=None, **kw):
+        self.h = brainstate.HiddenState(jnp.zeros((batch_size, H)))
+
+    def update(self, x):
+        body, out = self._fns
+        old = self.h.value
+        y = braintrace.matmul(x, self.w.value)
+        self.h.value = body(old, y, x)
+        return out(old, self.h.value, y)
+
+
+def _bptt(body, out, w, xs, ys):
+    def total(w):
+        h, acc = jnp.zeros((B, H)), 0.0
+        for t in range(xs.shape[0]):
+            y = xs[t] @ w
+            new = body(h, y, xs[t])
+            acc = acc + om.loss_fn(out(h, new, y), ys[t])
+            h = new
+        return acc
+
+    return jax.grad(total)(w)
+
+
+def _data(steps, seed=0):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((I, H)) * 0.6)
+    xs = jnp.asarray(rng.standard_normal((steps, B, I)))
+    ys = jnp.asarray(rng.standard_normal((steps, B, H)))
+    return w, xs, ys
+
+
+def _online(alg_fn, body, out, w, xs, ys, driver):
+    model = _Step(body, out, w)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg = alg_fn(model)
+    alg.compile_graph(xs[0])
+    if driver == "etrace_grad":
+        return alg.etrace_grad(xs, ys, step_fn=om.loss_fn)[("w",)], alg.graph
+    grads, _ = om.run_online(alg, model, xs, ys, compile_graph=False)
+    return grads["w"].sum(0), alg.graph
+
+
+_SPIKE = lambda v: jax.nn.sigmoid(4.0 * v)  # a smooth stand-in for a surrogate spike
+
+DIRECT = {
+    # the ETP output reaches the output directly, beside the stored state
+    "h_plus_y": (lambda h, y, x: 0.9 * h + y, lambda old, new, y: new + y),
+    # reset within the step: the spike of the pre-reset potential is the output
+    "reset_in_step": (
+        lambda h, y, x: (0.85 * h + y) - _SPIKE(0.85 * h + y - 1.0),
+        lambda old, new, y: _SPIKE(0.85 * old + y - 1.0),
+    ),
+    # the previous state read by the output directly
+    "old_state_out": (lambda h, y, x: 0.8 * jnp.tanh(h) + y, lambda old, new, y: new * old + old),
+}
+
+
+@pytest.mark.parametrize("driver", ["per_step", "etrace_grad"])
+@pytest.mark.parametrize("case", list(DIRECT))
+def test_direct_paths_d_rtrl_equals_bptt(case, driver):
+    body, out = DIRECT[case]
+    w, xs, ys = _data(5)
+    got, graph = _online(braintrace.D_RTRL, body, out, w, xs, ys, driver)
+    assert not _records(graph), graph.summary()
+    want = _bptt(body, out, w, xs, ys)
+    assert om.rel_err(got, want) < 1e-10, (om.rel_err(got, want), got, want)
+
+
+@pytest.mark.parametrize("driver", ["per_step", "etrace_grad"])
+@pytest.mark.parametrize("case", list(DIRECT))
+def test_direct_paths_pp_prop_exact_at_one_step(case, driver):
+    body, out = DIRECT[case]
+    w, xs, ys = _data(1)
+    got, _ = _online(lambda m: braintrace.pp_prop(m, decay_or_rank=0.7), body, out, w, xs, ys, driver)
+    want = _bptt(body, out, w, xs, ys)
+    assert om.rel_err(got, want) < 1e-10, (om.rel_err(got, want), got, want)
+
+
+def test_direct_paths_pp_prop_finite_over_steps():
+    body, out = DIRECT["reset_in_step"]
+    w, xs, ys = _data(6)
+    got, _ = _online(lambda m: braintrace.pp_prop(m, decay_or_rank=0.7), body, out, w, xs, ys, "per_step")
+    want = _bptt(body, out, w, xs, ys)
+    assert np.all(np.isfinite(np.asarray(got)))
+    assert om.rel_err(got, want) < 0.5  # an approximation of the weight gradient, not unrelated
+
+
+MIXING = {
+    "slice_broadcast": lambda h, y, x: 0.9 * h + 0.2 * h[:, :1] + y,
+    "permuted_halves": lambda h, y, x: 0.9 * jnp.concatenate([h[:, 2:], h[:, :2]], axis=1) + y,
+    "stacked_halves": lambda h, y, x: 0.9 * jnp.stack([h[:, 2:], h[:, :2]], 1).reshape(h.shape) + y,
+    "cond_mixing_branch": lambda h, y, x: (
+        jax.lax.cond(x[0, 0] > -100.0, lambda a: 0.9 * a[:, ::-1], lambda a: 0.9 * a, h) + y
+    ),
+    "roll": lambda h, y, x: 0.9 * jnp.roll(h, 1, axis=1) + y,
+    "plain_matmul": lambda h, y, x: jnp.tanh(h @ (0.3 * jnp.ones((H, H)))) + y,
+    "mixing_y": lambda h, y, x: 0.9 * h + y[:, ::-1],
+    "y_row_sum": lambda h, y, x: 0.9 * h + jnp.sum(y, axis=1, keepdims=True),
+}
+
+DIAGONAL = {
+    "leak": lambda h, y, x: 0.9 * h + y,
+    "select_reset": lambda h, y, x: jnp.where(h > 0.5, 0.0, 0.9 * h) + y,
+    "cond_diagonal": lambda h, y, x: jax.lax.cond(x[0, 0] > 0, lambda a: 0.9 * a, lambda a: 0.5 * a, h) + y,
+    "surrogate_spike": lambda h, y, x: 0.9 * h - braintrace.nn.surrogate.sigmoid(h - 0.5) + y,
+    "transpose_twice": lambda h, y, x: 0.9 * h.T.T + y,
+}
+
+
+@pytest.mark.parametrize("case", list(MIXING))
+def test_unit_mixing_is_recorded(case):
+    body = MIXING[case]
+    model = _Step(body, lambda old, new, y: new, jnp.ones((I, H)))
+    brainstate.nn.init_all_states(model, batch_size=B)
+    with pytest.warns(UserWarning, match="mix"):
+        graph = braintrace.compile_etrace_graph(model, jnp.zeros((B, I)))
+    assert "NON_DIAGONAL_PATH" in _records(graph), graph.summary()
+
+
+@pytest.mark.parametrize("case", list(DIAGONAL))
+def test_element_wise_dynamics_have_no_record_and_equal_bptt(case):
+    body, out = DIAGONAL[case], (lambda old, new, y: new)
+    w, xs, ys = _data(5, seed=3)
+    got, graph = _online(braintrace.D_RTRL, body, out, w, xs, ys, "etrace_grad")
+    assert not _records(graph), graph.summary()
+    assert om.rel_err(got, _bptt(body, out, w, xs, ys)) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------
+# Generative: random step functions, D-RTRL against the masked-RTRL oracle
+# ------------------------------------------------------------------------------------------------
+
+#: Terms of ``h'`` built from the previous state ``h`` (each: (name, fn(h) -> (B, H), mixes units)).
+_TERMS = {
+    "leak": (lambda h: 0.8 * h, False),
+    "tanh": (lambda h: 0.5 * jnp.tanh(h), False),
+    "reset": (lambda h: -0.3 * jax.nn.sigmoid(4.0 * (h - 0.5)), False),
+    "select": (lambda h: jnp.where(h > 0.2, 0.1 * h, 0.6 * h), False),
+    "square": (lambda h: 0.1 * h**2, False),
+    "cond_diag": (
+        lambda h: jax.lax.cond(jnp.float64(1.0) > 0, lambda a: 0.4 * a, lambda a: 0.2 * a, h),
+        False,
+    ),
+    "slot_stack": (lambda h: 0.3 * jnp.stack([h, h], -1).sum(-1), False),
+    "slice_bcast": (lambda h: 0.3 * h[..., :1], True),
+    "reverse": (lambda h: 0.3 * h[..., ::-1], True),
+    "halves": (lambda h: 0.3 * jnp.concatenate([h[..., 2:], h[..., :2]], -1), True),
+    "plain_matmul": (lambda h: h @ (0.2 * jnp.arange(H * H, dtype=h.dtype).reshape(H, H) / H**2), True),
+    "gather": (lambda h: 0.3 * h[..., jnp.array([1, 0, 3, 2])], True),
+    "row_mean": (lambda h: 0.3 * jnp.mean(h, axis=-1, keepdims=True), True),
+    "cond_mix": (
+        lambda h: jax.lax.cond(jnp.float64(1.0) > 0, lambda a: 0.3 * a[..., ::-1], lambda a: a, h),
+        True,
+    ),
+}
+#: How ``y`` enters (name -> (fn(y) -> (B, H), mixes units)).
+_Y_TERMS = {
+    "plain": (lambda y: y, False),
+    "tanh": (lambda y: jnp.tanh(y), False),
+    "reversed": (lambda y: y[..., ::-1], True),
+}
+
+
+def _generated_spec(terms, y_term, recurrent, seed):
+    rng = np.random.default_rng(seed)
+    params = {
+        "W": jnp.asarray(rng.standard_normal((I, H)) * 0.6),
+        "W_out": jnp.asarray(rng.standard_normal((H, 2))),
+    }
+    ops = {"in": om.Op("dense", {"weight": "W"}, x_fn=lambda p, h, x: x)}
+    if recurrent:
+        params["U"] = jnp.asarray(rng.standard_normal((H, H)) * 0.3)
+        ops["rec"] = om.Op("dense", {"weight": "U"}, x_fn=lambda p, h, x: h["h"])
+
+    def step(p, h, x, ys):
+        v = h["h"]
+        new = sum(_TERMS[t][0](v) for t in terms) + _Y_TERMS[y_term][0](ys["in"])
+        if recurrent:
+            new = new + ys["rec"]
+        return {"h": new}
+
+    return om.PlainSpec(
+        "generated", params, {"h": (H,)}, (("h",),), ops, step, lambda p, h, x: h["h"] @ p["W_out"], (I,), B
+    )
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    terms=st.lists(st.sampled_from(sorted(_TERMS)), min_size=1, max_size=3, unique=True),
+    y_term=st.sampled_from(sorted(_Y_TERMS)),
+    recurrent=st.booleans(),
+    seed=st.integers(0, 100),
+)
+def test_generated_steps_equal_the_oracle_or_are_recorded(terms, y_term, recurrent, seed):
+    spec = _generated_spec(terms, y_term, recurrent, seed)
+    module = om.build_module(spec)
+    xs, targets = om.make_data(spec, 4, seed=seed)
+    alg = braintrace.D_RTRL(module)
+    got, _ = om.run_online(alg, module, xs, targets)
+    want = om.masked_rtrl(spec, xs, targets)
+    records = _records(alg.graph)
+    mixes = any(_TERMS[t][1] for t in terms) or _Y_TERMS[y_term][1]
+    if mixes:
+        assert "NON_DIAGONAL_PATH" in records, (terms, y_term, alg.graph.summary())
+    errs = {n: om.rel_err(got[n], want[n]) for n in want}
+    wrong = {n: e for n, e in errs.items() if not e < 1e-9}
+    if wrong:  # a gradient that differs from the oracle must be named by a record
+        assert records, (terms, y_term, recurrent, wrong, alg.graph.summary())
+    if not records:
+        assert not wrong, (terms, y_term, errs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weights used twice, stacked layers, resets
+# ------------------------------------------------------------------------------------------------
+
+
+def test_weight_also_used_by_plain_ops_is_recorded():
+    body = lambda h, y, x: 0.9 * h + y  # noqa: E731
+    model = _Step(
+        lambda h, y, x: 0.9 * h + y + 0.5 * (x @ model.w.value), lambda o, n, y: n, jnp.ones((I, H))
+    )
+    brainstate.nn.init_all_states(model, batch_size=B)
+    graph = braintrace.compile_etrace_graph(model, jnp.zeros((B, I)))
+    assert "WEIGHT_ALSO_PLAIN" in _records(graph)
+    rec = next(r for r in graph.records if r.kind.name == "WEIGHT_ALSO_PLAIN")
+    assert rec.subject == ("w",)
+    clean = _Step(body, lambda o, n, y: n, jnp.ones((I, H)))
+    brainstate.nn.init_all_states(clean, batch_size=B)
+    assert "WEIGHT_ALSO_PLAIN" not in _records(braintrace.compile_etrace_graph(clean, jnp.zeros((B, I))))
+
+
+class _Stacked(brainstate.nn.Module):
+    def __init__(self, w1, w2, leak2):
+        super().__init__()
+        self.w1 = brainstate.ParamState(w1)
+        self.w2 = brainstate.ParamState(w2)
+        self.leak2 = leak2
+
+    def init_state(self, batch_size=None, **kw):
+        self.h1 = brainstate.HiddenState(jnp.zeros((batch_size, H)))
+        self.h2 = brainstate.HiddenState(jnp.zeros((batch_size, H)))
+
+    def update(self, x):
+        self.h1.value = 0.9 * self.h1.value + braintrace.matmul(x, self.w1.value)
+        drive = braintrace.matmul(jnp.tanh(self.h1.value), self.w2.value)
+        # leak2 == 0: a feed-forward second layer (no h2_(t-1) term in the step at all)
+        self.h2.value = self.leak2 * self.h2.value + drive if self.leak2 else drive
+        return self.h2.value
+
+
+def _stacked_bptt(w1, w2, leak2, xs, ys):
+    def total(params):
+        w1, w2 = params
+        h1 = h2 = jnp.zeros((B, H))
+        acc = 0.0
+        for t in range(xs.shape[0]):
+            h1 = 0.9 * h1 + xs[t] @ w1
+            h2 = leak2 * h2 + jnp.tanh(h1) @ w2
+            acc = acc + om.loss_fn(h2, ys[t])
+        return acc
+
+    return jax.grad(total)((w1, w2))
+
+
+@pytest.mark.parametrize("leak2", [0.0, 0.8])
+def test_stacked_layers_exact_or_recorded(leak2):
+    w1, xs, ys = _data(5, seed=4)
+    w2 = jnp.asarray(np.random.default_rng(5).standard_normal((H, H)) * 0.5)
+    model = _Stacked(w1, w2, leak2)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg = braintrace.D_RTRL(model)
+    alg.compile_graph(xs[0])
+    got = alg.etrace_grad(xs, ys, step_fn=om.loss_fn)
+    want = _stacked_bptt(w1, w2, leak2, xs, ys)
+    records = [r for r in alg.graph.records if r.kind.name == "CROSS_LAYER_INFLUENCE"]
+    # W2 drives h2 through its own leak: exact either way
+    assert om.rel_err(got[("w2",)], want[1]) < 1e-10
+    if leak2 == 0.0:
+        assert not records, alg.graph.summary()
+        assert om.rel_err(got[("w1",)], want[0]) < 1e-10
+    else:
+        assert [r.subject for r in records] == [("w1",)], alg.graph.summary()
+        assert om.rel_err(got[("w1",)], want[0]) > 1e-3  # the recorded approximation is real
+
+
+@pytest.mark.parametrize(
+    "alg_fn", [braintrace.D_RTRL, lambda m: braintrace.pp_prop(m, 0.6)], ids=["d_rtrl", "pp_prop"]
+)
+def test_reset_all_states_restarts_the_traces(alg_fn):
+    body, out = (lambda h, y, x: jnp.tanh(0.9 * h + y)), (lambda o, n, y: n)
+    w, xs, ys = _data(4, seed=6)
+
+    class Resettable(_Step):
+        def reset_state(self, batch_size=None, **kw):
+            self.h.value = jnp.zeros((B, H))
+
+    def fresh():
+        model = Resettable(body, out, w)
+        brainstate.nn.init_all_states(model, batch_size=B)
+        alg = alg_fn(model)
+        alg.compile_graph(xs[0])
+        return model, alg
+
+    model, alg = fresh()
+    want = alg.etrace_grad(xs, ys, step_fn=om.loss_fn)[("w",)]
+    model, alg = fresh()
+    om.run_online(alg, model, xs, ys, compile_graph=False)  # a first sequence leaves traces behind
+    brainstate.nn.reset_all_states(model)
+    assert om.rel_err(alg.etrace_grad(xs, ys, step_fn=om.loss_fn)[("w",)], want) < 1e-12
+    brainstate.nn.reset_all_states(model)
+    got, _ = om.run_online(alg, model, xs, ys, compile_graph=False)
+    assert om.rel_err(got["w"].sum(0), want) < 1e-12
