@@ -23,6 +23,7 @@ from ._common import (
     decay_factor,
     init_state,
     init_weight,
+    shape_of,
     to_dimensionless,
     to_size,
 )
@@ -39,10 +40,28 @@ class _Readout(brainstate.nn.Module):
         self.in_size = to_size(in_size, "in_size", owner)
         self.out_size = to_size(out_size, "out_size", owner)
         self.in_features, self.out_features = self.in_size[-1], self.out_size[-1]
-        self.tau = check_time_constant(tau, "tau", owner)
+        tau = check_time_constant(tau, "tau", owner)
+        try:
+            self.tau = u.math.broadcast_to(tau, (self.out_features,))
+        except ValueError:
+            raise ValueError(
+                f"{owner}: `tau` of shape {shape_of(tau)} does not broadcast to out_size "
+                f"({self.out_features},)."
+            ) from None
         self.weight = brainstate.ParamState(
             init_weight(w_init, (self.in_features, self.out_features), owner, "w_init")
         )
+
+    @property
+    def W(self) -> brainstate.ParamState:
+        """The weight state ``(I, O)`` (the name used by braintrace 0.2; the same object as ``weight``)."""
+        return self.weight
+
+    @property
+    def decay(self):
+        r""":math:`e^{-\Delta t/\tau}`, shape ``(O,)``, with the current ``dt``
+        (``brainstate.environ.get_dt()``, read again at every step)."""
+        return decay_factor(self.tau, brainstate.environ.dftype(), type(self).__name__)
 
     def _current(self, x):
         check_features(x, self.in_features, type(self).__name__)
@@ -68,8 +87,13 @@ class LeakyRateReadout(_Readout):
 
     Attributes
     ----------
-    weight : brainstate.ParamState, shape ``(I, O)``
+    weight : brainstate.ParamState, shape ``(I, O)``; also available as ``W``
     r : brainstate.HiddenState, shape ``(batch, O)`` or ``(O,)``
+    tau : time constant broadcast to ``(O,)``
+    decay : :math:`e^{-\Delta t/\tau}`, shape ``(O,)`` (computed from the current ``dt``; braintrace 0.2
+        fixes it at construction)
+    in_size, out_size : tuple of int
+    r_init
 
     Examples
     --------
@@ -79,6 +103,9 @@ class LeakyRateReadout(_Readout):
     ...     out = ro(jnp.ones((3, 4)))
     >>> out.shape
     (3, 2)
+    >>> with brainstate.environ.context(dt=1. * u.ms):
+    ...     print(ro.decay.tolist() == [float(jnp.exp(-0.2))] * 2)
+    True
     """
 
     def __init__(
@@ -135,8 +162,23 @@ class LeakySpikeReadout(_Readout):
 
     Attributes
     ----------
-    weight : brainstate.ParamState, shape ``(I, O)``
+    weight : brainstate.ParamState, shape ``(I, O)``; also available as ``W``
     V : brainstate.HiddenState, shape ``(batch, O)`` or ``(O,)``
+    spike : the spikes of the current state, ``get_spike(V)``
+    tau : time constant broadcast to ``(O,)``
+    decay : :math:`e^{-\Delta t/\tau}`, shape ``(O,)``, from the current ``dt``
+    V_th, V_init, spk_fun
+    spk_reset : ``'subtract'`` or ``'hard'`` (``'soft'`` is stored as ``'subtract'``)
+    in_size, out_size, varshape : tuple of int (``varshape`` is ``out_size``)
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, brainstate, saiunit as u, braintrace
+    >>> with brainstate.environ.context(dt=1. * u.ms):
+    ...     ro = braintrace.nn.LeakySpikeReadout(4, 2, tau=5. * u.ms); ro.init_state(batch_size=3)
+    ...     spikes = ro(jnp.ones((3, 4)))
+    >>> spikes.shape, ro.spike.shape, ro.varshape
+    ((3, 2), (3, 2), (2,))
     """
 
     def __init__(
@@ -169,6 +211,15 @@ class LeakySpikeReadout(_Readout):
 
     def reset_state(self, batch_size: Optional[int] = None, **kwargs):
         self.V.value = self._new_V(batch_size)
+
+    @property
+    def varshape(self):
+        return self.out_size
+
+    @property
+    def spike(self):
+        """``get_spike(V)`` of the current state."""
+        return self.get_spike()
 
     def get_spike(self, V=None):
         """``spk_fun((V - V_th) / V_th)`` (default: the current state)."""
