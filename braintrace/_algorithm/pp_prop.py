@@ -15,6 +15,15 @@ Keys that need no ``x`` (``bias``, and every key of an input-free primitive such
 
 ``decay_or_rank``: a float is :math:`\lambda \in (0, 1)`; an int ``r > 0`` means
 :math:`\lambda = (r-1)/(r+1)`.
+
+The bias correction :math:`1-\lambda^{t+1}` is not formed from a power of :math:`\lambda`: each
+output trace carries its normaliser :math:`c \leftarrow \lambda\,c + (1-\lambda)` (a scalar, in the
+trace's dtype, with the same arithmetic as :math:`\epsilon_f`), which equals
+:math:`1-\lambda^{t+1}` in exact arithmetic, and the solve divides by it. The ratio
+:math:`\epsilon_f / c` is then exact to rounding for every :math:`\lambda`: ``1 - lam ** t`` loses
+all its digits to cancellation when :math:`\lambda` is within a few ulps of 1 (``0.99999999`` is
+``1.0`` in float32: an infinite gradient). A :math:`\lambda` the trace dtype rounds to 1 acts as
+:math:`\lambda = 1`: :math:`\epsilon_x` a running sum and :math:`\epsilon_f / c` a running mean.
 """
 
 from __future__ import annotations
@@ -35,13 +44,24 @@ __all__ = ["IODimVjpAlgorithm", "ES_D_RTRL", "pp_prop", "decay_from_decay_or_ran
 
 
 def decay_from_decay_or_rank(decay_or_rank) -> float:
-    """``lambda`` from a float in (0, 1) or an int rank ``r > 0`` (``(r - 1) / (r + 1)``)."""
+    """``lambda`` from a float in (0, 1) or an int rank ``r > 0`` (``(r - 1) / (r + 1)``).
+
+    Raises ``ValueError`` for a value outside these ranges, including a rank so large that
+    ``(r - 1) / (r + 1)`` rounds to ``1.0`` in float64 (``r`` above about ``2**55``).
+    """
     if isinstance(decay_or_rank, bool) or not isinstance(decay_or_rank, numbers.Real):
         raise TypeError(f"`decay_or_rank` must be a float in (0, 1) or an int > 0, got {decay_or_rank!r}.")
     if isinstance(decay_or_rank, numbers.Integral):
-        if decay_or_rank <= 0:
+        rank = int(decay_or_rank)
+        if rank <= 0:
             raise ValueError(f"`decay_or_rank` as a rank must be an int > 0, got {decay_or_rank}.")
-        return (decay_or_rank - 1) / (decay_or_rank + 1)
+        lam = (rank - 1) / (rank + 1)
+        if not lam < 1.0:
+            raise ValueError(
+                f"`decay_or_rank` as a rank gives lambda = (r - 1) / (r + 1), which must be below 1; "
+                f"got r = {rank}, for which it rounds to {lam} in float64."
+            )
+        return lam
     lam = float(decay_or_rank)
     if not 0.0 < lam < 1.0:
         raise ValueError(f"`decay_or_rank` as a decay must lie in (0, 1), got {lam}.")
@@ -114,7 +134,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         return r.x_var is not None and len(_exact_keys(r)) < len(r.trainable_vars)
 
     def _init_trace_values(self) -> Dict:
-        vals = {"count": jnp.zeros((), jnp.int32)}
+        vals = {}
         for r in self.graph.hidden_param_op_relations:
             if self._needs_x(r):
                 vals[f"x{r.index}"] = jnp.zeros(r.x_var.aval.shape, r.x_var.aval.dtype)
@@ -124,13 +144,14 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                 init_pp = get_rule(r.primitive, "init_pp")
                 f = init_pp(r.x_var, r.y_var, dict(r.trainable_vars), n)
                 vals[f"f{r.index}_g{gi}"] = jnp.zeros((*g.shape, n), f.dtype)
+                vals[f"c{r.index}_g{gi}"] = jnp.zeros((), f.dtype)  # the normaliser 1 - lambda^t
             for k in _exact_keys(r):
                 vals[f"e{r.index}_g{gi}_{k}"] = jnp.zeros((*g.shape, n), r.y_var.aval.dtype)
         return vals
 
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
         lam = self.decay
-        new = {"count": traces["count"] + 1}
+        new = {}
         for r in self.graph.hidden_param_op_relations:
             if self._needs_x(r):
                 k = f"x{r.index}"
@@ -140,6 +161,8 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             if self._needs_x(r):
                 k = f"f{r.index}_g{gi}"
                 new[k] = (lam * _contract(d, traces[k]) + (1 - lam) * df).astype(traces[k].dtype)
+                c = f"c{r.index}_g{gi}"  # the same arithmetic as the trace: eps_f / c is exact
+                new[c] = (lam * traces[c] + (1 - lam)).astype(traces[c].dtype)
             for key in _exact_keys(r):
                 k = f"e{r.index}_g{gi}_{key}"
                 new[k] = (_contract(d, traces[k]) + df).astype(traces[k].dtype)
@@ -152,8 +175,6 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         """``(gradients, factors)``: for a relation in ``factored`` (indices), the gradient of its
         ``x``-dependent keys is returned as the factor pair ``(epsilon_x, g)`` of
         ``xy_to_dw(epsilon_x, g)`` instead (see :meth:`_solve_factors`)."""
-        lam = self.decay
-        t = traces["count"]  # number of steps taken, including this one
         grads, factors = {}, {}
         for r, gi, g in self._relation_groups():
             ct = cts[(r.index, gi)]
@@ -162,7 +183,11 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             x_tr = traces[f"x{r.index}"] if self._needs_x(r) else None
             part = {}
             if self._needs_x(r):
-                correction = 1.0 - jnp.asarray(lam, ct.dtype) ** t.astype(ct.dtype)
+                # 1 - lambda^t, accumulated like eps_f (steps taken, this one included); 0 only for
+                # traces that have seen no step (all zero, e.g. the previous step's at the first step),
+                # which contribute nothing
+                c = traces[f"c{r.index}_g{gi}"]
+                correction = jnp.where(c == 0, jnp.ones_like(c), c)
                 gsig = (ct * traces[f"f{r.index}_g{gi}"]).sum(-1) / correction
                 if r.index in factored:
                     # xy_to_dw is linear in its cotangent: the groups' cotangents add up.

@@ -364,11 +364,20 @@ def _int_tuple(value, name, n_spatial):
         raise ValueError(
             f"conv: `{name}` must have one entry per spatial dimension ({n_spatial}), got {value!r}."
         )
+    if min(out, default=1) < 1:
+        raise ValueError(f"conv: `{name}` must be positive ints, one per spatial dimension, got {value!r}.")
     return out
+
+
+_PADDING_NAMES = ("SAME", "VALID", "SAME_LOWER")
 
 
 def _padding_param(padding, n_spatial):
     if isinstance(padding, str):
+        if padding.upper() not in _PADDING_NAMES:
+            raise ValueError(
+                f"conv: string `padding` must be one of {_PADDING_NAMES} (any case), got {padding!r}."
+            )
         return padding
     try:
         out = tuple((int(lo), int(hi)) for lo, hi in padding)

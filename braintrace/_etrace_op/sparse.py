@@ -295,6 +295,70 @@ def _int_index(arr, what):
     return arr.astype(jnp.int32)
 
 
+def _concrete(arr):
+    """``arr`` as a NumPy array when its value is known now (eagerly, or a constant closed over by a
+    traced function), ``None`` when it is a tracer (its values are not known until the program runs)."""
+    if isinstance(arr, jax.core.Tracer):
+        return None
+    return np.asarray(arr)
+
+
+def _check_index_range(ids, bound, what, meaning, where):
+    """``ValueError`` unless every entry of the index array ``ids`` (NumPy) lies in ``[0, bound)``."""
+    bad = np.flatnonzero((ids < 0) | (ids >= bound))
+    if bad.size:
+        p = int(bad[0])
+        raise ValueError(
+            f"{where}: `{what}` holds {meaning} and must lie in [0, {bound}); got {what}[{p}] = "
+            f"{int(ids[p])} ({bad.size} of {ids.size} entries out of range)."
+        )
+
+
+def _check_pointers(ptr, nnz, what, where):
+    """``ValueError`` unless the compressed pointers ``ptr`` (NumPy) start at 0, never decrease and
+    end at ``nnz``."""
+    if ptr.size and int(ptr[0]) != 0:
+        raise ValueError(f"{where}: `{what}` must start at 0, got {what}[0] = {int(ptr[0])}.")
+    drops = np.flatnonzero(np.diff(ptr) < 0)
+    if drops.size:
+        i = int(drops[0])
+        raise ValueError(
+            f"{where}: `{what}` must be non-decreasing (no segment holds a negative number of entries); "
+            f"got {what}[{i}] = {int(ptr[i])} > {what}[{i + 1}] = {int(ptr[i + 1])}."
+        )
+    if ptr.size and int(ptr[-1]) != nnz:
+        raise ValueError(
+            f"{where}: `{what}[-1]` must equal the number of stored non-zeros ({nnz}), got {int(ptr[-1])}."
+        )
+
+
+def _check_coo(shape, row_ids, col_ids, what, where):
+    """Range checks of COO index arrays whose values are known (skipped for traced ones)."""
+    rows, cols = _concrete(row_ids), _concrete(col_ids)
+    if rows is not None:
+        _check_index_range(rows, shape[0], what[0], f"row indices of a {shape} = (in, out) matrix", where)
+    if cols is not None:
+        _check_index_range(cols, shape[1], what[1], f"column indices of a {shape} = (in, out) matrix", where)
+
+
+def _check_compressed(fmt, shape, indices, indptr, where):
+    """Checks of a CSR/CSC matrix's ``indices`` and ``indptr`` whose values are known."""
+    minor = shape[1] if fmt == "csr" else shape[0]
+    meaning = "column" if fmt == "csr" else "row"
+    ptr = _concrete(indptr)
+    if ptr is not None:
+        _check_pointers(ptr, int(indices.shape[0]), "sparse_mat.indptr", where)
+    idx = _concrete(indices)
+    if idx is not None:
+        _check_index_range(
+            idx,
+            minor,
+            "sparse_mat.indices",
+            f"the {meaning} indices of a {fmt.upper()} matrix of shape {shape}",
+            where,
+        )
+
+
 @partial(jax.jit, static_argnums=1)  # one compiled program for eager callers, inlined under jit
 def _expand_ptr(indptr, nnz):
     """The major-axis index of each stored element of a compressed (CSR/CSC) matrix."""
@@ -308,6 +372,11 @@ def sparse_pattern(sparse_mat):
     Accepts ``saiunit.sparse.CSR`` / ``CSC`` / ``COO`` and, when brainevent is imported,
     ``brainevent.CSR`` / ``CSC``. The index arrays are returned as ``int32`` JAX arrays computed with
     ``jnp`` (traced when the matrix's index arrays are traced).
+
+    Index arrays whose values are known (outside ``jit``, or constants closed over by a jitted
+    function) are validated, raising ``ValueError`` for an index outside the matrix's shape, compressed
+    pointers that do not start at 0, decrease, or do not end at the number of stored non-zeros.
+    Traced index arrays cannot be checked: out-of-range indices then give wrong values, not an error.
     """
     types = _accepted_types()
     fmt = next((f for f, cls in types.items() if isinstance(sparse_mat, cls)), None)
@@ -328,6 +397,7 @@ def sparse_pattern(sparse_mat):
                 f"sparse_matmul: `sparse_mat.row` and `sparse_mat.col` must have the same length, "
                 f"got {row_ids.shape} and {col_ids.shape}."
             )
+        _check_coo(shape, row_ids, col_ids, ("sparse_mat.row", "sparse_mat.col"), "sparse_matmul")
     else:
         indices = _int_index(sparse_mat.indices, "sparse_mat.indices")
         indptr = _int_index(sparse_mat.indptr, "sparse_mat.indptr")
@@ -337,6 +407,7 @@ def sparse_pattern(sparse_mat):
                 f"sparse_matmul: `sparse_mat.indptr` of a {fmt.upper()} matrix of shape {shape} must have "
                 f"shape ({major + 1},), got {indptr.shape}."
             )
+        _check_compressed(fmt, shape, indices, indptr, "sparse_matmul")
         ptr_ids = _expand_ptr(indptr, indices.shape[0])
         row_ids, col_ids = (ptr_ids, indices) if fmt == "csr" else (indices, ptr_ids)
     return SparsePattern(shape=shape, nnz=int(row_ids.shape[0]), format=fmt), row_ids, col_ids
@@ -352,6 +423,13 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
     to keep them out of the compiled program as constants, pass the sparse matrix (or its index
     arrays, e.g. ``saiunit.sparse.CSR((data, indices, indptr), shape=...)`` built inside the jitted
     function) as traced inputs.
+
+    The structure is validated whenever its index arrays have known values (an eager call, or a
+    matrix closed over by a jitted function, checked when it is traced): an index outside
+    ``sparse_mat.shape`` or malformed ``indptr`` raises ``ValueError`` naming the array. Index arrays
+    passed into ``jit`` as traced inputs cannot be checked there (an out-of-range index then gives
+    wrong values): validate the matrix once outside, e.g. by building
+    :class:`braintrace.nn.SparseLinear` or calling :func:`sparse_matmul` eagerly.
 
     Parameters
     ----------
@@ -379,12 +457,39 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
     if pattern.format == "csc":  # column order: the CSC's own pointers are the segments
         pattern = dataclasses.replace(pattern, col_sorted=True)
         indices.append(_int_index(sparse_mat.indptr, "sparse_mat.indptr"))
-    return bind_sparse_matmul(x, weight_data, pattern, indices, bias)
+    return bind_sparse_matmul(x, weight_data, pattern, indices, bias, validate=False)  # checked above
 
 
-def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=None):
+def _check_operand_values(pattern: SparsePattern, indices):
+    """The values of the index operands, where known: ranges, and the column pointers."""
+    where = "sparse_matmul"
+    n_out = pattern.shape[1]
+    _check_coo(pattern.shape, indices[0], indices[1], ("row_ids", "col_ids"), where)
+    if not pattern.col_sorted:
+        return
+    ptr, cols = _concrete(indices[2]), _concrete(indices[1])
+    if ptr is not None:
+        _check_pointers(ptr, pattern.nnz, "col_ptr", where)
+        if cols is not None:
+            owner = np.repeat(np.arange(n_out), np.diff(ptr))  # the column each segment assigns
+            wrong = np.flatnonzero(cols != owner)
+            if wrong.size:
+                p = int(wrong[0])
+                raise ValueError(
+                    f"{where}: with col_sorted=True the non-zeros must be in column order, non-zero p in "
+                    f"column c for col_ptr[c] <= p < col_ptr[c+1]; got col_ids[{p}] = {int(cols[p])}, "
+                    f"expected {int(owner[p])} from `col_ptr`."
+                )
+
+
+def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=None, validate=True):
     """:func:`sparse_matmul` for a pattern given as a :class:`SparsePattern` and its index operands
-    ``[row_ids, col_ids]`` (``+ [col_ptr]`` when ``pattern.col_sorted``), all int32 arrays."""
+    ``[row_ids, col_ids]`` (``+ [col_ptr]`` when ``pattern.col_sorted``), all int32 arrays.
+
+    With ``validate`` (default), index operands whose values are known are checked against the
+    pattern (range, and the column pointers); traced ones cannot be. Callers that validated the
+    structure already (:func:`sparse_matmul`, :class:`braintrace.nn.SparseLinear` at construction)
+    pass ``validate=False``."""
     x_m, x_u = split(x)
     w_m, w_u = split(weight_data)
     x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
@@ -400,6 +505,14 @@ def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=Non
             f"sparse_matmul: `col_ptr` must have shape ({n_out + 1},) = (out + 1,), "
             f"got {tuple(indices[2].shape)}."
         )
+    for name, ids in zip(("row_ids", "col_ids"), indices[:2]):
+        if tuple(ids.shape) != (pattern.nnz,):
+            raise ValueError(
+                f"sparse_matmul: `{name}` must have shape ({pattern.nnz},) = (nnz,) of the pattern, "
+                f"got {tuple(ids.shape)}."
+            )
+    if validate:
+        _check_operand_values(pattern, indices)
     if w_m.shape != (pattern.nnz,):
         raise ValueError(
             f"sparse_matmul: `weight_data` must have shape ({pattern.nnz},) = (nnz,) of `sparse_mat`, "

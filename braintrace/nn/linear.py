@@ -294,7 +294,10 @@ class SparseLinear(brainstate.nn.Module):
     Parameters
     ----------
     conn : saiunit.sparse.CSR / CSC / COO or brainevent.CSR / CSC, shape ``(I, O)``
-        The connectivity and the initial weights.
+        The connectivity and the initial weights. Its index arrays must be concrete (build the layer
+        outside ``jit``) and are validated here, once: an index outside ``conn.shape`` or malformed
+        ``indptr`` raises ``ValueError`` naming the array. The layer's own calls do not check them
+        again (under ``jit`` they are traced and cannot be checked).
     in_size, out_size : int or tuple of int, optional
         When given, their last entries must equal ``conn.shape[0]`` and ``conn.shape[1]``
         (``ValueError`` otherwise); by default taken from ``conn``.
@@ -331,8 +334,8 @@ class SparseLinear(brainstate.nn.Module):
         owner = type(self).__name__
         try:
             pattern, row_ids, col_ids = sparse_pattern(conn)
-        except TypeError as err:
-            raise TypeError(f"{owner}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: {err}") from None
         n_in, n_out = pattern.shape
         self.in_size = (n_in,) if in_size is None else to_size(in_size, "in_size", owner)
         self.out_size = (n_out,) if out_size is None else to_size(out_size, "out_size", owner)
@@ -371,7 +374,10 @@ class SparseLinear(brainstate.nn.Module):
         params = self.weight.value
         idx = self.indices.value
         indices = [idx["row"], idx["col"], idx["col_ptr"]]
-        return bind_sparse_matmul(x, params["weight"], self._pattern, indices, params.get("bias"))
+        # validated when the layer was built: the indices are usually traced here
+        return bind_sparse_matmul(
+            x, params["weight"], self._pattern, indices, params.get("bias"), validate=False
+        )
 
     def todense(self):
         """The ``(I, O)`` dense weight (for inspection and tests)."""
