@@ -7,6 +7,10 @@ turns it into a pure closed jaxpr
 
 with every call-like equation (``jit``) inlined, so each ETP equation is visible, and records
 which states are hidden states, parameters, or other states.
+
+Only floating-point leaves of a hidden state are hidden leaves: an integer or boolean leaf (a spike
+counter, a refractory flag) carries no gradient, so it is carried through the step like any other
+non-hidden state and listed in :attr:`ModuleInfo.non_float_hidden`.
 """
 
 from __future__ import annotations
@@ -16,13 +20,21 @@ from typing import Any, List, Optional, Tuple
 
 import brainstate
 import jax
+import jax.numpy as jnp
 
 from braintrace._compatible_imports import jaxpr_of
 
-from .diagnostics import CompilationError
+from .diagnostics import CompilationError, DiagnosticKind, DiagnosticLevel, emit
 from .jaxpr_tools import check_control_flow, inline_calls
+from .rule_check import check_equation_layouts
 
-__all__ = ["ModuleInfo", "HiddenLeaf", "extract_module_info", "hidden_state_types"]
+__all__ = [
+    "ModuleInfo",
+    "HiddenLeaf",
+    "extract_module_info",
+    "hidden_state_types",
+    "record_non_float_hidden_states",
+]
 
 
 def hidden_state_types() -> Tuple[type, ...]:
@@ -66,6 +78,12 @@ class ModuleInfo:
     hidden_leaves : tuple of HiddenLeaf
     param_states : tuple of int
         Indices (into ``states``) of ``brainstate.ParamState`` objects.
+    arg_avals : tuple of jax.ShapeDtypeStruct
+        The input leaves the step was traced with.
+    non_float_hidden : tuple of (str, dtype)
+        Leaves of hidden states whose dtype is not floating point (integer or boolean), by name:
+        they are not hidden leaves (no gradient flows through them) and are carried like any other
+        state the step writes.
     """
 
     model: Any
@@ -80,6 +98,7 @@ class ModuleInfo:
     hidden_leaves: Tuple[HiddenLeaf, ...]
     param_states: Tuple[int, ...]
     arg_avals: Tuple
+    non_float_hidden: Tuple[Tuple[str, Any], ...] = ()
 
     @property
     def jaxpr(self):
@@ -175,12 +194,14 @@ def extract_module_info(model, *inputs) -> ModuleInfo:
             )
     closed = inline_calls(closed, [*state_avals, *arg_avals])
     check_control_flow(closed)
+    check_equation_layouts(jaxpr_of(closed))
 
     paths_by_id = _state_paths(model)
     paths = tuple(paths_by_id.get(id(s), ("<external>", str(i))) for i, s in enumerate(states))
     hidden_types = hidden_state_types()
     group_type = getattr(brainstate, "HiddenGroupState", None)
     hidden: List[HiddenLeaf] = []
+    non_float: List[Tuple[str, Any]] = []
     for i, s in enumerate(states):
         if not isinstance(s, hidden_types):
             continue
@@ -188,6 +209,9 @@ def extract_module_info(model, *inputs) -> ModuleInfo:
         for leaf in range(a, b):
             aval = state_avals[leaf]
             base = ".".join(paths[i])
+            if not jnp.issubdtype(aval.dtype, jnp.inexact):
+                non_float.append((base if b - a == 1 else f"{base}#{leaf - a}", jnp.dtype(aval.dtype)))
+                continue
             if group_type is not None and isinstance(s, group_type):
                 for slot in range(aval.shape[-1]):
                     hidden.append(
@@ -210,4 +234,18 @@ def extract_module_info(model, *inputs) -> ModuleInfo:
         hidden_leaves=tuple(hidden),
         param_states=params,
         arg_avals=tuple(arg_avals),
+        non_float_hidden=tuple(non_float),
     )
+
+
+def record_non_float_hidden_states(info: ModuleInfo, records: list) -> None:
+    """Add one ``NON_FLOAT_HIDDEN_STATE`` record (level INFO) per leaf of ``info.non_float_hidden``."""
+    for name, dtype in info.non_float_hidden:
+        emit(
+            records,
+            DiagnosticKind.NON_FLOAT_HIDDEN_STATE,
+            DiagnosticLevel.INFO,
+            f"Hidden state {name!r} has dtype {dtype}, which carries no gradient: it gets no eligibility "
+            f"trace and is carried through the step like a non-hidden state.",
+            (name,),
+        )
