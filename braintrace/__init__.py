@@ -16,6 +16,7 @@ from ._etrace_op import (
     conv,
     element_wise,
     get_primitive_spec,
+    grouped_matmul,
     lora_matmul,
     matmul,
     register_primitive,
@@ -38,6 +39,7 @@ __all__ = [
     "register_primitive_spec",
     "sparse_matmul",
     "lora_matmul",
+    "grouped_matmul",
 ]
 
 from ._algorithm import (  # noqa: E402

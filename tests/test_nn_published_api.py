@@ -18,6 +18,7 @@ public attributes, and online gradient values (float64).
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
 
 import brainstate
@@ -261,10 +262,11 @@ def randomise(module, seed):
             state.value = jax.tree.map(lambda v: jnp.asarray(0.6 * rng.standard_normal(v.shape)), state.value)
 
 
-def online_per_step(module, xs, targets, batch):
-    """Per-step ``D_RTRL`` gradients ``{name: (T, *shape)}`` from the initial (zero) state."""
+def online_per_step(module, xs, targets, batch, algorithm=braintrace.D_RTRL):
+    """Per-step online gradients (``D_RTRL`` by default) ``{name: (T, *shape)}`` from the initial
+    (zero) state."""
     brainstate.nn.init_all_states(module, batch_size=batch)
-    alg = braintrace.D_RTRL(module)
+    alg = algorithm(module)
     alg.compile_graph(xs[0])
     params = module.states(brainstate.ParamState)
     step = brainstate.transform.jit(
@@ -496,3 +498,190 @@ def test_readout_attributes(f64):
     out = spk(jnp.ones((B, I)))
     np.testing.assert_array_equal(spk.spike, out)
     np.testing.assert_array_equal(spk.spike, spk.get_spike(spk.V.value))
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped_matmul / GroupedLinear
+# --------------------------------------------------------------------------------------------------
+
+G, GI, GO = 3, 2, 4  # groups, inputs and outputs per group
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _unregister_grouped_primitives():
+    """The grouped primitives register on first use; leave the registries as this module found them."""
+    from braintrace._etrace_op import unregister_primitive
+    from braintrace._etrace_op._registries import ETP_PRIMITIVES_BY_NAME
+
+    before = {n: ETP_PRIMITIVES_BY_NAME.get(n) for n in ("etp_gmm", "etp_gmv")}
+    yield
+    for name, p in before.items():
+        if p is None and name in ETP_PRIMITIVES_BY_NAME:
+            unregister_primitive(ETP_PRIMITIVES_BY_NAME[name])
+
+
+def grouped_ref(x, w, b=None):
+    """``y[..., g, o] = sum_i x[..., g, i] w[g, i, o] (+ b[g, o])`` with a Python loop over groups."""
+    y = jnp.stack([x[..., g, :] @ w[g] for g in range(w.shape[0])], axis=-2)
+    return y if b is None else y + b
+
+
+@pytest.mark.parametrize("lead_shape", [(), (B,), (2, B)], ids=["unbatched", "batched", "two-leading"])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no-bias", "bias"])
+def test_grouped_matmul_forward(f64, lead_shape, has_bias, primitive_names):
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((*lead_shape, G, GI)))
+    w = jnp.asarray(rng.standard_normal((G, GI, GO)))
+    b = jnp.asarray(rng.standard_normal((G, GO))) if has_bias else None
+    y = braintrace.grouped_matmul(x, w, b)
+    assert y.shape == (*lead_shape, G, GO)
+    np.testing.assert_allclose(y, grouped_ref(x, w, b), rtol=1e-12)
+    names = primitive_names(jax.make_jaxpr(braintrace.grouped_matmul)(x, w, b))
+    assert ("etp_gmv" if not lead_shape else "etp_gmm") in names
+
+
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("batched", [False, True], ids=["gmv", "gmm"])
+def test_grouped_rules(f64, has_bias, batched):
+    from braintrace._etrace_op import get_rule
+    from braintrace._etrace_op.grouped import grouped_primitives
+
+    etp_gmm_p, etp_gmv_p = grouped_primitives()
+    assert braintrace.get_primitive_spec(etp_gmm_p).name == "etp_gmm"
+    p = etp_gmm_p if batched else etp_gmv_p
+    rng = np.random.default_rng(7)
+    lead_shape = (B,) if batched else ()
+    x = jnp.asarray(rng.standard_normal((*lead_shape, G, GI)))
+    W = {"weight": jnp.asarray(rng.standard_normal((G, GI, GO)))}
+    if has_bias:
+        W["bias"] = jnp.asarray(rng.standard_normal((G, GO)))
+    g = jnp.asarray(rng.standard_normal((*lead_shape, G, GO)))
+    v = jnp.asarray(rng.standard_normal((*lead_shape, G, GO)))
+    xy, yw = get_rule(p, "xy_to_dw"), get_rule(p, "yw_to_w")
+
+    # xy_to_dw is the VJP of the op, and has the closed form sum_b x_bgi g_bgo
+    got = xy(x, g, W, has_bias=has_bias)
+    _, vjp = jax.vjp(
+        lambda w: p.impl_fn(x, w["weight"], *([w["bias"]] if has_bias else []), has_bias=has_bias), W
+    )
+    want = vjp(g)[0]
+    for k in W:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12)
+    np.testing.assert_allclose(got["weight"], jnp.einsum("...gi,...go->gio", x, g), rtol=1e-12)
+
+    # the chain-rule identity of the two rules, per batch element
+    for i in range(B if batched else 1):
+        xb, gb, vb = (x[i : i + 1], g[i : i + 1], v[i]) if batched else (x, g, v)
+        lhs = yw(vb, xy(xb, gb, W, has_bias=has_bias), has_bias=has_bias)
+        rhs = xy(xb, vb * gb, W, has_bias=has_bias)
+        for k in W:
+            np.testing.assert_allclose(lhs[k], rhs[k], rtol=1e-12, atol=1e-14)
+
+    # the trace layouts
+    avals = lambda a: types.SimpleNamespace(aval=jax.core.ShapedArray(a.shape, a.dtype))
+    trace = get_rule(p, "init_drtrl")(avals(x), avals(g), {k: avals(a) for k, a in W.items()}, 2)
+    assert trace["weight"].shape == (*lead_shape, G, GI, GO, 2)
+    if has_bias:
+        assert trace["bias"].shape == (*lead_shape, G, GO, 2)
+    assert get_rule(p, "init_pp")(avals(x), avals(g), {}, 2).shape == (*lead_shape, G, GO, 2)
+
+
+def test_grouped_matmul_vmap_units_and_errors(f64, primitive_names):
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_normal((G, GI, GO)))
+    xs = jnp.asarray(rng.standard_normal((5, B, G, GI)))
+    unbatched = jax.make_jaxpr(jax.vmap(lambda x: braintrace.grouped_matmul(x, w)))(xs[0])
+    folded = jax.make_jaxpr(jax.vmap(lambda x: braintrace.grouped_matmul(x, w)))(xs)
+    assert "etp_gmm" in primitive_names(unbatched) and "etp_gmm" in primitive_names(folded)
+    np.testing.assert_allclose(jax.vmap(lambda x: braintrace.grouped_matmul(x, w))(xs), grouped_ref(xs, w))
+
+    y = braintrace.grouped_matmul(xs[0] * u.mV, w * u.siemens, bias=jnp.ones((G, GO)) * u.uA)
+    assert u.get_unit(y).has_same_dim(u.amp)
+    np.testing.assert_allclose(y.to_decimal(u.uA), 1e3 * grouped_ref(xs[0], w) + 1.0, rtol=1e-12)
+
+    with pytest.raises(ValueError, match="3-D"):
+        braintrace.grouped_matmul(xs[0], w[0])
+    with pytest.raises(ValueError, match=r"x.shape\[-2:\] must equal weight.shape\[:2\]"):
+        braintrace.grouped_matmul(xs[0][..., :1], w)
+    with pytest.raises(ValueError, match="bias"):
+        braintrace.grouped_matmul(xs[0], w, bias=jnp.ones(GO))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3, 2\)"):
+        nn.GroupedLinear((G, GI), GO)(jnp.ones((B, G * GI)))
+    with pytest.raises(ValueError, match="groups"):
+        nn.GroupedLinear((G, GI), (G + 1, GO))
+
+
+class GroupedRNN(brainstate.nn.Module):
+    """``h' = tanh(inp(x) + rec(h) + 0.5 h)``, grouped input and recurrent weights, ``h``: ``(B, G, O)``."""
+
+    def __init__(self, w_in, b, w_rec):
+        super().__init__()
+        self.inp = nn.GroupedLinear((G, GI), GO, w_init=w_in, b_init=b)
+        self.rec = nn.GroupedLinear((G, GO), GO, w_init=w_rec, b_init=None)
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.h = brainstate.HiddenState(jnp.zeros((*lead(batch_size), G, GO)))
+
+    def update(self, x):
+        self.h.value = jnp.tanh(self.inp(x) + self.rec(self.h.value) + 0.5 * self.h.value)
+        return self.h.value
+
+
+def block_diag(w):
+    """``(G, I, O)`` -> the ``(G I, G O)`` block-diagonal matrix."""
+    return jax.scipy.linalg.block_diag(*w)
+
+
+def blocks(full, n_in, n_out):
+    """The ``G`` diagonal blocks ``(..., G, n_in, n_out)`` of ``(..., G n_in, G n_out)``."""
+    return jnp.stack(
+        [full[..., g * n_in : (g + 1) * n_in, g * n_out : (g + 1) * n_out] for g in range(G)], axis=-3
+    )
+
+
+def dense_equivalent(w_in, b, w_rec, batch):
+    """The same RNN on flattened features with block-diagonal dense weights, as a plain spec."""
+    params = {"W_in": block_diag(w_in), "b": b.reshape(-1), "W_rec": block_diag(w_rec)}
+    ops = {
+        "in": om.Op("dense", {"weight": "W_in", "bias": "b"}, x_fn=x_only),
+        "rec": om.Op("dense", {"weight": "W_rec"}, x_fn=lambda p, h, x: h["h"]),
+    }
+
+    def step(p, h, x, ys):
+        return {"h": jnp.tanh(ys["in"] + ys["rec"] + 0.5 * h["h"])}
+
+    hidden = {"h": (G * GO,)}
+    return om.PlainSpec(
+        "grouped", params, hidden, (("h",),), ops, step, lambda p, h, x: h["h"], (G * GI,), batch
+    )
+
+
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "pp_prop"])
+@pytest.mark.parametrize("batch", [B, None], ids=["batched", "unbatched"])
+def test_grouped_rnn_online_gradients(f64, algorithm, batch):
+    """Online gradients of a grouped RNN equal the diagonal blocks of the oracle's gradients for the
+    same RNN written with block-diagonal dense weights (masked RTRL, or the pp_prop recursion)."""
+    rng = np.random.default_rng(9)
+    w_in = jnp.asarray(0.7 * rng.standard_normal((G, GI, GO)))
+    b = jnp.asarray(0.3 * rng.standard_normal((G, GO)))
+    w_rec = jnp.asarray(0.5 * rng.standard_normal((G, GO, GO)))
+    spec = dense_equivalent(w_in, b, w_rec, batch)
+    xs_flat, ys_flat = om.make_data(spec, T, seed=12)
+    xs = xs_flat.reshape((T, *lead(batch), G, GI))
+    ys = ys_flat.reshape((T, *lead(batch), G, GO))
+
+    model = GroupedRNN(w_in, b, w_rec)
+    make = (
+        braintrace.D_RTRL if algorithm == "d_rtrl" else (lambda m: braintrace.pp_prop(m, decay_or_rank=0.8))
+    )
+    got = online_per_step(model, xs, ys, batch, make)
+    if algorithm == "d_rtrl":
+        oracle = om.masked_rtrl(spec, xs_flat, ys_flat)
+    else:
+        oracle = om.pp_prop_oracle(spec, xs_flat, ys_flat, 0.8)
+    want = {
+        "inp.weight.weight": blocks(oracle["W_in"], GI, GO),
+        "inp.weight.bias": oracle["b"].reshape(T, G, GO),
+        "rec.weight.weight": blocks(oracle["W_rec"], GO, GO),
+    }
+    om.assert_grads_close(got, want, tol=TOL, what=f"GroupedRNN {algorithm}")

@@ -20,6 +20,7 @@ from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
 from .conv import conv, etp_conv_p
 from .dense import etp_mm_p, etp_mv_p, matmul
 from .elemwise import element_wise, etp_elemwise_p
+from .grouped import grouped_matmul
 from .lora import etp_lora_mm_p, etp_lora_mv_p, lora_matmul
 from .sparse import SparsePattern, etp_sp_mm_p, etp_sp_mv_p, sparse_matmul
 
@@ -56,4 +57,5 @@ __all__ = [
     "etp_lora_mm_p",
     "etp_lora_mv_p",
     "lora_matmul",
+    "grouped_matmul",
 ]

@@ -1,8 +1,8 @@
 """Layers for online learning: every trainable product goes through an ETP primitive.
 
 * linear maps: :class:`Linear`, :class:`SignedWLinear`, :class:`ScaledWSLinear`,
-  :class:`SparseLinear` (with its non-trainable :class:`SparseIndices` state), :class:`LoRA`,
-  :class:`Conv1d`, :class:`Conv2d`, :class:`Conv3d`;
+  :class:`GroupedLinear`, :class:`SparseLinear` (with its non-trainable :class:`SparseIndices`
+  state), :class:`LoRA`, :class:`Conv1d`, :class:`Conv2d`, :class:`Conv3d`;
 * recurrent cells: :class:`ValinaRNNCell`, :class:`GRUCell`, :class:`LSTMCell`, :class:`MGUCell`,
   :class:`MinimalRNNCell`, :class:`MiniGRU`, :class:`MiniLSTM`, :class:`URLSTMCell`,
   :class:`CFNCell`, :class:`LRUCell`;
@@ -13,6 +13,7 @@
 
 from . import surrogate
 from .conv import Conv1d, Conv2d, Conv3d
+from .grouped import GroupedLinear
 from .linear import Linear, LoRA, ScaledWSLinear, SignedWLinear, SparseIndices, SparseLinear
 from .neurons import ALIF, LIF
 from .readout import LeakyRateReadout, LeakySpikeReadout
@@ -35,6 +36,7 @@ __all__ = [
     "Linear",
     "SignedWLinear",
     "ScaledWSLinear",
+    "GroupedLinear",
     "SparseLinear",
     "SparseIndices",
     "LoRA",
