@@ -365,3 +365,48 @@ def test_reset_all_states_restarts_the_traces(alg_fn):
     brainstate.nn.reset_all_states(model)
     got, _ = om.run_online(alg, model, xs, ys, compile_graph=False)
     assert om.rel_err(got["w"].sum(0), want) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------------
+# Another batch size after compiling
+# ------------------------------------------------------------------------------------------------
+
+
+def test_etrace_grad_follows_the_batch_size_and_restores_the_compiled_one():
+    body, out = (lambda h, y, x: jnp.tanh(0.9 * h + y)), (lambda o, n, y: n)
+    w, xs, ys = _data(4, seed=8)
+    model = _Step(body, out, w)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg = braintrace.D_RTRL(model)
+    alg.compile_graph(xs[0])
+    want = alg.etrace_grad(xs, ys, step_fn=om.loss_fn)[("w",)]
+    # evaluate at another batch size, then train again: reset=True restores the compiled states
+    brainstate.nn.init_all_states(model, batch_size=5)
+    model(jnp.ones((5, I)))
+    assert om.rel_err(alg.etrace_grad(xs, ys, step_fn=om.loss_fn)[("w",)], want) < 1e-12
+    # a new batch size with states initialised for it: compiled again, the gradient of those rows
+    brainstate.nn.init_all_states(model, batch_size=2 * B)
+    xs2, ys2 = jnp.concatenate([xs, xs], 1), jnp.concatenate([ys, ys], 1)
+    assert om.rel_err(alg.etrace_grad(xs2, ys2, step_fn=om.loss_fn)[("w",)], 2 * want) < 1e-12
+    assert om.rel_err(alg.etrace_grad(xs, ys, step_fn=om.loss_fn)[("w",)], want) < 1e-12
+    # states that do not fit the inputs: an error naming what to do
+    brainstate.nn.init_all_states(model, batch_size=7)
+    with pytest.raises(ValueError, match="init_all_states"):
+        alg.etrace_grad(xs2, ys2, step_fn=om.loss_fn, reset=False)
+
+
+def test_per_step_call_at_another_batch_size():
+    body, out = (lambda h, y, x: jnp.tanh(0.9 * h + y)), (lambda o, n, y: n)
+    w, xs, ys = _data(1, seed=9)
+    model = _Step(body, out, w)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg = braintrace.D_RTRL(model)
+    alg.compile_graph(xs[0])
+    params = model.states(brainstate.ParamState)
+    brainstate.nn.init_all_states(model, batch_size=5)
+    x5 = jnp.ones((5, I))
+    with pytest.raises(ValueError, match="compile_graph"):  # inside grad the graph cannot be rebuilt
+        brainstate.transform.grad(lambda: alg(x5).sum(), params)()
+    alg(x5)  # outside a trace: compiled again for batch 5
+    grads = brainstate.transform.grad(lambda: alg(x5).sum(), params)()
+    assert grads[("w",)].shape == (I, H)

@@ -70,6 +70,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self._num_inputs = len(inputs)
         self._build()
         self._initial_values = [s.value for s in self.graph.module_info.states]
+        #: compile-time state values per input signature (``reset=True`` restores the matching one)
+        snapshots = self.__dict__.setdefault("_initial_by_inputs", {})
+        snapshots[self._input_signature(inputs)] = self._initial_values
         self._bound_hidden = tuple(
             id(self.graph.module_info.states[h.state_index]) for h in self.graph.module_info.hidden_leaves
         )
@@ -91,6 +94,69 @@ class ETraceAlgorithm(brainstate.nn.Module):
         raise NotImplementedError
 
     # running ----------------------------------------------------------------------------------
+    @staticmethod
+    def _input_signature(inputs):
+        return (jax.tree.structure(inputs), tuple(tuple(jnp.shape(x)) for x in jax.tree.leaves(inputs)))
+
+    def _state_shapes_match(self) -> bool:
+        info = self.graph.module_info
+        current = {tuple(map(str, p)): s for p, s in self.model.states().items()}
+        for i, s in enumerate(info.states):
+            s = current.get(info.paths[i], s)
+            a, b = info.state_leaf_ranges[i]
+            want = [tuple(v.aval.shape) for v in info.state_invars()[a:b]]
+            if [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(s.value)] != want:
+                return False
+        return True
+
+    def follow_shapes(self, *inputs, reset: bool = False) -> bool:
+        """Make the compiled graph fit ``inputs`` (one step's) and the model's states now.
+
+        The graph's structure does not depend on the batch size, but its traces and programs do.
+        When the inputs or the model's states have other shapes than at compile time (the model was
+        evaluated at another batch size with ``brainstate.nn.init_all_states``), the graph is
+        compiled again for them (the traces start from zero). With ``reset``, the model's states
+        are first restored to their compile-time values for inputs of this signature, when such a
+        compilation exists. Returns whether it compiled again. Called by the algorithm's step and
+        by ``etrace_grad`` outside traced code; under a ``jit`` trace a mismatch is an error.
+        """
+        sig = self._input_signature(inputs)
+        snapshot = self.__dict__.get("_initial_by_inputs", {}).get(sig)
+        if reset and snapshot is not None and sig != self._input_signature_now():
+            self._write_values(snapshot)
+        if sig == self._input_signature_now() and self._state_shapes_match():
+            return False
+        leaves = [*jax.tree.leaves(inputs), *jax.tree.leaves([s.value for s in self.model.states().values()])]
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            raise ValueError(
+                f"{type(self).__name__} was compiled for inputs {list(self._input_signature_now()[1])} and "
+                f"is called with {list(sig[1])} inside a traced function (jit / grad), where the graph "
+                f"cannot be compiled again: call `alg.compile_graph(x)` with inputs of the new shape "
+                f"outside the traced function first (etrace_grad does this by itself)."
+            )
+        if reset and snapshot is not None:
+            self._write_values(snapshot)
+        try:
+            self.compile_graph(*inputs)
+        except Exception as err:
+            raise ValueError(
+                f"{type(self).__name__}: inputs {list(sig[1])} do not fit the model's states (compiled "
+                f"for inputs {list(self._input_signature_now()[1])}); initialise the states for the new "
+                f"batch size (brainstate.nn.init_all_states(model, batch_size=...)). ({err})"
+            ) from err
+        return True
+
+    def _input_signature_now(self):
+        return (self._input_tree, tuple(tuple(a[0]) for a in self._input_avals))
+
+    def _write_values(self, values):
+        info = self.graph.module_info
+        current = {tuple(map(str, p)): s for p, s in self.model.states().items()}
+        for i, (s, v) in enumerate(zip(info.states, values)):
+            s = current.get(info.paths[i], s)
+            if info.written[i] and not isinstance(s, brainstate.ParamState):
+                s.value = v
+
     def _check_inputs(self, inputs):
         if not self.is_compiled:
             raise RuntimeError(
@@ -137,16 +203,13 @@ class ETraceAlgorithm(brainstate.nn.Module):
             self._epoch += 1
         return states, leaves
 
-    def _restart_if_new_epoch(self, traces):
-        if self._epoch == 0:
-            return traces
-        stale = traces["epoch"] != self._epoch
-        body = {k: v for k, v in traces.items() if k != "epoch"}
-        body = jax.lax.cond(stale, lambda t: jax.tree.map(jnp.zeros_like, t), lambda t: t, body)
-        return {**body, "epoch": jnp.asarray(self._epoch, jnp.int32)}
-
     def update(self, *inputs):
-        """Run one step: returns the model's output, writes its states, advances the traces."""
+        """Run one step: returns the model's output, writes its states, advances the traces.
+
+        Inputs of another batch size than at compile time (with the model's states initialised for
+        it) compile the graph again for them, outside traced code (see :meth:`follow_shapes`)."""
+        if self.is_compiled:
+            self.follow_shapes(*inputs)
         self._check_inputs(inputs)
         return self._step(*inputs)
 
@@ -179,8 +242,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         from those the previous step wrote, else 1. The restart costs no pass over the traces that
         propagate through ``D`` (``D`` is scaled by ``keep``, in ``step``); the other leaves are
         scaled by :meth:`_restart_undecayed`."""
-        traces = self._restart_if_new_epoch(traces)
         stale = jnp.zeros((), bool)
+        if self._epoch:  # the model's states were re-created since the traces were last written
+            stale = traces["epoch"] != self._epoch
+            traces = {**traces, "epoch": jnp.asarray(self._epoch, jnp.int32)}
         for leaf, seen in zip(self._hidden_leaf_ids, self.hidden_seen.value):
             now = jax.lax.stop_gradient(state_leaves[leaf])
             differ = (now != seen) & ~(jnp.isnan(now) & jnp.isnan(seen))

@@ -125,7 +125,10 @@ def _etrace_grad(
         Also return the per-step losses, shape ``(T,)``.
     reset : bool
         Restore the model's non-parameter states to their values at compile time and zero the
-        traces before the sequence.
+        traces before the sequence. Sequences of another batch size than at compile time compile
+        the graph again for it (``follow_shapes``), with the model's states as they are (initialise
+        them for that batch size first); a later call at a batch size compiled before restores that
+        compilation's states.
     solve_every : int
         pp_prop only: form the ``x``-dependent weight gradients once every ``solve_every`` steps.
         Each step's gradient is the product :math:`\mathrm{xy\_to\_dw}(\epsilon_x, g_t)` of two
@@ -183,6 +186,7 @@ def _etrace_grad(
             f"stored factors (pp_prop / ES_D_RTRL); {type(self).__name__} solves its traces every "
             f"step. Use solve_every=1."
         )
+    self.follow_shapes(*[jax.tree.map(lambda a: a[0], s) for s in sequences[:n_in]], reset=reset)
     params = self.model.states(brainstate.ParamState)
     # brainstate's jit keeps the state objects it traced: a model re-initialised with
     # init_all_states (new state objects) needs a new compiled loop.
@@ -193,6 +197,7 @@ def _etrace_grad(
         tuple(id(s) for s in params.values()),
         tuple(id(s) for s in self._current_states()[0]),
         solve_every,
+        id(self.graph),  # a graph compiled again (another batch size) has its own traces and program
     )
     cache = self.__dict__.setdefault("_etrace_grad_cache", {})
     if key not in cache:
@@ -275,11 +280,7 @@ def _warn_if_loss_ignores_output(alg, step_fn, sequences, n_in):
 
 
 def _restore_initial_states(self: ETraceAlgorithm):
-    info = self.graph.module_info
-    states, _ = self._current_states()
-    for s, init, w in zip(states, self._initial_values, info.written):
-        if w and not isinstance(s, brainstate.ParamState):
-            s.value = init
+    self._write_values(self._initial_values)
     self._reset_traces()
 
 

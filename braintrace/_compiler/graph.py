@@ -29,7 +29,8 @@ from braintrace._etrace_op._registries import (
 
 from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
 from .jaxpr_tools import is_trainable_etp_eqn
-from .module_info import HiddenLeaf, ModuleInfo, extract_module_info
+from .module_info import HiddenLeaf, ModuleInfo, extract_module_info, record_non_float_hidden_states
+from .rule_check import check_relation_rules
 from .unit_map import MIXED, identity_map, is_diagonal, propagate_unit_maps
 
 __all__ = [
@@ -443,6 +444,7 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
     """
     info = extract_module_info(model, *inputs)
     records: List[CompilationRecord] = []
+    record_non_float_hidden_states(info, records)
     if not info.hidden_leaves:
         raise CompilationError(
             f"{type(model).__name__} has no hidden state: online learning needs brainstate.HiddenState "
@@ -458,6 +460,7 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
             f"sparse_matmul / lora_matmul."
             + (f" Diagnostics: {'; '.join(map(str, records))}" if records else "")
         )
+    check_relation_rules(relations)
     driven = {(h.leaf, h.slot) for r in relations for g in r.hidden_groups for h in g.hidden_leaves}
     for h in info.hidden_leaves:
         if (h.leaf, h.slot) not in driven:
