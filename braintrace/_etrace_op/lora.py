@@ -213,6 +213,17 @@ def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:
     :math:`\epsilon_f \leftarrow \lambda D \epsilon_f + (1-\lambda) df` ``(B, O, n)``, so its memory is
     ``B (I + O n)``. ``lora_a`` and ``bias`` keep their exact traces. Selected by
     ``braintrace.D_RTRL(model, lora_factored=True, decay_or_rank=...)``.
+
+    The bias correction :math:`1-\lambda^{t}` is not formed from a power of :math:`\lambda`: the
+    trace carries its normaliser ``eps_f_norm`` :math:`c \leftarrow \lambda c + (1-\lambda)` (a
+    scalar in the dtype of :math:`\epsilon_f`, with the same arithmetic), and the solve divides by it,
+    as ``pp_prop`` does. ``1 - lam ** t`` cancels to nothing in float32 for a :math:`\lambda` within a
+    few ulps of 1 (an infinite gradient for ``0.99999999``); :math:`\epsilon_f / c` stays exact to
+    rounding. A zero normaliser (no step taken) divides by 1: the zero trace contributes zero.
+
+    Leaves: ``lora_a`` ``(*batch, r, O, n)``, ``bias`` ``(*batch, O, n)`` when present, ``eps_x``
+    ``(*batch, I)``, ``eps_f`` ``(*batch, O, n)`` and ``eps_f_norm`` ``()``. ``eps_x`` and
+    ``eps_f_norm`` do not propagate through ``D``: a restart of the traces scales them itself.
     """
     exact = _make_trace_ops(lambda: primitive)
 
@@ -224,24 +235,27 @@ def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:
             **full,
             "eps_x": jnp.zeros((*bshape, e.shape[-3]), e.dtype),
             "eps_f": jnp.zeros((*bshape, *e.shape[-2:]), e.dtype),
-            "count": jnp.zeros((), jnp.int32),
+            "eps_f_norm": jnp.zeros((), e.dtype),  # the normaliser 1 - lambda^t
         }
 
     def update_factors(trace, d, x, df):
-        """``eps_x <- lambda eps_x + x``, ``eps_f <- lambda D eps_f + (1 - lambda) df``, the step count."""
-        eps_x, eps_f = trace["eps_x"], trace["eps_f"]
+        """``eps_x <- lambda eps_x + x``, ``eps_f <- lambda D eps_f + (1 - lambda) df`` and its
+        normaliser ``c <- lambda c + (1 - lambda)``."""
+        eps_x, eps_f, norm = trace["eps_x"], trace["eps_f"], trace["eps_f_norm"]
         return {
             "eps_x": (decay * eps_x + jnp.broadcast_to(x, eps_x.shape)).astype(eps_x.dtype),
             "eps_f": (decay * jnp.einsum("...sj,...j->...s", d, eps_f) + (1 - decay) * df).astype(
                 eps_f.dtype
             ),
-            "count": trace["count"] + 1,
+            # the same arithmetic as eps_f, so that eps_f / c is exact to rounding
+            "eps_f_norm": (decay * norm + (1 - decay)).astype(norm.dtype),
         }
 
     def lora_b_grad(trace, ct, weights, alpha):
-        """``dB = alpha (eps_x (x) g) A^T``, ``g = sum_s ct eps_f / (1 - lambda^t)``, summed over batch."""
-        eps_f = trace["eps_f"]
-        correction = 1.0 - jnp.asarray(decay, eps_f.dtype) ** trace["count"].astype(eps_f.dtype)
+        """``dB = alpha (eps_x (x) g) A^T``, ``g = sum_s ct eps_f / c``, summed over batch."""
+        eps_f, norm = trace["eps_f"], trace["eps_f_norm"]
+        # c = 1 - lambda^t; 0 only before the first step, where eps_f is zero and contributes nothing
+        correction = jnp.where(norm == 0, jnp.ones_like(norm), norm)
         g = jnp.sum(ct * eps_f, axis=-1) / correction  # (*batch, O)
         lead = tuple(range(g.ndim - 1))
         e_grad = jnp.tensordot(trace["eps_x"], g, axes=(lead, lead)) if lead else jnp.outer(trace["eps_x"], g)
