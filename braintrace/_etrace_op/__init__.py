@@ -15,6 +15,12 @@ from ._registries import (
     ETP_Y_OUTVAR_INDICES,
     GRADIENT_ENABLED_PRIMITIVES,
     get_rule,
+    get_trainable_invars,
+    get_x_invar_index,
+    get_y_outvar_index,
+    is_batched_primitive,
+    is_etp_enable_gradient_primitive,
+    is_etp_primitive,
 )
 from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
 from .conv import conv, etp_conv_p
@@ -37,6 +43,12 @@ __all__ = [
     "ETP_Y_OUTVAR_INDICES",
     "GRADIENT_ENABLED_PRIMITIVES",
     "get_rule",
+    "is_etp_primitive",
+    "is_etp_enable_gradient_primitive",
+    "is_batched_primitive",
+    "get_trainable_invars",
+    "get_x_invar_index",
+    "get_y_outvar_index",
     "ETPPrimitive",
     "register_primitive",
     "unregister_primitive",
