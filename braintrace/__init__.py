@@ -101,6 +101,9 @@ __all__ += [
     "compile",
     "pp_prop",
     "nn",
+    "SingleStepData",
+    "MultiStepData",
 ]
 
 from . import nn  # noqa: E402
+from ._input_data import MultiStepData, SingleStepData  # noqa: E402

@@ -10,8 +10,15 @@ import jax.numpy as jnp
 
 from braintrace._compiler.diagnostics import CompilationError
 from braintrace._compiler.graph import ETraceGraph, compile_etrace_graph
+from braintrace._input_data import (
+    MultiStepData,
+    get_single_step_data,
+    has_multistep_data,
+    split_window,
+    window_length,
+)
 
-from .executor import ETraceVjpGraphExecutor, StepValues, add_relation_grads
+from .executor import ETraceVjpGraphExecutor, StepValues, _zero_cotangent, add_relation_grads
 
 __all__ = ["EligibilityTrace", "ETraceAlgorithm", "ETraceVjpAlgorithm"]
 
@@ -24,12 +31,55 @@ def add_param_grads(total: Dict, grads: Dict) -> Dict:
     return total
 
 
+def _spectral_radius(d):
+    """Per unit, the spectral radius of the ``n x n`` blocks ``d`` ``(..., n, n)``: exact for
+    ``n <= 2`` (closed form), the spectral norm (an upper bound) above."""
+    n = d.shape[-1]
+    if n == 1:
+        return jnp.abs(d[..., 0, 0])
+    if n == 2:
+        half = 0.5 * (d[..., 0, 0] + d[..., 1, 1])
+        det = d[..., 0, 0] * d[..., 1, 1] - d[..., 0, 1] * d[..., 1, 0]
+        disc = half * half - det
+        root = jnp.sqrt(jnp.abs(disc))
+        real = jnp.maximum(jnp.abs(half + root), jnp.abs(half - root))
+        return jnp.where(disc >= 0, real, jnp.sqrt(jnp.abs(det)))
+    return jnp.linalg.norm(d, ord=2, axis=(-2, -1))
+
+
 def _scaled(traces: Dict, keep) -> Dict:
     """Every leaf of ``traces`` (but the ``epoch`` counter) times ``keep`` (0 or 1)."""
     return {
         k: v if k == "epoch" else jax.tree.map(lambda t: t * keep.astype(t.dtype), v)
         for k, v in traces.items()
     }
+
+
+def _through_traces(alg, hidden, weights, traces, aux):
+    r"""``hidden`` unchanged; in reverse mode, its cotangent (``dL/dh`` at a window's start) is
+    contracted with ``traces`` (the algorithm's :math:`\partial h/\partial\theta`) and sent to the
+    relations' trainable operands ``weights``."""
+
+    @jax.custom_vjp
+    def identity(hidden, weights, traces, aux):
+        return hidden
+
+    def fwd(hidden, weights, traces, aux):
+        return hidden, (weights, traces, aux)
+
+    def bwd(res, cts):
+        weights, traces, aux = res
+        info = alg.graph.module_info
+        per_leaf = dict(zip(alg._hidden_leaf_ids, cts))
+        per_hidden = [
+            per_leaf[h.leaf] if h.slot is None else per_leaf[h.leaf][..., h.slot] for h in info.hidden_leaves
+        ]
+        grads = alg._solve(traces, alg.executor.group_cotangents(per_hidden), weights, aux)
+        zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
+        return cts, alg.executor._operand_cotangents(grads, weights), zeros(traces), zeros(aux)
+
+    identity.defvjp(fwd, bwd)
+    return identity(hidden, weights, traces, aux)
 
 
 class EligibilityTrace(brainstate.ShortTermState):
@@ -49,11 +99,19 @@ class ETraceAlgorithm(brainstate.nn.Module):
     name : str, optional
     """
 
-    def __init__(self, model, name: Optional[str] = None):
+    def __init__(self, model, name: Optional[str] = None, mode=None):
         super().__init__(name=name)
         if not isinstance(model, brainstate.nn.Module):
             raise TypeError(f"`model` must be a brainstate.nn.Module, got {type(model).__name__}.")
+        if mode is not None and not isinstance(mode, brainstate.mixin.Mode):
+            raise TypeError(
+                f"`mode` must be a brainstate.mixin.Mode such as brainstate.mixin.Batching(), or None; "
+                f"got {mode!r}."
+            )
         self.model = model
+        #: The mode declared at construction (``brainstate.mixin.Batching()`` in code written for the
+        #: 0.2 releases). Informative only: the batch axes are read off the states' shapes.
+        self.mode = mode
         self.graph: Optional[ETraceGraph] = None
         self._bound_hidden = None
         self._epoch = 0
@@ -63,7 +121,11 @@ class ETraceAlgorithm(brainstate.nn.Module):
         return self.graph is not None
 
     def compile_graph(self, *inputs) -> "ETraceAlgorithm":
-        """Trace one step with ``inputs`` (used for shapes only), build the graph and the traces."""
+        """Trace one step with ``inputs`` (used for shapes only), build the graph and the traces.
+
+        ``inputs`` may hold :class:`~braintrace.MultiStepData` (its first step is used) and
+        :class:`~braintrace.SingleStepData`."""
+        inputs = get_single_step_data(*inputs)
         self.graph = compile_etrace_graph(self.model, *inputs)
         self._input_avals = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(inputs)]
         self._input_tree = jax.tree.structure(inputs)
@@ -206,12 +268,30 @@ class ETraceAlgorithm(brainstate.nn.Module):
     def update(self, *inputs):
         """Run one step: returns the model's output, writes its states, advances the traces.
 
+        With a :class:`~braintrace.MultiStepData` argument, run a window of ``K`` steps and return
+        the outputs stacked along a leading axis (see :meth:`ETraceVjpAlgorithm.update`).
         Inputs of another batch size than at compile time (with the model's states initialised for
         it) compile the graph again for them, outside traced code (see :meth:`follow_shapes`)."""
+        one = get_single_step_data(*inputs)
         if self.is_compiled:
-            self.follow_shapes(*inputs)
-        self._check_inputs(inputs)
-        return self._step(*inputs)
+            self.follow_shapes(*one)
+        self._check_inputs(one)
+        if has_multistep_data(*inputs):
+            return self._steps(inputs)
+        return self._step(*one)
+
+    def _steps(self, inputs):
+        """``K`` single steps over a window of inputs, outputs stacked."""
+        leaves, stepped = split_window(*inputs)
+        tree = jax.tree.structure(get_single_step_data(*inputs))
+        seq = [leaf for leaf, s in zip(leaves, stepped) if s]
+
+        def body(_, seq_t):
+            it = iter(seq_t)
+            step_leaves = [next(it) if s else leaf for leaf, s in zip(leaves, stepped)]
+            return None, self._step(*jax.tree.unflatten(tree, step_leaves))
+
+        return brainstate.transform.scan(body, None, seq)[1]
 
     def _step_grad(self, step_fn, params, inputs, targets):
         """One step of the sequence driver: ``(gradients keyed like params, loss)``."""
@@ -220,11 +300,60 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
 
 class ETraceVjpAlgorithm(ETraceAlgorithm):
-    """An algorithm whose gradient arrives through a ``custom_vjp`` step (see the executor).
+    r"""An algorithm whose gradient arrives through a ``custom_vjp`` step (see the executor).
 
     Subclasses define the trace layout: :meth:`_init_trace_values`, :meth:`_update_traces`
     (returns the new traces, passed to :meth:`_solve` in the backward pass) and :meth:`_solve`.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+    name : str, optional
+    vjp_method : ``'single-step'`` or ``'multi-step'``
+        How the learning signal reaches the traces. ``'single-step'``: each step's
+        :math:`\partial L_t/\partial h_t` is contracted with that step's traces. ``'multi-step'``:
+        the algorithm is called with a window of ``K`` steps (``alg(braintrace.MultiStepData(xs))``,
+        ``xs`` of shape ``(K, ...)``); the gradient of the window's loss is exact inside the window
+        (reverse mode through its ``K`` steps, every parameter) and the credit from before the
+        window is the exact :math:`\partial L_{window}/\partial h_{t_0}` contracted with the traces
+        at the window's start :math:`t_0`. A window covering the sequence gives BPTT; ``K = 1``
+        gives the single-step gradient where the intrinsic dynamics ``D`` are the whole recurrence
+        (with recurrent ETP weights, ``K = 1`` also counts their one-step path, which the
+        single-step rule drops).
+    fast_solve : bool
+        Accepted for code written for the 0.2 releases; the closed-form contractions of the built-in
+        primitives are always used here, so it changes nothing.
+    normalize_matrix_spectrum : bool
+        Rescale each unit's hidden Jacobian block to spectral radius at most 1 before it multiplies
+        the traces: :math:`D \leftarrow D / \max(1, \rho(D))` with :math:`\rho` exact for one or two
+        states per unit and the spectral norm (an upper bound of it) for more. Keeps the traces
+        bounded for unstable dynamics; the gradient is then no longer the algorithm's exact one
+        where :math:`\rho(D) > 1`.
+    mode : brainstate.mixin.Mode, optional
+        Accepted for code written for the 0.2 releases (``brainstate.mixin.Batching()``).
     """
+
+    def __init__(
+        self,
+        model,
+        name: Optional[str] = None,
+        vjp_method: str = "single-step",
+        fast_solve: bool = True,
+        normalize_matrix_spectrum: bool = False,
+        mode=None,
+    ):
+        super().__init__(model, name=name, mode=mode)
+        if vjp_method not in ("single-step", "multi-step"):
+            raise ValueError(f"`vjp_method` must be 'single-step' or 'multi-step', got {vjp_method!r}.")
+        for key, value in (
+            ("fast_solve", fast_solve),
+            ("normalize_matrix_spectrum", normalize_matrix_spectrum),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{key}` must be a bool, got {value!r}.")
+        self.vjp_method = vjp_method
+        self.fast_solve = fast_solve
+        self.normalize_matrix_spectrum = normalize_matrix_spectrum
 
     def _build(self):
         self.executor = ETraceVjpGraphExecutor(self.graph, self._solve)
@@ -237,11 +366,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         #: the traces, which describe how the old values depended on the parameters.
         self.hidden_seen = brainstate.ShortTermState([leaves[i] for i in self._hidden_leaf_ids])
 
-    def _restart_if_reset(self, traces, state_leaves, step: StepValues):
+    def _restart_if_reset(self, traces, state_leaves, step: Optional[StepValues] = None):
         """``(traces, keep)`` at the start of a step: ``keep`` is 0 when the hidden states differ
         from those the previous step wrote, else 1. The restart costs no pass over the traces that
         propagate through ``D`` (``D`` is scaled by ``keep``, in ``step``); the other leaves are
-        scaled by :meth:`_restart_undecayed`."""
+        scaled by :meth:`_restart_undecayed`. Without ``step``, every leaf is scaled."""
         stale = jnp.zeros((), bool)
         if self._epoch:  # the model's states were re-created since the traces were last written
             stale = traces["epoch"] != self._epoch
@@ -251,9 +380,21 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             differ = (now != seen) & ~(jnp.isnan(now) & jnp.isnan(seen))
             stale = stale | jnp.any(differ)
         keep = 1 - stale.astype(jnp.int32)
-        step.d = {g: d * keep.astype(d.dtype) for g, d in step.d.items()}
+        if step is None:
+            return _scaled(traces, keep), keep
+        self._prepare_jacobians(step, keep)
         body = self._restart_undecayed({k: v for k, v in traces.items() if k != "epoch"}, keep)
         return {**body, "epoch": traces["epoch"]}, keep
+
+    def _prepare_jacobians(self, step: StepValues, keep=None):
+        """``step.d`` as the traces use it: times ``keep`` (a restart) and, with
+        ``normalize_matrix_spectrum``, rescaled to spectral radius at most 1 per unit."""
+        d = step.d
+        if self.normalize_matrix_spectrum:
+            d = {g: v / jnp.maximum(1.0, _spectral_radius(v))[..., None, None] for g, v in d.items()}
+        if keep is not None:
+            d = {g: v * keep.astype(v.dtype) for g, v in d.items()}
+        step.d = d
 
     def _restart_undecayed(self, traces: Dict, keep) -> Dict:
         """``traces`` with the leaves that do not propagate through ``D`` multiplied by ``keep``;
@@ -305,6 +446,69 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self.etrace.value = new_traces
         self._remember_hidden(new_state_leaves)
         self._write_states(states, new_state_leaves)
+        return jax.tree.unflatten(info.out_treedef, outs)
+
+    def update(self, *inputs):
+        """Run one step (or, with :class:`~braintrace.MultiStepData`, a window of steps).
+
+        Under ``vjp_method='multi-step'`` every call is a window (of one step for inputs without
+        :class:`~braintrace.MultiStepData`, whose output is then not stacked), see the class
+        docstring; under ``'single-step'`` a window is ``K`` single steps."""
+        if self.vjp_method == "single-step" or not self.is_compiled:
+            return super().update(*inputs)
+        one = get_single_step_data(*inputs)
+        self.follow_shapes(*one)
+        self._check_inputs(one)
+        if has_multistep_data(*inputs):
+            window_length(*inputs)  # validates the window
+            return self._window(inputs, stacked=True)
+        return self._window((MultiStepData(jax.tree.map(lambda a: a[None], one)),), stacked=False)
+
+    def _window(self, inputs, stacked: bool):
+        r"""``K`` steps whose gradient is exact inside the window (the multi-step rule).
+
+        The steps are evaluated as plain functions of the states (every path differentiable); the
+        hidden values at the window's start enter through an identity whose backward pass sends
+        :math:`\partial L/\partial h_{t_0}` through the traces at :math:`t_0` to the parameters
+        (:meth:`_solve`). The traces advance by the ``K`` steps' updates on the side.
+        """
+        info = self.graph.module_info
+        ex = self.executor
+        leaves, stepped = split_window(*inputs)
+        seq = [leaf for leaf, s in zip(leaves, stepped) if s]
+        fixed = [leaf for leaf, s in zip(leaves, stepped) if not s]
+
+        def args_at(seq_t):
+            it_s, it_f = iter(seq_t), iter(fixed)
+            return [next(it_s) if s else next(it_f) for s in stepped]
+
+        states, state_leaves = self._current_states()
+        traces0, _ = self._restart_if_reset(self.etrace.value, state_leaves)
+        traces0 = jax.lax.stop_gradient(traces0)
+        first = args_at([a[0] for a in seq])
+        weights, aux = ex.relation_operands(state_leaves, first)
+        hidden_ids = self._hidden_leaf_ids
+        start = _through_traces(self, [state_leaves[i] for i in hidden_ids], weights, traces0, aux)
+        leaves0 = list(state_leaves)
+        for i, v in zip(hidden_ids, start):
+            leaves0[i] = v
+
+        def body(carry, seq_t):
+            cur, traces = carry
+            args_t = args_at(seq_t)
+            outs, new, env = ex.evaluate(cur, args_t)
+            step = ex.step_values(cur, args_t, env=env)
+            self._prepare_jacobians(step)
+            new_traces = jax.lax.stop_gradient(self._update_traces(traces, step))
+            new_traces["epoch"] = traces["epoch"]
+            return (new, new_traces), outs
+
+        (final, traces), outs = jax.lax.scan(body, (leaves0, traces0), seq)
+        self.etrace.value = traces
+        self._remember_hidden(final)
+        self._write_states(states, final)
+        if not stacked:
+            outs = [o[0] for o in outs]
         return jax.tree.unflatten(info.out_treedef, outs)
 
     def _step_grad(self, step_fn, params, inputs, targets, factored=False):

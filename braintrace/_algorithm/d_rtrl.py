@@ -45,6 +45,12 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     Parameters
     ----------
     model : brainstate.nn.Module
+    name : str, optional
+    vjp_method, fast_solve, normalize_matrix_spectrum, mode
+        See :class:`~braintrace.ETraceVjpAlgorithm`.
+    chunked_trace : bool
+        Accepted for code written for the 0.2 releases; the trace layout here is chosen per
+        primitive and backend, so it changes nothing.
     lora_factored : bool
         LoRA relations keep the exact trace of their ``B`` factor (a dense ``(B, I, O, n)`` trace)
         by default; ``True`` factors it as in ES-D-RTRL (``B (I + O n)`` memory, approximate),
@@ -80,8 +86,30 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     (3, 3)
     """
 
-    def __init__(self, model, lora_factored: bool = False, decay_or_rank=0.9, trace_dtype=None, name=None):
-        super().__init__(model, name=name)
+    def __init__(
+        self,
+        model,
+        name=None,
+        vjp_method: str = "single-step",
+        fast_solve: bool = True,
+        trace_dtype=None,
+        chunked_trace: bool = True,
+        *,
+        lora_factored: bool = False,
+        decay_or_rank=0.9,
+        normalize_matrix_spectrum: bool = False,
+        mode=None,
+    ):
+        super().__init__(
+            model,
+            name=name,
+            vjp_method=vjp_method,
+            fast_solve=fast_solve,
+            normalize_matrix_spectrum=normalize_matrix_spectrum,
+            mode=mode,
+        )
+        if not isinstance(chunked_trace, bool):
+            raise TypeError(f"D_RTRL: `chunked_trace` must be a bool, got {chunked_trace!r}.")
         self.lora_factored = bool(lora_factored)
         self.lora_decay = decay_from_decay_or_rank(decay_or_rank) if lora_factored else None
         self.trace_dtype = _floating_dtype(trace_dtype)
@@ -121,7 +149,7 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
             k = _key(r.index, gi)
             ops = self._ops(r.primitive)
             if self.lora_factored and r.primitive in (etp_lora_mm_p, etp_lora_mv_p):
-                out[k] = {n: scale(v) if n in ("eps_x", "count") else v for n, v in traces[k].items()}
+                out[k] = {n: scale(v) if n in ("eps_x", "eps_f_norm") else v for n, v in traces[k].items()}
             elif not getattr(ops.update, "__module__", "").startswith("braintrace."):
                 out[k] = jax.tree.map(scale, traces[k])
         return out

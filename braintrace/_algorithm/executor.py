@@ -205,11 +205,7 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         self._call = self._make_call()
 
     def _trainable_values(self, state_leaves, arg_leaves):
-        _, _, env = self.evaluate(state_leaves, arg_leaves)
-        return {
-            r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()}
-            for r in self.graph.hidden_param_op_relations
-        }
+        return self.relation_operands(state_leaves, arg_leaves)[0]
 
     @property
     def reads_old(self) -> bool:
@@ -217,6 +213,14 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         new value: then the gradient also contracts the previous step's traces (see
         :func:`~braintrace.add_hidden_perturbation_in_module`)."""
         return self.perturbation.reads_old
+
+    def relation_operands(self, state_leaves, arg_leaves):
+        """``(weights, aux)``: every relation's trainable and auxiliary operands at these inputs
+        (differentiable with respect to ``state_leaves``)."""
+        _, _, env = self.evaluate(state_leaves, arg_leaves)
+        relations = self.graph.hidden_param_op_relations
+        weights = {r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()} for r in relations}
+        return weights, {r.index: tuple(_read(env, v) for v in r.aux_vars) for r in relations}
 
     def group_cotangents(self, d_perturbation):
         """``{(relation, group position): dL/dh (*unit, n)}`` from the perturbations' gradients."""

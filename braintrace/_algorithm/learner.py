@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from braintrace._compatible_imports import Var
+from braintrace._input_data import MultiStepData
 
 from .base import ETraceAlgorithm, add_param_grads
 from .d_rtrl import D_RTRL
@@ -104,6 +105,7 @@ def _etrace_grad(
     return_value: bool = False,
     reset: bool = True,
     solve_every: int = 1,
+    window: int = 1,
 ):
     r"""Run the model online over time-major ``sequences`` and sum the per-step gradients.
 
@@ -140,6 +142,13 @@ def _etrace_grad(
         gradient outweighs the traces: large sparse layers at small batch. Layers of an
         unbatched model, and layers whose weights are not fixed over the sequence, keep the
         per-step solve.
+    window : int
+        Run the multi-step rule over consecutive windows of ``window`` steps (the last one holds
+        the remainder): each window's gradient is exact inside it (reverse mode through its steps)
+        and the credit from before it arrives through the traces at its start; the traces carry
+        on across windows. ``window=1`` with a ``vjp_method='single-step'`` algorithm is the fully
+        online rule; a window as long as the sequence is BPTT. An algorithm built with
+        ``vjp_method='multi-step'`` always uses this rule (windows of one step by default).
 
     Returns
     -------
@@ -180,6 +189,15 @@ def _etrace_grad(
         raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
     if isinstance(solve_every, bool) or not isinstance(solve_every, int) or solve_every < 1:
         raise ValueError(f"`solve_every` must be an int >= 1, got {solve_every!r}.")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"`window` must be an int >= 1, got {window!r}.")
+    windowed = window > 1 or getattr(self, "vjp_method", "single-step") == "multi-step"
+    if windowed and solve_every > 1:
+        raise ValueError(
+            f"`solve_every={solve_every}` and the multi-step rule (window={window}, vjp_method="
+            f"{getattr(self, 'vjp_method', None)!r}) exclude each other: a window's gradient is formed "
+            f"by reverse mode over its steps. Use one of them."
+        )
     if solve_every > 1 and not isinstance(self, IODimVjpAlgorithm):
         raise ValueError(
             f"`solve_every={solve_every}` needs an algorithm whose weight gradients are products of "
@@ -197,6 +215,7 @@ def _etrace_grad(
         tuple(id(s) for s in params.values()),
         tuple(id(s) for s in self._current_states()[0]),
         solve_every,
+        window,
         id(self.graph),  # a graph compiled again (another batch size) has its own traces and program
     )
     cache = self.__dict__.setdefault("_etrace_grad_cache", {})
@@ -209,6 +228,8 @@ def _etrace_grad(
             inputs, targets = seqs[:n_in], seqs[n_in:]
 
             zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in params.items()})
+            if windowed:
+                return _scan_windows(self, step_fn, params, zeros, (inputs, targets), window)
             if solve_every == 1:
 
                 def body(acc, step_seqs):
@@ -237,9 +258,33 @@ def _scan_in_blocks(alg, step_fn, params, zeros, seqs, k):
         acc, (factors, losses) = brainstate.transform.scan(step, acc, block_seqs)
         return add_param_grads(acc, alg._factored_param_grads(params, factors)), losses
 
+    return _scan_blocks(block, zeros, seqs, k)
+
+
+def _scan_windows(alg, step_fn, params, zeros, seqs, k):
+    """The sequence loop of the multi-step rule: windows of ``k`` steps (the last holds the
+    remainder), each differentiated exactly inside and through the traces at its start."""
+
+    def block(acc, block_seqs):
+        xs_w, ys_w = block_seqs
+
+        def window_loss():
+            outs = alg._window(tuple(MultiStepData(x) for x in xs_w), stacked=True)
+            losses = jax.vmap(step_fn)(outs, *ys_w)
+            return losses.sum(), losses
+
+        grads, losses = brainstate.transform.grad(window_loss, params, has_aux=True)()
+        return add_param_grads(acc, grads), losses
+
+    return _scan_blocks(block, zeros, seqs, k)
+
+
+def _scan_blocks(block, acc, seqs, k):
+    """``block(acc, seqs_block)`` over consecutive blocks of ``k`` steps of ``seqs`` (a scan over
+    the whole blocks, then the remainder): ``(acc, per-step losses)``."""
     length = jnp.shape(jax.tree.leaves(seqs)[0])[0]
     n_blocks, rest = divmod(length, k)
-    acc, parts = zeros, []
+    parts = []
     if n_blocks:
         head = jax.tree.map(lambda s: s[: n_blocks * k].reshape((n_blocks, k) + s.shape[1:]), seqs)
         acc, losses = brainstate.transform.scan(block, acc, head)

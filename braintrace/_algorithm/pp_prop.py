@@ -99,6 +99,9 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     model : brainstate.nn.Module
     decay_or_rank : float or int
         ``lambda`` in (0, 1), or an int rank ``r > 0`` meaning ``lambda = (r-1)/(r+1)``.
+    name : str, optional
+    vjp_method, fast_solve, normalize_matrix_spectrum, mode
+        See :class:`~braintrace.ETraceVjpAlgorithm`.
 
     Examples
     --------
@@ -121,8 +124,25 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     (2, 3)
     """
 
-    def __init__(self, model, decay_or_rank=0.9, name=None):
-        super().__init__(model, name=name)
+    def __init__(
+        self,
+        model,
+        decay_or_rank=0.9,
+        name=None,
+        vjp_method: str = "single-step",
+        fast_solve: bool = True,
+        *,
+        normalize_matrix_spectrum: bool = False,
+        mode=None,
+    ):
+        super().__init__(
+            model,
+            name=name,
+            vjp_method=vjp_method,
+            fast_solve=fast_solve,
+            normalize_matrix_spectrum=normalize_matrix_spectrum,
+            mode=mode,
+        )
         self.decay = decay_from_decay_or_rank(decay_or_rank)
 
     def _relation_groups(self):
@@ -251,6 +271,6 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
 ES_D_RTRL = IODimVjpAlgorithm
 
 
-def pp_prop(model, decay_or_rank=0.9, name=None) -> IODimVjpAlgorithm:
-    """ES-D-RTRL (pp_prop) around ``model``; see :class:`IODimVjpAlgorithm`."""
-    return IODimVjpAlgorithm(model, decay_or_rank=decay_or_rank, name=name)
+def pp_prop(model, decay_or_rank=0.9, name=None, vjp_method="single-step", **kwargs) -> IODimVjpAlgorithm:
+    """ES-D-RTRL (pp_prop) around ``model``; see :class:`IODimVjpAlgorithm` (keywords as there)."""
+    return IODimVjpAlgorithm(model, decay_or_rank=decay_or_rank, name=name, vjp_method=vjp_method, **kwargs)
