@@ -64,6 +64,10 @@ class DiagnosticKind(enum.Enum):
     #: A traced weight moves another, self-recurrent hidden group (a stacked layer) within a step:
     #: its influence carried by that group's own recurrence at later steps is in no trace.
     CROSS_LAYER_INFLUENCE = "cross_layer_influence"
+    #: A traced weight's op reads hidden values its own output moves at later steps (a recurrent
+    #: weight): D-RTRL and pp_prop drop that path from the traces by design (``D`` holds ETP outputs
+    #: fixed), so the gradient is their definition, not BPTT's.
+    RECURRENT_ETP_WEIGHT = "recurrent_etp_weight"
 
 
 @dataclasses.dataclass(frozen=True)

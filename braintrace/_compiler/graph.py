@@ -488,6 +488,7 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
             )
     _check_plain_uses(info, relations, rel_state_idx, records)
     _check_cross_layer(info, groups, relations, records)
+    _check_recurrent_weights(info, groups, relations, records)
     return ETraceGraph(info, groups, relations, records, rel_state_idx)
 
 
@@ -528,10 +529,60 @@ def _check_plain_uses(info: ModuleInfo, relations, rel_state_idx, records) -> No
             )
 
 
+def _check_recurrent_weights(info: ModuleInfo, groups, relations, records) -> None:
+    """Record (at info level) every relation whose input ``x`` or trainable operands read the
+    previous value of a hidden group that its own output moves, directly or through other groups
+    (a recurrent weight, the gates of an RNN cell): the traces hold ETP outputs fixed in ``D``, so
+    the weight's effect through its own input at later steps is left out by design."""
+    jaxpr = info.jaxpr
+    in_vars, out_vars = info.state_invars(), info.state_outvars()
+    group_of = {(h.leaf, h.slot): g.index for g in groups for h in g.hidden_leaves}
+    seeds = {}
+    for h in info.hidden_leaves:
+        seeds.setdefault(in_vars[h.leaf], set()).add(group_of[(h.leaf, h.slot)])
+    old_reach = _propagate(jaxpr, seeds, lambda eqn: False)
+    moves = {g.index: set() for g in groups}  # group a -> groups whose new values read a's old value
+    for h in info.hidden_leaves:
+        for a in _labels_of(old_reach, out_vars[h.leaf]):
+            moves[a].add(group_of[(h.leaf, h.slot)])
+    y_seeds = {}
+    for r in relations:
+        y_seeds.setdefault(r.y_var, set()).add(r.index)
+    y_reach = _propagate(jaxpr, y_seeds, lambda eqn: False)
+    for r in relations:
+        moved = {
+            group_of[(h.leaf, h.slot)]
+            for h in info.hidden_leaves
+            if r.index in _labels_of(y_reach, out_vars[h.leaf])
+        }
+        frontier = list(moved)
+        while frontier:  # every group the weights move at later steps
+            for b in moves[frontier.pop()]:
+                if b not in moved:
+                    moved.add(b)
+                    frontier.append(b)
+        operands = [v for v in (r.x_var, *r.trainable_vars.values()) if v is not None]
+        read = set().union(*(_labels_of(old_reach, v) for v in operands))
+        if read & moved:
+            names = sorted({p for paths in r.param_paths.values() for p in paths})
+            emit(
+                records,
+                DiagnosticKind.RECURRENT_ETP_WEIGHT,
+                DiagnosticLevel.INFO,
+                f"Weight(s) {names} of {r.primitive.name} (equation {r.eqn_index}) act on hidden values "
+                f"that they themselves move at earlier steps (a recurrent weight); the traces hold ETP "
+                f"outputs fixed in D, so this path is left out of their online gradient by design "
+                f"(D-RTRL's and pp_prop's definition; BPTT or the multi-step rule include it).",
+                tuple(names),
+            )
+
+
 def _check_cross_layer(info: ModuleInfo, groups, relations, records) -> None:
-    """Record every relation whose output moves, within the step, a hidden group it does not
-    drive (through another trainable ETP op: a stacked layer) when that group depends on its own
-    previous value: the weights' influence carried by that group's recurrence is in no trace."""
+    """Record every relation whose output moves hidden states, within the step, through another
+    trainable ETP op (a stacked layer, a gate feeding a recurrent matmul), when those states depend
+    on their own previous value: the step differentiates that path exactly, but the traces carry
+    a weight's effect through ``df`` (its paths that avoid trainable ETP ops) only, so its effect
+    carried by those states to later steps is missing."""
     jaxpr = info.jaxpr
     in_vars, out_vars = info.state_invars(), info.state_outvars()
     group_of = {(h.leaf, h.slot): g for g in groups for h in g.hidden_leaves}
@@ -542,19 +593,13 @@ def _check_cross_layer(info: ModuleInfo, groups, relations, records) -> None:
     recurrent = {
         g.index for g in groups for h in g.hidden_leaves if g.index in _labels_of(own, out_vars[h.leaf])
     }
-    y_seeds = {}
+    via = _reach_through_etp(jaxpr, {r.y_var: r.index for r in relations})
     for r in relations:
-        y_seeds.setdefault(r.y_var, set()).add(r.index)
-    reach = _propagate(jaxpr, y_seeds, lambda eqn: False)
-    for r in relations:
-        driven = {g.index for g in r.hidden_groups}
         moved = sorted(
             {
                 h.name
                 for h in info.hidden_leaves
-                if r.index in _labels_of(reach, out_vars[h.leaf])
-                and group_of[(h.leaf, h.slot)].index not in driven
-                and group_of[(h.leaf, h.slot)].index in recurrent
+                if r.index in via.get(out_vars[h.leaf], ()) and group_of[(h.leaf, h.slot)].index in recurrent
             }
         )
         if moved:
@@ -564,9 +609,28 @@ def _check_cross_layer(info: ModuleInfo, groups, relations, records) -> None:
                 DiagnosticKind.CROSS_LAYER_INFLUENCE,
                 DiagnosticLevel.WARNING,
                 f"Weight(s) {names} of {r.primitive.name} (equation {r.eqn_index}) move the hidden "
-                f"state(s) {moved} of another layer within a step, and those states keep part of "
-                f"their value to the next step; the traces carry the weights' effect on their own "
-                f"states only, so their online gradient misses that later effect (approximate). "
-                f"The current step's effect is exact.",
+                f"state(s) {moved} within a step through another trainable ETP op (a stacked layer, "
+                f"or a gate feeding a recurrent matmul), and those states keep part of their value to "
+                f"the next step; the traces carry only the weights' paths that avoid trainable ETP ops, "
+                f"so the online gradient misses that later effect (approximate). The current step's "
+                f"effect is exact.",
                 tuple(names),
             )
+
+
+def _reach_through_etp(jaxpr, seeds) -> Dict:
+    """``{var: {seed labels}}`` for the variables a seed (an ETP output ``y`` -> label) reaches by a
+    path that passes through at least one other trainable ETP equation."""
+    direct: Dict = {v: {lab} for v, lab in seeds.items()}
+    via: Dict = {}
+    for eqn in jaxpr.eqns:
+        ins_d = set().union(*(direct.get(v, set()) for v in eqn.invars if not isinstance(v, Literal)))
+        ins_v = set().union(*(via.get(v, set()) for v in eqn.invars if not isinstance(v, Literal)))
+        if is_trainable_etp_eqn(eqn):
+            ins_v, ins_d = ins_v | ins_d, set()
+        for v in eqn.outvars:
+            if ins_d:
+                direct[v] = direct.get(v, set()) | ins_d
+            if ins_v:
+                via[v] = via.get(v, set()) | ins_v
+    return via

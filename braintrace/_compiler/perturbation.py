@@ -187,6 +187,11 @@ def add_hidden_perturbation_in_module(
     seeds_o = rel_outs | (set(old_vars) if reads_old else set())
     # variables whose output-environment value differs from the perturbed one, on a path to an output
     differs_o = _reach(jaxpr, seeds_o, by_var.keys()) & outs_needed
+    # variables on a path from a relation's output into another trainable ETP op's operands (a
+    # gate feeding a recurrent matmul): they are evaluated once more with the relations' trainable
+    # operands not stopped, so the step differentiates that path (the traces do not carry it)
+    etp_operands = [v for e in jaxpr.eqns if is_trainable_etp_eqn(e) for v in e.invars]
+    differs_u = _reach(jaxpr, rel_outs, by_var.keys()) & _live_avoiding(jaxpr, etp_operands, by_var.keys())
     pert = HiddenPerturbation(info.hidden_leaves, reads_old)
 
     def fn(state_leaves, arg_leaves, perts, old_perts=None, return_env=False):
@@ -194,9 +199,13 @@ def add_hidden_perturbation_in_module(
         # env_p: what trainable ETP inputs see: each hidden state's new value is its dynamics value
         # plus the perturbation. env_o: what the outputs see (see the docstring).
         env_d, env_p, env_o = {}, {}, {}
+        env_u = {}  # the values of ``differs_u``; every other variable reads env_p there
 
         def read(env, v):
             return v.val if isinstance(v, Literal) else env[v]
+
+        def read_u(v):
+            return v.val if isinstance(v, Literal) else env_u.get(v, env_p.get(v))
 
         def define(v, val_d, val_p, val_o):
             if type(v).__name__ == "DropVar":
@@ -224,8 +233,12 @@ def add_hidden_perturbation_in_module(
             return outs if outs is not None else bind_equation(eqn, invals)
 
         for i, eqn in enumerate(jaxpr.eqns):
+            if any(v in differs_u for v in eqn.outvars):
+                invals_u = [read_u(v) for v in eqn.invars]
+                outs_u = bind_equation(eqn, invals_u) if i in relation_eqns else run(i, eqn, invals_u)
+                env_u.update((v, val) for v, val in zip(eqn.outvars, outs_u) if v in differs_u)
             if is_trainable_etp_eqn(eqn):
-                outs_d = outs_p = run(i, eqn, [read(env_p, v) for v in eqn.invars])
+                outs_d = outs_p = run(i, eqn, [read_u(v) for v in eqn.invars])
             else:
                 outs_d = run(i, eqn, [read(env_d, v) for v in eqn.invars])
                 if any((not isinstance(v, Literal)) and v in affected for v in eqn.invars):

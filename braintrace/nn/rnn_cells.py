@@ -633,6 +633,8 @@ class LRUCell(brainstate.nn.Module):
         Largest phase :math:`e^{\theta}` at initialisation; default 6.28.
     name : str, optional
 
+    Notes
+    -----
     Initialisation (random, from ``brainstate.random``): :math:`|\lambda|^2 \sim
     U(r_{min}^2, r_{max}^2)`, phase :math:`\sim U(0, \text{max\_phase})`,
     :math:`\gamma = \sqrt{1 - |\lambda|^2}`, ``B`` and ``C`` normal with variance ``1 / fan_in``,
