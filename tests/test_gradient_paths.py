@@ -264,6 +264,42 @@ def test_generated_steps_equal_the_oracle_or_are_recorded(terms, y_term, recurre
         assert not wrong, (terms, y_term, errs)
 
 
+#: Outputs of a step that read the ETP output or the previous state directly (name -> out(old, new, y)).
+_OUTPUTS = {
+    "new": lambda old, new, y: new,
+    "new_plus_y": lambda old, new, y: new + 0.5 * y,
+    "spike_pre_reset": lambda old, new, y: jax.nn.sigmoid(4.0 * (0.8 * old + y - 0.5)),
+    "old_times_new": lambda old, new, y: old * new + jnp.tanh(y),
+    "old_only": lambda old, new, y: jnp.tanh(old),
+}
+
+
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    terms=st.lists(
+        st.sampled_from(sorted(t for t, (_, mixes) in _TERMS.items() if not mixes)),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
+    y_term=st.sampled_from(["plain", "tanh"]),
+    out=st.sampled_from(sorted(_OUTPUTS)),
+    seed=st.integers(0, 100),
+)
+def test_generated_element_wise_steps_with_direct_outputs_equal_bptt(terms, y_term, out, seed):
+    """Element-wise single-layer steps: ``D`` is the whole recurrence, so D-RTRL is BPTT, whatever
+    the output reads (the new state, the ETP output, the previous state)."""
+
+    def body(h, y, x):
+        return sum(_TERMS[t][0](h) for t in terms) + _Y_TERMS[y_term][0](y)
+
+    w, xs, ys = _data(4, seed=seed)
+    got, graph = _online(braintrace.D_RTRL, body, _OUTPUTS[out], w, xs, ys, "etrace_grad")
+    assert not _records(graph), graph.summary()
+    want = _bptt(body, _OUTPUTS[out], w, xs, ys)
+    assert om.rel_err(got, want) < 1e-10, (terms, y_term, out, om.rel_err(got, want))
+
+
 # ------------------------------------------------------------------------------------------------
 # Weights used twice, stacked layers, resets
 # ------------------------------------------------------------------------------------------------

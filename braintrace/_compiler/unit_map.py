@@ -15,7 +15,8 @@ source. Rules:
 
 * element-wise primitives (and ``select_n``): each source's maps must agree over the operands;
 * ``broadcast_in_dim``, ``reshape`` (only inserting or removing size-1 axes), ``squeeze``,
-  ``expand_dims``, ``transpose``, ``rev``/``slice``/``pad``/``concatenate`` along non-unit axes,
+  ``expand_dims``, ``transpose``, ``stack``, ``rev``/``slice``/``pad``/``concatenate``/``split``
+  along non-unit axes,
   reductions over non-unit axes, ``dot_general`` contracting non-unit axes of one hidden operand:
   the map follows the index map of the primitive;
 * calls, ``custom_jvp_call`` / ``custom_vjp_call`` and ``cond`` are analysed through their bodies
@@ -248,6 +249,11 @@ def _eqn_maps(eqn, labels, in_shapes, hooks):
         return [_dot_general(eqn, labels, in_shapes)]
     if name == "concatenate":
         return [_concatenate(eqn, labels)]
+    if name == "stack":  # a new non-unit axis at ``axis`` (jax >= 0.10 binds jnp.stack as one primitive)
+        axis = eqn.params["axis"]
+        return [_map_all(_combine(labels), lambda m: m[:axis] + (None,) + m[axis:])]
+    if name == "split":  # pieces along one axis: fine when it is not a unit axis
+        return [_along_axes(labels[0], [eqn.params["axis"]], lambda m: m)] * n_out
     if name in _CALLS or name in _CUSTOM:
         body = _body(eqn)
         if body is not None:
