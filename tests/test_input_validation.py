@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import brainstate
@@ -324,6 +325,141 @@ CASES = {
     "conv_unknown_padding_name": lambda: _outcome(lambda: _conv(padding="FULL")),
     "nn_conv_zero_stride": lambda: _outcome(lambda: braintrace.nn.Conv2d((8, 8, 3), 4, 3, stride=0)),
 }
+
+
+class _Step(brainstate.nn.Module):
+    """``h`` of shape ``(2, 3)`` with ``h <- body(self, h, x)``; ``self.w`` is ``(3, 3)``."""
+
+    def __init__(self, body, counter=False):
+        super().__init__()
+        self.w = brainstate.ParamState(jnp.full((3, 3), 0.3))
+        self.w2 = brainstate.ParamState(jnp.full((3, 3), 0.2))
+        self._body, self._counter = body, counter
+
+    def init_state(self, batch_size=None, **kwargs):
+        self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+        self.h2 = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+        if self._counter:
+            self.n = brainstate.HiddenState(jnp.zeros((batch_size, 3), jnp.int32))
+
+    def update(self, x):
+        self._body(self, x)
+        if self._counter:
+            self.n.value = self.n.value + (self.h.value > 0.5)
+        return self.h.value + self.h2.value
+
+
+def _record(body, kind, counter=False):
+    """``(kind, message)`` of the first ``kind`` record of the graph of ``_Step(body)``."""
+    model = _Step(body, counter)
+    brainstate.nn.init_all_states(model, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = braintrace.compile_etrace_graph(model, jnp.zeros((2, 3)))
+    found = [r for r in graph.records if r.kind.name == kind]
+    if not found:
+        pytest.fail(f"no {kind} record: {graph.summary()}")
+    return found[0].kind.name, found[0].message
+
+
+def _set(state, value):
+    state.value = value
+
+
+def _leaky_step(m, x):
+    _set(m.h, 0.9 * m.h.value + braintrace.matmul(x, m.w.value))
+    _set(m.h2, 0.8 * m.h2.value + braintrace.matmul(x, m.w2.value))
+
+
+def _compiled_d_rtrl(**kw):
+    model = _Step(_leaky_step)
+    brainstate.nn.init_all_states(model, batch_size=2)
+    return braintrace.D_RTRL(model, **kw).compile_graph(jnp.zeros((2, 3)))
+
+
+def _traced_call_at_another_batch():
+    alg = _compiled_d_rtrl()
+    brainstate.nn.init_all_states(alg.model, batch_size=5)
+    params = alg.model.states(brainstate.ParamState)
+    brainstate.transform.grad(lambda: alg(jnp.zeros((5, 3))).sum(), params)()
+
+
+def _states_do_not_fit():
+    alg = _compiled_d_rtrl()
+    brainstate.nn.init_all_states(alg.model, batch_size=7)
+    alg.etrace_grad(
+        jnp.zeros((4, 5, 3)), jnp.zeros((4, 5, 3)), step_fn=lambda o, y: jnp.sum(o - y), reset=False
+    )
+
+
+CASES.update(
+    {
+        "intrinsic_unit_mixing": lambda: _record(
+            lambda m, x: (
+                _set(m.h, 0.9 * m.h.value + 0.1 * m.h.value[:, :1] + braintrace.matmul(x, m.w.value)),
+                _set(m.h2, 0.8 * m.h2.value + braintrace.matmul(x, m.w2.value)),
+            ),
+            "NON_DIAGONAL_PATH",
+        ),
+        "output_unit_mixing": lambda: _record(
+            lambda m, x: (
+                _set(m.h, 0.9 * m.h.value + braintrace.matmul(x, m.w.value)[:, ::-1]),
+                _set(m.h2, 0.8 * m.h2.value + braintrace.matmul(x, m.w2.value)),
+            ),
+            "NON_DIAGONAL_PATH",
+        ),
+        "weight_also_plain": lambda: _record(
+            lambda m, x: (
+                _set(m.h, 0.9 * m.h.value + braintrace.matmul(x, m.w.value) + 0.5 * (x @ m.w.value)),
+                _set(m.h2, 0.8 * m.h2.value + braintrace.matmul(x, m.w2.value)),
+            ),
+            "WEIGHT_ALSO_PLAIN",
+        ),
+        "stacked_recurrent_layer": lambda: _record(
+            lambda m, x: (
+                _set(m.h, 0.9 * m.h.value + braintrace.matmul(x, m.w.value)),
+                _set(m.h2, 0.8 * m.h2.value + braintrace.matmul(jnp.tanh(m.h.value), m.w2.value)),
+            ),
+            "CROSS_LAYER_INFLUENCE",
+        ),
+        "gate_into_recurrent_matmul": lambda: _record(
+            lambda m, x: (
+                _set(m.h2, jnp.tanh(braintrace.matmul(x, m.w2.value))),
+                _set(
+                    m.h, 0.5 * m.h.value + m.h2.value + braintrace.matmul(m.h2.value * m.h.value, m.w.value)
+                ),
+            ),
+            "CROSS_LAYER_INFLUENCE",
+        ),
+        "recurrent_etp_weight": lambda: _record(
+            lambda m, x: (
+                _set(m.h, jnp.tanh(braintrace.matmul(m.h.value, m.w.value) + x)),
+                _set(m.h2, 0.8 * m.h2.value + braintrace.matmul(x, m.w2.value)),
+            ),
+            "RECURRENT_ETP_WEIGHT",
+        ),
+        "integer_hidden_state": lambda: _record(_leaky_step, "NON_FLOAT_HIDDEN_STATE", counter=True),
+        "vjp_method_unknown": lambda: _outcome(lambda: braintrace.D_RTRL(_leaky(), vjp_method="two-step")),
+        "mode_not_a_mode": lambda: _outcome(lambda: braintrace.pp_prop(_leaky(), mode="batching")),
+        "trace_dtype_not_float": lambda: _outcome(lambda: braintrace.D_RTRL(_leaky(), trace_dtype=jnp.int32)),
+        "window_lengths_differ": lambda: _outcome(
+            lambda: _compiled_d_rtrl(vjp_method="multi-step")(
+                braintrace.MultiStepData(jnp.zeros((4, 2, 3))), braintrace.MultiStepData(jnp.zeros((3, 2, 3)))
+            )
+        ),
+        "window_and_solve_every": lambda: _outcome(
+            lambda: _compiled_d_rtrl().etrace_grad(
+                jnp.zeros((4, 2, 3)),
+                jnp.zeros((4, 2, 3)),
+                step_fn=lambda o, y: jnp.sum(o),
+                window=2,
+                solve_every=2,
+            )
+        ),
+        "batch_size_changed_inside_grad": lambda: _outcome(_traced_call_at_another_batch),
+        "states_do_not_fit_the_inputs": lambda: _outcome(_states_do_not_fit),
+    }
+)
 
 _HEADER = ("case", "input", "what you get")
 _CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")

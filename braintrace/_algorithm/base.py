@@ -272,11 +272,14 @@ class ETraceAlgorithm(brainstate.nn.Module):
         the outputs stacked along a leading axis (see :meth:`ETraceVjpAlgorithm.update`).
         Inputs of another batch size than at compile time (with the model's states initialised for
         it) compile the graph again for them, outside traced code (see :meth:`follow_shapes`)."""
+        windowed = has_multistep_data(*inputs)
+        if windowed:
+            window_length(*inputs)  # one length for every MultiStepData leaf
         one = get_single_step_data(*inputs)
         if self.is_compiled:
             self.follow_shapes(*one)
         self._check_inputs(one)
-        if has_multistep_data(*inputs):
+        if windowed:
             return self._steps(inputs)
         return self._step(*one)
 
@@ -456,11 +459,13 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         docstring; under ``'single-step'`` a window is ``K`` single steps."""
         if self.vjp_method == "single-step" or not self.is_compiled:
             return super().update(*inputs)
+        windowed = has_multistep_data(*inputs)
+        if windowed:
+            window_length(*inputs)  # one length for every MultiStepData leaf
         one = get_single_step_data(*inputs)
         self.follow_shapes(*one)
         self._check_inputs(one)
-        if has_multistep_data(*inputs):
-            window_length(*inputs)  # validates the window
+        if windowed:
             return self._window(inputs, stacked=True)
         return self._window((MultiStepData(jax.tree.map(lambda a: a[None], one)),), stacked=False)
 
