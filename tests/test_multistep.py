@@ -305,3 +305,24 @@ def test_normalize_matrix_spectrum_rescales_d(a):
         eps = d * eps + xs[t][:, :, None]
         want = want + jnp.einsum("bo,bio->io", h - ys[t], eps)
     assert om.rel_err(got, want) < 1e-12
+
+
+def test_compiler_and_algorithm_keywords_of_newer_releases():
+    w, u, xs, _ = _rnn_data()
+    model = _fresh(w, u)
+    graph = braintrace.compile_etrace_graph(
+        model, xs[0], include_hidden_perturb=True, snap_max_jacobian_elements=10
+    )
+    assert isinstance(graph.hidden_perturb, braintrace.HiddenPerturbation)
+    assert braintrace.compile_etrace_graph(model, xs[0], include_hidden_perturb=False).hidden_perturb is None
+    for key, value in (("include_recurrent_mixing", True), ("sparse_n", 2), ("control_flow", object())):
+        with pytest.raises(NotImplementedError, match=key):
+            braintrace.compile_etrace_graph(model, xs[0], **{key: value})
+    for key in ("control_flow", "config", "random_feedback_key"):
+        for alg in ALGORITHMS.values():
+            with pytest.raises(NotImplementedError, match=key):
+                alg(_fresh(w, u), **{key: object()})
+    assert (
+        braintrace.D_RTRL(_fresh(w, u), snap_max_jacobian_elements=10, control_flow=None).vjp_method
+        == "single-step"
+    )

@@ -126,7 +126,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ``inputs`` may hold :class:`~braintrace.MultiStepData` (its first step is used) and
         :class:`~braintrace.SingleStepData`."""
         inputs = get_single_step_data(*inputs)
-        self.graph = compile_etrace_graph(self.model, *inputs)
+        self.graph = compile_etrace_graph(self.model, *inputs, include_hidden_perturb=False)
         self._input_avals = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(inputs)]
         self._input_tree = jax.tree.structure(inputs)
         self._num_inputs = len(inputs)
@@ -334,6 +334,9 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         where :math:`\rho(D) > 1`.
     mode : brainstate.mixin.Mode, optional
         Accepted for code written for the 0.2 releases (``brainstate.mixin.Batching()``).
+    control_flow, config, random_feedback_key
+        Keywords of newer published releases; ``None`` (the default) is accepted, anything else
+        raises ``NotImplementedError`` naming the keyword.
     """
 
     def __init__(
@@ -344,8 +347,21 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         fast_solve: bool = True,
         normalize_matrix_spectrum: bool = False,
         mode=None,
+        control_flow=None,
+        config=None,
+        random_feedback_key=None,
     ):
         super().__init__(model, name=name, mode=mode)
+        for key, value in (
+            ("control_flow", control_flow),
+            ("config", config),
+            ("random_feedback_key", random_feedback_key),
+        ):
+            if value is not None:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: `{key}` selects a control-flow policy or learning-rule axes of "
+                    f"newer published releases, which this package does not provide; leave it None."
+                )
         if vjp_method not in ("single-step", "multi-step"):
             raise ValueError(f"`vjp_method` must be 'single-step' or 'multi-step', got {vjp_method!r}.")
         for key, value in (

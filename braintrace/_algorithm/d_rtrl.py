@@ -46,8 +46,11 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     ----------
     model : brainstate.nn.Module
     name : str, optional
-    vjp_method, fast_solve, normalize_matrix_spectrum, mode
+    vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, config, random_feedback_key
         See :class:`~braintrace.ETraceVjpAlgorithm`.
+    snap_max_jacobian_elements : int
+        Accepted for code written for the published releases (a memory bound of their SnAp scope);
+        unused here.
     chunked_trace : bool
         Accepted for code written for the 0.2 releases; the trace layout here is chosen per
         primitive and backend, so it changes nothing.
@@ -94,6 +97,10 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
         fast_solve: bool = True,
         trace_dtype=None,
         chunked_trace: bool = True,
+        control_flow=None,
+        config=None,
+        random_feedback_key=None,
+        snap_max_jacobian_elements: int = 16_777_216,
         *,
         lora_factored: bool = False,
         decay_or_rank=0.9,
@@ -107,6 +114,9 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
             fast_solve=fast_solve,
             normalize_matrix_spectrum=normalize_matrix_spectrum,
             mode=mode,
+            control_flow=control_flow,
+            config=config,
+            random_feedback_key=random_feedback_key,
         )
         if not isinstance(chunked_trace, bool):
             raise TypeError(f"D_RTRL: `chunked_trace` must be a bool, got {chunked_trace!r}.")

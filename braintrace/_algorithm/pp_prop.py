@@ -100,7 +100,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     decay_or_rank : float or int
         ``lambda`` in (0, 1), or an int rank ``r > 0`` meaning ``lambda = (r-1)/(r+1)``.
     name : str, optional
-    vjp_method, fast_solve, normalize_matrix_spectrum, mode
+    vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, config, random_feedback_key
         See :class:`~braintrace.ETraceVjpAlgorithm`.
 
     Examples
@@ -131,6 +131,9 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         name=None,
         vjp_method: str = "single-step",
         fast_solve: bool = True,
+        control_flow=None,
+        config=None,
+        random_feedback_key=None,
         *,
         normalize_matrix_spectrum: bool = False,
         mode=None,
@@ -142,6 +145,9 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             fast_solve=fast_solve,
             normalize_matrix_spectrum=normalize_matrix_spectrum,
             mode=mode,
+            control_flow=control_flow,
+            config=config,
+            random_feedback_key=random_feedback_key,
         )
         self.decay = decay_from_decay_or_rank(decay_or_rank)
 

@@ -30,6 +30,7 @@ from braintrace._etrace_op._registries import (
 from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
 from .jaxpr_tools import is_trainable_etp_eqn
 from .module_info import HiddenLeaf, ModuleInfo, extract_module_info, record_non_float_hidden_states
+from .perturbation import add_hidden_perturbation_in_module
 from .rule_check import check_relation_rules
 from .unit_map import MIXED, identity_map, is_diagonal, propagate_unit_maps
 
@@ -132,6 +133,8 @@ class ETraceGraph:
     hidden_param_op_relations: Tuple[HiddenParamOpRelation, ...]
     records: List[CompilationRecord]
     relation_param_states: Tuple[int, ...]
+    #: The step's hidden perturbation slots (``compile_etrace_graph(..., include_hidden_perturb=True)``).
+    hidden_perturb: Optional[object] = None
 
     def summary(self) -> str:
         lines = [
@@ -415,8 +418,30 @@ def find_hidden_param_op_relations_from_module(
     return tuple(relations)
 
 
-def compile_etrace_graph(model, *inputs) -> ETraceGraph:
+def compile_etrace_graph(
+    model,
+    *inputs,
+    include_hidden_perturb: bool = True,
+    include_recurrent_mixing: bool = False,
+    sparse_n: Optional[int] = None,
+    snap_max_jacobian_elements: int = 16_777_216,
+    control_flow=None,
+) -> ETraceGraph:
     """Trace one step ``model(*inputs)`` and build its :class:`ETraceGraph`.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+    *inputs
+        One step's inputs (their shapes and dtypes are used).
+    include_hidden_perturb : bool
+        Also build the step's hidden perturbation slots (``graph.hidden_perturb``, a
+        :class:`~braintrace.HiddenPerturbation`); the algorithms build their own and pass ``False``.
+    include_recurrent_mixing, sparse_n, snap_max_jacobian_elements, control_flow
+        Keywords of the published releases for recurrence scopes beyond the per-unit block of ``D``
+        and for control-flow policies. The defaults (per-unit blocks, control flow analysed
+        through its bodies) are what this compiler does; any other value raises
+        ``NotImplementedError`` naming the keyword.
 
     Raises
     ------
@@ -442,6 +467,21 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
     >>> [r.primitive.name for r in g.hidden_param_op_relations]
     ['etp_mm']
     """
+    for key, value, default in (
+        ("include_recurrent_mixing", include_recurrent_mixing, False),
+        ("sparse_n", sparse_n, None),
+        ("control_flow", control_flow, None),
+    ):
+        if value != default:
+            raise NotImplementedError(
+                f"compile_etrace_graph: `{key}={value!r}` selects a recurrence scope or control-flow policy "
+                f"this compiler does not provide; it keeps one block of dh/dh per unit and analyses "
+                f"control flow through its bodies. Leave `{key}` at {default!r}."
+            )
+    if isinstance(snap_max_jacobian_elements, bool) or not isinstance(snap_max_jacobian_elements, int):
+        raise TypeError(f"`snap_max_jacobian_elements` must be an int, got {snap_max_jacobian_elements!r}.")
+    if not isinstance(include_hidden_perturb, bool):
+        raise TypeError(f"`include_hidden_perturb` must be a bool, got {include_hidden_perturb!r}.")
     info = extract_module_info(model, *inputs)
     records: List[CompilationRecord] = []
     record_non_float_hidden_states(info, records)
@@ -489,7 +529,8 @@ def compile_etrace_graph(model, *inputs) -> ETraceGraph:
     _check_plain_uses(info, relations, rel_state_idx, records)
     _check_cross_layer(info, groups, relations, records)
     _check_recurrent_weights(info, groups, relations, records)
-    return ETraceGraph(info, groups, relations, records, rel_state_idx)
+    perturb = add_hidden_perturbation_in_module(info)[1] if include_hidden_perturb else None
+    return ETraceGraph(info, groups, relations, records, rel_state_idx, perturb)
 
 
 def _hidden_out_vars(info: ModuleInfo):
