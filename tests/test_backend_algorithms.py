@@ -239,7 +239,7 @@ def test_bfloat16_trace_storage(kind, backend, interpret):
     ref = _online_grads(kind, "d_rtrl", "xla", False, "etrace_grad")
     got = _online_grads(kind, "d_rtrl", backend, interpret, "etrace_grad", trace_dtype=jnp.bfloat16)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(got))
-    _check_equal(got, ref, 3e-2)
+    _check_equal(got, ref, 1e-2)  # the bound the documentation gives (measured: at most 5e-3 here)
 
 
 @pytest.mark.gpu
@@ -247,4 +247,4 @@ def test_bfloat16_trace_storage(kind, backend, interpret):
 def test_bfloat16_trace_storage_gpu(kind):
     ref = _online_grads(kind, "d_rtrl", "xla", False, "etrace_grad")
     got = _online_grads(kind, "d_rtrl", "pallas", False, "etrace_grad", trace_dtype=jnp.bfloat16)
-    _check_equal(got, ref, 3e-2)
+    _check_equal(got, ref, 1e-2)
