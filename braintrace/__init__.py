@@ -107,3 +107,30 @@ __all__ += [
 
 from . import nn  # noqa: E402
 from ._input_data import MultiStepData, SingleStepData  # noqa: E402
+from ._param_ops import (  # noqa: E402
+    ConvOp,
+    ElemWiseOp,
+    ElemWiseParam,
+    ETraceOp,
+    ETraceParam,
+    FakeElemWiseParam,
+    FakeETraceParam,
+    LoraOp,
+    MatMulOp,
+    NonTempParam,
+    SpMatMulOp,
+)
+
+__all__ += [
+    "ETraceParam",
+    "ElemWiseParam",
+    "NonTempParam",
+    "FakeETraceParam",
+    "FakeElemWiseParam",
+    "ETraceOp",
+    "MatMulOp",
+    "ElemWiseOp",
+    "ConvOp",
+    "SpMatMulOp",
+    "LoraOp",
+]
