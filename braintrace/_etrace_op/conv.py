@@ -57,6 +57,7 @@ from ._batching import make_x_batching_rule
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros
 from ._units import attach, bias_mantissa, split
+from .dense import apply_operand_fn
 
 __all__ = ["etp_conv_p", "conv"]
 
@@ -418,15 +419,17 @@ def conv(
     kernel,
     bias=None,
     *,
-    strides,
-    padding,
+    strides=None,
+    padding="SAME",
     lhs_dilation=None,
     rhs_dilation=None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
     dimension_numbers=None,
+    kernel_fn=None,
+    bias_fn=None,
 ):
-    r"""ETP-marked convolution :math:`y = \mathrm{conv}(x, K) \;(+ b)` (``lax.conv_general_dilated``).
+    r"""ETP-marked convolution :math:`y = \mathrm{conv}(x, f(K)) \;(+ g(b))` (``lax.conv_general_dilated``).
 
     Parameters
     ----------
@@ -438,7 +441,16 @@ def conv(
         Added along the output feature axis; its unit must have the dimension of
         ``unit(x) * unit(kernel)``.
     strides, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count, dimension_numbers
-        As in :func:`jax.lax.conv_general_dilated` (lists are stored as tuples).
+        As in :func:`jax.lax.conv_general_dilated` (lists are stored as tuples). ``strides`` defaults
+        to 1 along every spatial axis and ``padding`` to ``'SAME'``.
+    kernel_fn : callable, optional
+        Shape-preserving transform :math:`f` of the kernel's mantissa (units are split off before and
+        put back after), applied with plain JAX ops before the primitive is bound: the primitive's
+        trainable operand is ``kernel_fn(kernel)`` and the online gradient of ``kernel`` is the chain
+        rule through it (any function, not only element-wise ones). ``None`` is the identity.
+    bias_fn : callable, optional
+        The same for the bias ``(C_out,)``, applied to its mantissa in the unit of the output;
+        ignored without a bias.
 
     Returns
     -------
@@ -455,6 +467,7 @@ def conv(
     x_m, x_u = split(x)
     k_m, k_u = split(kernel)
     x_m, k_m = jnp.asarray(x_m), jnp.asarray(k_m)
+    k_m = apply_operand_fn(kernel_fn, k_m, name="kernel_fn", op="conv")
     if k_m.ndim < 3:
         raise ValueError(
             f"conv: `kernel` must have at least 3 axes (out/in channels and one spatial axis), got "
@@ -466,7 +479,7 @@ def conv(
             f"{x_m.shape} and kernel shape {k_m.shape}. For a single sample pass x[None]."
         )
     n_spatial = k_m.ndim - 2
-    strides = _int_tuple(strides, "strides", n_spatial)
+    strides = (1,) * n_spatial if strides is None else _int_tuple(strides, "strides", n_spatial)
     padding = _padding_param(padding, n_spatial)
     lhs_dilation = None if lhs_dilation is None else _int_tuple(lhs_dilation, "lhs_dilation", n_spatial)
     rhs_dilation = None if rhs_dilation is None else _int_tuple(rhs_dilation, "rhs_dilation", n_spatial)
@@ -494,6 +507,7 @@ def conv(
     operands = [x_m, k_m]
     if bias is not None:
         b_m = jnp.asarray(bias_mantissa(bias, unit, op="conv"))
+        b_m = apply_operand_fn(bias_fn, b_m, name="bias_fn", op="conv")
         if b_m.shape != (c_out,):
             raise ValueError(
                 f"conv: `bias` must have shape ({c_out},) = (out_channels,) of the kernel (shape "

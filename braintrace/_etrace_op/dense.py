@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import saiunit as u
 
 from . import _trace_ops
 from ._batching import make_x_batching_rule
@@ -121,8 +122,35 @@ etp_mv_p = register_primitive_spec(
 )
 
 
-def matmul(x, weight, bias=None):
-    r"""ETP-marked dense matrix product :math:`y = x W \;(+ b)`.
+def apply_operand_fn(fn, mantissa, *, name, op):
+    r"""``fn(mantissa)`` for a wrapper's ``*_fn`` keyword (``weight_fn``, ``bias_fn``, ...).
+
+    The function runs with ordinary JAX ops on the operand's unitless mantissa *before* the primitive
+    is bound, so the primitive's trainable operand is ``fn(w)``; the compiler follows such plain ops
+    back to the ``ParamState`` and the online gradient of ``w`` is the chain rule through ``fn``.
+    ``None`` is the identity. The result must keep the operand's shape and carry no unit.
+    """
+    if fn is None:
+        return mantissa
+    if not callable(fn):
+        raise TypeError(f"{op}: `{name}` must be callable or None, got {type(fn).__name__}.")
+    out = fn(mantissa)
+    if isinstance(out, u.Quantity) and not u.get_unit(out).is_unitless:
+        raise TypeError(
+            f"{op}: `{name}` is applied to the unitless mantissa of its operand and must return a plain "
+            f"array, got a quantity in {u.get_unit(out)}."
+        )
+    out = jnp.asarray(u.get_mantissa(out))
+    if out.shape != jnp.shape(mantissa):
+        raise ValueError(
+            f"{op}: `{name}` must keep the shape of its operand {tuple(jnp.shape(mantissa))}, "
+            f"got {out.shape}."
+        )
+    return out
+
+
+def matmul(x, weight, bias=None, *, weight_fn=None, bias_fn=None):
+    r"""ETP-marked dense matrix product :math:`y = x\, f(W) \;(+ g(b))`.
 
     Binds ``etp_mm`` when ``x.ndim >= 2`` (``(batch, in)``; more leading axes are flattened into
     the batch) and ``etp_mv`` when ``x`` is a vector ``(in,)``.
@@ -133,6 +161,15 @@ def matmul(x, weight, bias=None):
     weight : array or Quantity, shape ``(in, out)``
     bias : array or Quantity, shape ``(out,)``, optional
         Its unit must have the dimension of ``unit(x) * unit(weight)``.
+    weight_fn : callable, optional
+        Shape-preserving transform :math:`f` of the weight's mantissa (units are split off before
+        and put back after), e.g. ``jnp.abs`` for a sign-constrained weight. It is applied with
+        plain JAX ops before the primitive is bound: the primitive's trainable operand is
+        ``weight_fn(weight)``, and the online gradient of ``weight`` is the chain rule through it.
+        Being no part of the primitive's parameters, a fresh ``lambda`` per call does not retrace.
+    bias_fn : callable, optional
+        The same for the bias, applied to its mantissa in the unit of ``x @ weight``; ignored
+        without a bias.
 
     Returns
     -------
@@ -146,10 +183,13 @@ def matmul(x, weight, bias=None):
     (4, 5)
     >>> braintrace.matmul(jnp.ones(3), jnp.ones((3, 5)), bias=jnp.zeros(5)).shape
     (5,)
+    >>> braintrace.matmul(jnp.ones(2), -jnp.ones((2, 1)), weight_fn=jnp.abs)
+    Array([2.], dtype=float32)
     """
     x_m, x_u = split(x)
     w_m, w_u = split(weight)
     x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
+    w_m = apply_operand_fn(weight_fn, w_m, name="weight_fn", op="matmul")
     if w_m.ndim != 2:
         raise ValueError(f"matmul: `weight` must be 2-D (in, out), got shape {w_m.shape}.")
     if x_m.ndim == 0:
@@ -163,6 +203,7 @@ def matmul(x, weight, bias=None):
     operands = [x_m, w_m]
     if bias is not None:
         b_m = jnp.asarray(bias_mantissa(bias, unit, op="matmul"))
+        b_m = apply_operand_fn(bias_fn, b_m, name="bias_fn", op="matmul")
         if b_m.shape != (w_m.shape[1],):
             raise ValueError(
                 f"matmul: `bias` must have shape ({w_m.shape[1]},) = (weight.shape[1],), got {b_m.shape}."

@@ -1,8 +1,8 @@
 r"""The element-wise ETP primitive ``etp_elemwise`` (identity marker for diagonal weights).
 
-The wrapper :func:`element_wise` computes ``y = fn(w)`` with ordinary JAX ops and binds the
-identity primitive on ``y``; JAX differentiates ``fn`` as usual. It is the only
-``gradient_enabled`` built-in: the compiler walks through it.
+The wrapper :func:`element_wise` computes ``y = fn(w)`` (or ``weight_fn`` of the mantissa) with
+ordinary JAX ops and binds the identity primitive on ``y``; JAX differentiates ``fn`` as usual. It is
+the only ``gradient_enabled`` built-in: the compiler walks through it.
 
 Invars: ``y``; no static params; trainable layout ``{'weight': 0}``; ``x_invar_index=None``.
 
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from ._primitive import register_primitive
 from ._trace_ops import output_trace_zeros
 from ._units import attach, split
+from .dense import apply_operand_fn
 
 __all__ = ["etp_elemwise_p", "element_wise"]
 
@@ -74,7 +75,12 @@ etp_elemwise_p.register_etp_rules(
 )
 
 
-def element_wise(weight, fn=lambda w: w):
+def _identity(w):
+    """The default ``fn`` of :func:`element_wise`."""
+    return w
+
+
+def element_wise(weight, fn=_identity, *, weight_fn=None):
     r"""ETP-marked element-wise weight: returns ``fn(weight)`` through ``etp_elemwise``.
 
     Use it for per-unit parameters (time constants, thresholds, gate biases) that enter the
@@ -84,7 +90,12 @@ def element_wise(weight, fn=lambda w: w):
     ----------
     weight : array or Quantity
     fn : callable
-        Applied to ``weight`` before the marker; identity by default.
+        Applied to ``weight`` (the quantity itself, so it may change or remove the unit) before the
+        marker; identity by default.
+    weight_fn : callable, optional
+        Shape-preserving transform of the weight's unitless mantissa, the unit put back after
+        (``element_wise(w, weight_fn=f)`` is ``f(mantissa(w)) * unit(w)``); applied with plain JAX
+        ops before the marker, like ``fn``. Give ``fn`` or ``weight_fn``, not both.
 
     Examples
     --------
@@ -93,9 +104,20 @@ def element_wise(weight, fn=lambda w: w):
     >>> w = jnp.array([0.5, -0.3])
     >>> braintrace.element_wise(w, fn=jnp.abs)
     Array([0.5, 0.3], dtype=float32)
+    >>> braintrace.element_wise(w, weight_fn=jnp.abs)
+    Array([0.5, 0.3], dtype=float32)
     """
     if not callable(fn):
         raise TypeError(f"element_wise: `fn` must be callable, got {type(fn).__name__}.")
+    if weight_fn is not None:
+        if fn is not _identity:
+            raise TypeError(
+                "element_wise: give `fn` (applied to the quantity) or `weight_fn` (applied to its "
+                "mantissa), not both; compose them into one function."
+            )
+        w_m, w_u = split(weight)
+        y_m = apply_operand_fn(weight_fn, jnp.asarray(w_m), name="weight_fn", op="element_wise")
+        return attach(etp_elemwise_p.bind(y_m), w_u)
     y = fn(weight)
     y_m, y_u = split(y)
     return attach(etp_elemwise_p.bind(jnp.asarray(y_m)), y_u)

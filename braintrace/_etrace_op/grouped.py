@@ -45,6 +45,7 @@ from ._batching import make_x_batching_rule
 from ._registries import ETP_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._units import attach, bias_mantissa, split
+from .dense import apply_operand_fn
 
 __all__ = ["grouped_primitives", "grouped_matmul"]
 
@@ -137,8 +138,8 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def grouped_matmul(x, weight, bias=None):
-    r"""ETP-marked grouped (block-diagonal) product :math:`y_{\dots g} = x_{\dots g} W_g \;(+ b_g)`.
+def grouped_matmul(x, weight, bias=None, *, weight_fn=None, bias_fn=None):
+    r"""ETP-marked grouped (block-diagonal) product :math:`y_{\dots g} = x_{\dots g} f(W)_g \;(+ g(b)_g)`.
 
     Binds ``etp_gmm`` when ``x.ndim >= 3`` (``(batch, G, I)``; more leading axes are flattened into
     the batch) and ``etp_gmv`` when ``x`` is ``(G, I)``.
@@ -149,6 +150,14 @@ def grouped_matmul(x, weight, bias=None):
     weight : array or Quantity, shape ``(G, I, O)``
     bias : array or Quantity, shape ``(G, O)``, optional
         Its unit must have the dimension of ``unit(x) * unit(weight)``.
+    weight_fn : callable, optional
+        Shape-preserving transform :math:`f` of the weight's mantissa (units are split off before
+        and put back after), applied with plain JAX ops before the primitive is bound: the
+        primitive's trainable operand is ``weight_fn(weight)`` and the online gradient of ``weight``
+        is the chain rule through it. ``None`` is the identity.
+    bias_fn : callable, optional
+        The same for the bias, applied to its mantissa in the unit of the product; ignored without a
+        bias.
 
     Returns
     -------
@@ -167,6 +176,7 @@ def grouped_matmul(x, weight, bias=None):
     x_m, x_u = split(x)
     w_m, w_u = split(weight)
     x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
+    w_m = apply_operand_fn(weight_fn, w_m, name="weight_fn", op="grouped_matmul")
     if w_m.ndim != 3:
         raise ValueError(f"grouped_matmul: `weight` must be 3-D (groups, in, out), got shape {w_m.shape}.")
     if x_m.ndim < 2:
@@ -183,6 +193,7 @@ def grouped_matmul(x, weight, bias=None):
     operands = [x_m, w_m]
     if bias is not None:
         b_m = jnp.asarray(bias_mantissa(bias, unit, op="grouped_matmul"))
+        b_m = apply_operand_fn(bias_fn, b_m, name="bias_fn", op="grouped_matmul")
         if b_m.shape != (w_m.shape[0], w_m.shape[2]):
             raise ValueError(
                 f"grouped_matmul: `bias` must have shape {(w_m.shape[0], w_m.shape[2])} = (groups, out), "

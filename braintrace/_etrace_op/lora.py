@@ -51,6 +51,7 @@ from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros
 from ._units import attach, bias_mantissa, split
 from .dense import (
+    apply_operand_fn,
     fused_bias_solve,
     fused_bias_update,
     fused_bias_update_solve,
@@ -342,8 +343,8 @@ ETP_DRTRL_TRACE_OPS[etp_lora_mv_p] = _make_trace_ops(lambda: etp_lora_mv_p)
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_matmul(x, B, A, *, alpha: float = 1.0, bias=None):
-    r"""ETP-marked low-rank product :math:`y = \alpha\, x B A \;(+ b)`.
+def lora_matmul(x, B, A, *, alpha: float = 1.0, bias=None, b_fn=None, a_fn=None, bias_fn=None):
+    r"""ETP-marked low-rank product :math:`y = \alpha\, x\, f_B(B)\, f_A(A) \;(+ f_b(b))`.
 
     Binds ``etp_lora_mm`` when ``x.ndim >= 2`` (``(batch, in)``; more leading axes are flattened
     into the batch) and ``etp_lora_mv`` when ``x`` is a vector ``(in,)``.
@@ -357,6 +358,13 @@ def lora_matmul(x, B, A, *, alpha: float = 1.0, bias=None):
         Static scale (a Python number, not a traced value).
     bias : array or Quantity, shape ``(out,)``, optional
         Its unit must have the dimension of ``unit(x) * unit(B) * unit(A)``.
+    b_fn, a_fn : callable, optional
+        Shape-preserving transforms of the mantissas of ``B`` and ``A`` (units are split off before
+        and put back after). Each is applied with plain JAX ops before the primitive is bound, so the
+        primitive's trainable operands are ``b_fn(B)`` and ``a_fn(A)`` and the online gradients of
+        ``B`` and ``A`` are the chain rule through them. ``None`` is the identity.
+    bias_fn : callable, optional
+        The same for the bias, applied to its mantissa in the output unit; ignored without a bias.
 
     Returns
     -------
@@ -373,6 +381,8 @@ def lora_matmul(x, B, A, *, alpha: float = 1.0, bias=None):
     b_m, b_u = split(B)
     a_m, a_u = split(A)
     x_m, b_m, a_m = jnp.asarray(x_m), jnp.asarray(b_m), jnp.asarray(a_m)
+    b_m = apply_operand_fn(b_fn, b_m, name="b_fn", op="lora_matmul")
+    a_m = apply_operand_fn(a_fn, a_m, name="a_fn", op="lora_matmul")
     try:
         alpha = float(alpha)
     except (TypeError, jax.errors.ConcretizationTypeError):
@@ -400,6 +410,7 @@ def lora_matmul(x, B, A, *, alpha: float = 1.0, bias=None):
     operands = [x_m, b_m, a_m]
     if bias is not None:
         bias_m = jnp.asarray(bias_mantissa(bias, unit, op="lora_matmul"))
+        bias_m = apply_operand_fn(bias_fn, bias_m, name="bias_fn", op="lora_matmul")
         if bias_m.shape != (n_out,):
             raise ValueError(
                 f"lora_matmul: `bias` must have shape ({n_out},) = (A.shape[1],), got {bias_m.shape}."

@@ -46,7 +46,13 @@ from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros, param_trace_zeros
 from ._units import attach, bias_mantissa, split
-from .dense import _arithmetic_dtype, fused_bias_solve, fused_bias_update, fused_bias_update_solve
+from .dense import (
+    _arithmetic_dtype,
+    apply_operand_fn,
+    fused_bias_solve,
+    fused_bias_update,
+    fused_bias_update_solve,
+)
 
 __all__ = ["SparsePattern", "etp_sp_mm_p", "etp_sp_mv_p", "sparse_matmul", "sparse_pattern"]
 
@@ -413,16 +419,16 @@ def sparse_pattern(sparse_mat):
     return SparsePattern(shape=shape, nnz=int(row_ids.shape[0]), format=fmt), row_ids, col_ids
 
 
-def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
-    r"""ETP-marked sparse matrix product :math:`y = x\,\mathrm{sparse}(w) \;(+ b)`.
+def sparse_matmul(x, weight=None, *, sparse_mat, bias=None, weight_fn=None, bias_fn=None, weight_data=None):
+    r"""ETP-marked sparse matrix product :math:`y = x\,\mathrm{sparse}(f(w)) \;(+ g(b))`.
 
-    ``sparse_mat`` gives the structure (its own data is ignored); ``weight_data`` holds the
-    trainable non-zeros in the order of ``sparse_mat.data``. Binds ``etp_sp_mm`` when
-    ``x.ndim >= 2`` (``(batch, in)``; more leading axes are flattened into the batch) and
-    ``etp_sp_mv`` when ``x`` is a vector ``(in,)``. The index arrays are operands of the primitive:
-    to keep them out of the compiled program as constants, pass the sparse matrix (or its index
-    arrays, e.g. ``saiunit.sparse.CSR((data, indices, indptr), shape=...)`` built inside the jitted
-    function) as traced inputs.
+    ``sparse_mat`` gives the structure (its own data is ignored); ``weight`` holds the trainable
+    non-zeros in the order of ``sparse_mat.data``. Binds ``etp_sp_mm`` when ``x.ndim >= 2``
+    (``(batch, in)``; more leading axes are flattened into the batch) and ``etp_sp_mv`` when ``x`` is
+    a vector ``(in,)``. The index arrays are operands of the primitive: to keep them out of the
+    compiled program as constants, pass the sparse matrix (or its index arrays, e.g.
+    ``saiunit.sparse.CSR((data, indices, indptr), shape=...)`` built inside the jitted function) as
+    traced inputs.
 
     The structure is validated whenever its index arrays have known values (an eager call, or a
     matrix closed over by a jitted function, checked when it is traced): an index outside
@@ -434,10 +440,19 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
     Parameters
     ----------
     x : array or Quantity, shape ``(batch, in)`` or ``(in,)``
-    weight_data : array or Quantity, shape ``(nnz,)``
+    weight : array or Quantity, shape ``(nnz,)``
+        The non-zero values (also accepted as the keyword ``weight_data``).
     sparse_mat : saiunit.sparse.CSR, CSC or COO, or brainevent.CSR / CSC, shape ``(in, out)``
     bias : array or Quantity, shape ``(out,)``, optional
-        Its unit must have the dimension of ``unit(x) * unit(weight_data)``.
+        Its unit must have the dimension of ``unit(x) * unit(weight)``.
+    weight_fn : callable, optional
+        Shape-preserving transform :math:`f` of the non-zeros' mantissa (units are split off before
+        and put back after), applied with plain JAX ops before the primitive is bound: the
+        primitive's trainable operand is ``weight_fn(weight)`` and the online gradient of ``weight``
+        is the chain rule through it. ``None`` is the identity.
+    bias_fn : callable, optional
+        The same for the bias, applied to its mantissa in the unit of the product; ignored without a
+        bias.
 
     Returns
     -------
@@ -451,13 +466,23 @@ def sparse_matmul(x, weight_data, *, sparse_mat, bias=None):
     >>> csr = ss.CSR.fromdense(jnp.array([[0., 1., 0.], [2., 0., 3.]]))
     >>> braintrace.sparse_matmul(jnp.array([[1., 1.]]), csr.data, sparse_mat=csr)
     Array([[2., 1., 3.]], dtype=float32)
+    >>> braintrace.sparse_matmul(jnp.array([[1., 1.]]), weight=-csr.data, sparse_mat=csr, weight_fn=jnp.abs)
+    Array([[2., 1., 3.]], dtype=float32)
     """
+    if weight_data is not None:
+        if weight is not None:
+            raise TypeError("sparse_matmul: give the non-zeros as `weight` or as `weight_data`, not both.")
+        weight = weight_data
+    if weight is None:
+        raise TypeError("sparse_matmul: missing the non-zero values `weight` (shape (nnz,)).")
     pattern, row_ids, col_ids = sparse_pattern(sparse_mat)
     indices = [row_ids, col_ids]
     if pattern.format == "csc":  # column order: the CSC's own pointers are the segments
         pattern = dataclasses.replace(pattern, col_sorted=True)
         indices.append(_int_index(sparse_mat.indptr, "sparse_mat.indptr"))
-    return bind_sparse_matmul(x, weight_data, pattern, indices, bias, validate=False)  # checked above
+    return bind_sparse_matmul(
+        x, weight, pattern, indices, bias, validate=False, weight_fn=weight_fn, bias_fn=bias_fn
+    )  # checked above
 
 
 def _check_operand_values(pattern: SparsePattern, indices):
@@ -482,17 +507,20 @@ def _check_operand_values(pattern: SparsePattern, indices):
                 )
 
 
-def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=None, validate=True):
+def bind_sparse_matmul(
+    x, weight_data, pattern: SparsePattern, indices, bias=None, validate=True, *, weight_fn=None, bias_fn=None
+):
     """:func:`sparse_matmul` for a pattern given as a :class:`SparsePattern` and its index operands
     ``[row_ids, col_ids]`` (``+ [col_ptr]`` when ``pattern.col_sorted``), all int32 arrays.
 
     With ``validate`` (default), index operands whose values are known are checked against the
     pattern (range, and the column pointers); traced ones cannot be. Callers that validated the
     structure already (:func:`sparse_matmul`, :class:`braintrace.nn.SparseLinear` at construction)
-    pass ``validate=False``."""
+    pass ``validate=False``. ``weight_fn`` / ``bias_fn`` are those of :func:`sparse_matmul`."""
     x_m, x_u = split(x)
     w_m, w_u = split(weight_data)
     x_m, w_m = jnp.asarray(x_m), jnp.asarray(w_m)
+    w_m = apply_operand_fn(weight_fn, w_m, name="weight_fn", op="sparse_matmul")
     n_in, n_out = pattern.shape
     expected = 3 if pattern.col_sorted else 2
     if len(indices) != expected:
@@ -515,8 +543,8 @@ def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=Non
         _check_operand_values(pattern, indices)
     if w_m.shape != (pattern.nnz,):
         raise ValueError(
-            f"sparse_matmul: `weight_data` must have shape ({pattern.nnz},) = (nnz,) of `sparse_mat`, "
-            f"got {w_m.shape}."
+            f"sparse_matmul: `weight` (`weight_data`) must have shape ({pattern.nnz},) = (nnz,) of "
+            f"`sparse_mat`, got {w_m.shape}."
         )
     if x_m.ndim == 0:
         raise ValueError("sparse_matmul: `x` must have at least one axis (in,) or (batch, in), got a scalar.")
@@ -529,6 +557,7 @@ def bind_sparse_matmul(x, weight_data, pattern: SparsePattern, indices, bias=Non
     operands = [x_m, w_m]
     if bias is not None:
         b_m = jnp.asarray(bias_mantissa(bias, unit, op="sparse_matmul"))
+        b_m = apply_operand_fn(bias_fn, b_m, name="bias_fn", op="sparse_matmul")
         if b_m.shape != (n_out,):
             raise ValueError(
                 f"sparse_matmul: `bias` must have shape ({n_out},) = (sparse_mat.shape[1],), got {b_m.shape}."
