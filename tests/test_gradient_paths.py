@@ -446,3 +446,57 @@ def test_per_step_call_at_another_batch_size():
     alg(x5)  # outside a trace: compiled again for batch 5
     grads = brainstate.transform.grad(lambda: alg(x5).sum(), params)()
     assert grads[("w",)].shape == (I, H)
+
+
+def test_a_reset_of_some_batch_rows_restarts_those_rows_under_d_rtrl():
+    """D-RTRL restarts per unit: rows whose states were set by hand start afresh, the others keep
+    their traces (BPTT with the same reset is the reference: the dynamics are per unit)."""
+    body, out = (lambda h, y, x: jnp.tanh(0.9 * h + y)), (lambda o, n, y: n)
+    w, xs, ys = _data(7, seed=10)
+    model = _Step(body, out, w)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg = braintrace.D_RTRL(model)
+    alg.compile_graph(xs[0])
+    params = model.states(brainstate.ParamState)
+    step = brainstate.transform.jit(
+        lambda x, y: brainstate.transform.grad(lambda: om.loss_fn(alg(x), y), params)()[("w",)]
+    )
+    got = 0.0
+    for t in range(7):
+        if t == 4:
+            model.h.value = model.h.value.at[0].set(0.25)  # row 0 set by hand
+        g = step(xs[t], ys[t])
+        if t >= 4:
+            got = got + g
+
+    def later_loss(w):
+        h, acc = jnp.zeros((B, H)), 0.0
+        for t in range(7):
+            if t == 4:
+                h = h.at[0].set(0.25)
+            h = body(h, xs[t] @ w, xs[t])
+            if t >= 4:
+                acc = acc + om.loss_fn(h, ys[t])
+        return acc
+
+    assert om.rel_err(got, jax.grad(later_loss)(w)) < 1e-10
+
+
+def test_a_reset_of_some_batch_rows_restarts_every_trace_under_pp_prop():
+    """pp_prop's input trace and normaliser are shared by the units of a row (and the normaliser by
+    every row), so a partial reset restarts every trace: the same as a fresh algorithm there."""
+    body, out = (lambda h, y, x: jnp.tanh(0.9 * h + y)), (lambda o, n, y: n)
+    w, xs, ys = _data(6, seed=11)
+    model = _Step(body, out, w)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg = braintrace.pp_prop(model, decay_or_rank=0.6)
+    alg.compile_graph(xs[0])
+    om.run_online(alg, model, xs[:3], ys[:3], compile_graph=False)
+    model.h.value = model.h.value.at[0].set(0.0)
+    after = {k: v.value for k, v in model.states(brainstate.HiddenState).items()}
+    got, _ = om.run_online(alg, model, xs[3:], ys[3:], compile_graph=False)
+    fresh_model = _Step(body, out, w)
+    brainstate.nn.init_all_states(fresh_model, batch_size=B)
+    fresh_model.h.value = after[("h",)]
+    want, _ = om.run_online(braintrace.pp_prop(fresh_model, decay_or_rank=0.6), fresh_model, xs[3:], ys[3:])
+    assert om.rel_err(got["w"], want["w"]) < 1e-12

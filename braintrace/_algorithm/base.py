@@ -55,31 +55,31 @@ def _scaled(traces: Dict, keep) -> Dict:
     }
 
 
-def _through_traces(alg, hidden, weights, traces, aux):
+def _through_traces(alg, hidden, weights, traces, aux, keep):
     r"""``hidden`` unchanged; in reverse mode, its cotangent (``dL/dh`` at a window's start) is
-    contracted with ``traces`` (the algorithm's :math:`\partial h/\partial\theta`) and sent to the
-    relations' trainable operands ``weights``."""
+    contracted with ``traces`` (the algorithm's :math:`\partial h/\partial\theta`, masked by a
+    restart's ``keep``) and sent to the relations' trainable operands ``weights``."""
 
     @jax.custom_vjp
-    def identity(hidden, weights, traces, aux):
+    def identity(hidden, weights, traces, aux, keep):
         return hidden
 
-    def fwd(hidden, weights, traces, aux):
-        return hidden, (weights, traces, aux)
+    def fwd(hidden, weights, traces, aux, keep):
+        return hidden, (weights, traces, aux, keep)
 
     def bwd(res, cts):
-        weights, traces, aux = res
+        weights, traces, aux, keep = res
         info = alg.graph.module_info
         per_leaf = dict(zip(alg._hidden_leaf_ids, cts))
         per_hidden = [
             per_leaf[h.leaf] if h.slot is None else per_leaf[h.leaf][..., h.slot] for h in info.hidden_leaves
         ]
-        grads = alg._solve(traces, alg.executor.group_cotangents(per_hidden), weights, aux)
+        grads = alg._solve(traces, alg.executor.group_cotangents(per_hidden, keep), weights, aux)
         zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
-        return cts, alg.executor._operand_cotangents(grads, weights), zeros(traces), zeros(aux)
+        return cts, alg.executor._operand_cotangents(grads, weights), zeros(traces), zeros(aux), zeros(keep)
 
     identity.defvjp(fwd, bwd)
-    return identity(hidden, weights, traces, aux)
+    return identity(hidden, weights, traces, aux, keep)
 
 
 class EligibilityTrace(brainstate.ShortTermState):
@@ -386,33 +386,57 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self.hidden_seen = brainstate.ShortTermState([leaves[i] for i in self._hidden_leaf_ids])
 
     def _restart_if_reset(self, traces, state_leaves, step: Optional[StepValues] = None):
-        """``(traces, keep)`` at the start of a step: ``keep`` is 0 when the hidden states differ
-        from those the previous step wrote, else 1. The restart costs no pass over the traces that
-        propagate through ``D`` (``D`` is scaled by ``keep``, in ``step``); the other leaves are
-        scaled by :meth:`_restart_undecayed`. Without ``step``, every leaf is scaled."""
+        """``(traces, keep)`` at the start of a step, where the hidden states may differ from the
+        values the previous step wrote (a reset, values set by hand): such a state no longer depends
+        on the parameters as its traces say, so they restart.
+
+        ``keep`` maps each hidden group's index to a 0/1 array broadcastable to its unit shape. With
+        :attr:`_restarts_per_unit` it is per unit: 0 exactly where a state of the group changed (a
+        reset of some batch rows restarts those rows only); otherwise it is one scalar, 0 when any
+        hidden value changed. Traces that propagate through ``D`` restart through ``D`` (scaled by
+        ``keep`` in ``step``), with no pass over them; the other leaves are scaled by
+        :meth:`_restart_undecayed` (with the scalar). Without ``step`` (a window's start), the caller
+        scales its first step's ``D`` and masks the cotangents it contracts with the traces
+        (``executor.group_cotangents(..., keep)``).
+        """
         stale = jnp.zeros((), bool)
         if self._epoch:  # the model's states were re-created since the traces were last written
             stale = traces["epoch"] != self._epoch
             traces = {**traces, "epoch": jnp.asarray(self._epoch, jnp.int32)}
+        changed = {}
         for leaf, seen in zip(self._hidden_leaf_ids, self.hidden_seen.value):
             now = jax.lax.stop_gradient(state_leaves[leaf])
-            differ = (now != seen) & ~(jnp.isnan(now) & jnp.isnan(seen))
-            stale = stale | jnp.any(differ)
-        keep = 1 - stale.astype(jnp.int32)
-        if step is None:
-            return _scaled(traces, keep), keep
-        self._prepare_jacobians(step, keep)
-        body = self._restart_undecayed({k: v for k, v in traces.items() if k != "epoch"}, keep)
+            changed[leaf] = (now != seen) & ~(jnp.isnan(now) & jnp.isnan(seen))
+        any_changed = stale | jnp.any(jnp.stack([jnp.any(c) for c in changed.values()]))
+        keep_all = 1 - any_changed.astype(jnp.int32)
+        keep = {}
+        for g in self.graph.hidden_groups:
+            if self._restarts_per_unit():
+                unit = stale
+                for h in g.hidden_leaves:
+                    c = changed[h.leaf]
+                    unit = unit | (c if h.slot is None else c[..., h.slot])
+                keep[g.index] = 1 - unit.astype(jnp.int32)
+            else:
+                keep[g.index] = keep_all
+        if step is not None:
+            self._prepare_jacobians(step, keep)
+        body = self._restart_undecayed({k: v for k, v in traces.items() if k != "epoch"}, keep_all)
         return {**body, "epoch": traces["epoch"]}, keep
 
+    def _restarts_per_unit(self) -> bool:
+        """Whether every trace leaf propagates through ``D``, so that a restart can be per unit
+        (scaling ``D`` per unit); otherwise one changed state restarts every trace."""
+        return False
+
     def _prepare_jacobians(self, step: StepValues, keep=None):
-        """``step.d`` as the traces use it: times ``keep`` (a restart) and, with
-        ``normalize_matrix_spectrum``, rescaled to spectral radius at most 1 per unit."""
+        """``step.d`` as the traces use it: with ``normalize_matrix_spectrum``, rescaled to spectral
+        radius at most 1 per unit, and times ``keep`` (a restart, see :meth:`_restart_if_reset`)."""
         d = step.d
         if self.normalize_matrix_spectrum:
             d = {g: v / jnp.maximum(1.0, _spectral_radius(v))[..., None, None] for g, v in d.items()}
         if keep is not None:
-            d = {g: v * keep.astype(v.dtype) for g, v in d.items()}
+            d = {g: v * jnp.asarray(keep[g], v.dtype)[..., None, None] for g, v in d.items()}
         step.d = d
 
     def _restart_undecayed(self, traces: Dict, keep) -> Dict:
@@ -460,7 +484,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         old, keep = self._restart_if_reset(self.etrace.value, state_leaves, step)
         new_traces = jax.lax.stop_gradient(self._update_traces(old, step))
         new_traces["epoch"] = old["epoch"]
-        old_traces = jax.lax.stop_gradient(_scaled(old, keep)) if self.executor.reads_old else None
+        old_traces = (jax.lax.stop_gradient(old), keep) if self.executor.reads_old else None
         outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step, old_traces)
         self.etrace.value = new_traces
         self._remember_hidden(new_state_leaves)
@@ -504,27 +528,27 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             return [next(it_s) if s else next(it_f) for s in stepped]
 
         states, state_leaves = self._current_states()
-        traces0, _ = self._restart_if_reset(self.etrace.value, state_leaves)
+        traces0, keep = self._restart_if_reset(self.etrace.value, state_leaves)
         traces0 = jax.lax.stop_gradient(traces0)
         first = args_at([a[0] for a in seq])
         weights, aux = ex.relation_operands(state_leaves, first)
         hidden_ids = self._hidden_leaf_ids
-        start = _through_traces(self, [state_leaves[i] for i in hidden_ids], weights, traces0, aux)
+        start = _through_traces(self, [state_leaves[i] for i in hidden_ids], weights, traces0, aux, keep)
         leaves0 = list(state_leaves)
         for i, v in zip(hidden_ids, start):
             leaves0[i] = v
 
         def body(carry, seq_t):
-            cur, traces = carry
+            cur, traces, keep_t = carry  # the restart's keep at the first step, ones after it
             args_t = args_at(seq_t)
             outs, new, env = ex.evaluate(cur, args_t)
             step = ex.step_values(cur, args_t, env=env)
-            self._prepare_jacobians(step)
+            self._prepare_jacobians(step, keep_t)
             new_traces = jax.lax.stop_gradient(self._update_traces(traces, step))
             new_traces["epoch"] = traces["epoch"]
-            return (new, new_traces), outs
+            return (new, new_traces, jax.tree.map(jnp.ones_like, keep_t)), outs
 
-        (final, traces), outs = jax.lax.scan(body, (leaves0, traces0), seq)
+        (final, traces, _), outs = jax.lax.scan(body, (leaves0, traces0, keep), seq)
         self.etrace.value = traces
         self._remember_hidden(final)
         self._write_states(states, final)
@@ -574,7 +598,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         if ex.reads_old:  # paths h_(t-1) -> L_t that avoid h_t: the previous traces, in full
             relation_grads = add_relation_grads(
                 relation_grads,
-                self._solve(_scaled(old, keep), ex.group_cotangents(d_old), step.weights, step.aux),
+                self._solve(old, ex.group_cotangents(d_old, keep), step.weights, step.aux),
             )
         new_traces = jax.lax.stop_gradient(new_traces)
         new_traces["epoch"] = old["epoch"]

@@ -149,6 +149,18 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
             vals[_key(r.index, gi)] = trace
         return vals
 
+    def _restarts_per_unit(self) -> bool:
+        """Per unit whenever every trace leaf propagates through ``D``: the library's own trace
+        operations, without the factored LoRA option (whose input trace is per batch row)."""
+        if self.lora_factored and any(
+            r.primitive in (etp_lora_mm_p, etp_lora_mv_p) for r in self.graph.hidden_param_op_relations
+        ):
+            return False
+        return all(
+            getattr(self._ops(r.primitive).update, "__module__", "").startswith("braintrace.")
+            for r in self.graph.hidden_param_op_relations
+        )
+
     def _restart_undecayed(self, traces: Dict, keep) -> Dict:
         """The library's own trace operations propagate every leaf through ``D`` (which the
         restart scales), except the undecayed factors of the factored LoRA trace; a custom

@@ -222,14 +222,19 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         weights = {r.index: {k: _read(env, v) for k, v in r.trainable_vars.items()} for r in relations}
         return weights, {r.index: tuple(_read(env, v) for v in r.aux_vars) for r in relations}
 
-    def group_cotangents(self, d_perturbation):
-        """``{(relation, group position): dL/dh (*unit, n)}`` from the perturbations' gradients."""
+    def group_cotangents(self, d_perturbation, keep=None):
+        """``{(relation, group position): dL/dh (*unit, n)}`` from the perturbations' gradients;
+        with ``keep`` (group index -> 0/1 per unit, see the algorithms' restart), times ``keep``:
+        the cotangents contracted with traces from before a restart."""
         hidden = self.info.hidden_leaves
-        return {
-            (r.index, gi): jnp.stack([d_perturbation[hidden.index(h)] for h in g.hidden_leaves], axis=-1)
-            for r in self.graph.hidden_param_op_relations
-            for gi, g in enumerate(r.hidden_groups)
-        }
+        out = {}
+        for r in self.graph.hidden_param_op_relations:
+            for gi, g in enumerate(r.hidden_groups):
+                ct = jnp.stack([d_perturbation[hidden.index(h)] for h in g.hidden_leaves], axis=-1)
+                if keep is not None:
+                    ct = ct * jnp.asarray(keep[g.index], ct.dtype)[..., None]
+                out[(r.index, gi)] = ct
+        return out
 
     def route_to_states(self, state_leaves, arg_leaves, relation_grads, weights):
         """Pull the relations' operand gradients back to the state leaves they are computed from."""
@@ -316,17 +321,18 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
             return (outs, new_states), (vjp_f, vjp_t, trace_data, weights, aux)
 
         def bwd(res, cts):
-            vjp_f, vjp_t, (new_traces, old_traces), weights, aux = res
+            vjp_f, vjp_t, (new_traces, old), weights, aux = res
             ct_states, ct_args, ct_perts, ct_old = vjp_f(cts)
             grads = self.solve(new_traces, self.group_cotangents(ct_perts), weights, aux)
             if reads_old:
+                old_traces, keep = old
                 grads = add_relation_grads(
-                    grads, self.solve(old_traces, self.group_cotangents(ct_old), weights, aux)
+                    grads, self.solve(old_traces, self.group_cotangents(ct_old, keep), weights, aux)
                 )
             (ct_from_relations,) = vjp_t(self._operand_cotangents(grads, weights))
             ct_states = [_add_ct(a, b) for a, b in zip(ct_states, ct_from_relations)]
             zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
-            return ct_states, ct_args, zeros((new_traces, old_traces)), zeros(weights), zeros(aux)
+            return ct_states, ct_args, zeros((new_traces, old)), zeros(weights), zeros(aux)
 
         call.defvjp(fwd, bwd)
         return call
@@ -334,9 +340,10 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
     def call(self, state_leaves, arg_leaves, trace_data, step: StepValues, old_trace_data=None):
         """``(out_leaves, new_state_leaves)`` with the online backward pass attached.
 
-        ``trace_data`` holds the traces after this step's update; ``old_trace_data`` those before
-        it, needed when :attr:`reads_old` (the gradient along paths from ``h_{t-1}`` to the
-        outputs that avoid ``h_t`` is their contraction).
+        ``trace_data`` holds the traces after this step's update; ``old_trace_data`` is
+        ``(traces before it, keep)``, needed when :attr:`reads_old` (the gradient along paths from
+        ``h_{t-1}`` to the outputs that avoid ``h_t`` is their contraction, masked by the restart's
+        ``keep``, see :meth:`group_cotangents`).
         """
         traces = (trace_data, old_trace_data if self.reads_old else None)
         return self._call(list(state_leaves), list(arg_leaves), traces, step.weights, step.aux)
