@@ -25,6 +25,7 @@ __all__ = [
     "init_weight",
     "init_state",
     "get_dt",
+    "pick_alias",
 ]
 
 Size = Union[int, Sequence[int]]
@@ -92,6 +93,18 @@ def check_time_constant(tau, name: str, owner: str):
             f"{owner}: `{name}` must be a positive, finite time constant (e.g. 10. * u.ms), got {tau!r}."
         )
     return tau
+
+
+def pick_alias(value, default, alias, name: str, alias_name: str, owner: str):
+    """``alias`` when it is given (then ``value`` must still be its ``default`` object), else ``value``.
+
+    Used for keywords that have a second, published name (``V_initializer`` for ``V_init``, ...).
+    """
+    if alias is None:
+        return value
+    if value is not default:
+        raise TypeError(f"{owner}: give `{name}` or its alias `{alias_name}`, not both.")
+    return alias
 
 
 def get_dt(owner: str):

@@ -1,9 +1,14 @@
-r"""Channels-last convolutions through :func:`braintrace.conv`: ``Conv1d``, ``Conv2d``, ``Conv3d``.
+r"""Convolutions through :func:`braintrace.conv`: ``Conv1d``, ``Conv2d``, ``Conv3d``.
 
 :math:`y = \mathrm{conv}(x, K) + b` with ``x`` of shape ``(B, *spatial, C_in)`` (or unbatched
 ``(*spatial, C_in)``), kernel ``K`` of shape ``(*kernel_size, C_in / groups, C_out)`` and bias
-``(C_out,)``, like ``brainstate.nn.Conv2d`` with ``channel_first=False`` (its bias has shape
-``(1, ..., 1, C_out)``; ours is the flat ``(C_out,)``).
+``(C_out,)``, like ``brainstate.nn.Conv2d`` (its bias has shape ``(1, ..., 1, C_out)``; ours is the
+flat ``(C_out,)``). With ``channel_first=True`` the channel axis comes before the spatial axes in
+the input, ``in_size`` and the output (``(B, C_in, *spatial)`` -> ``(B, C_out, *spatial_out)``, as
+PyTorch); the kernel keeps its layout. The result equals the channels-last layer on the transposed
+input, transposed back; the layout is handed to the ETP op itself (``NCHW`` dimension numbers), so
+the output feeds a channel-first hidden state directly and the kernel stays a relation (a transpose
+between the op and the state would leave it with its within-step gradient only).
 
 Online learning: the ETP conv primitive always carries a batch axis. A batched input gives a
 relation whose trace is kept per output position (exact under ``D_RTRL`` when ``D`` varies over
@@ -35,6 +40,11 @@ _LAYOUTS = {
     1: ("NWC", "WIO", "NWC"),
     2: ("NHWC", "HWIO", "NHWC"),
     3: ("NDHWC", "DHWIO", "NDHWC"),
+}
+_LAYOUTS_CHANNEL_FIRST = {
+    1: ("NCW", "WIO", "NCW"),
+    2: ("NCHW", "HWIO", "NCHW"),
+    3: ("NCDHW", "DHWIO", "NCDHW"),
 }
 
 
@@ -102,25 +112,31 @@ class _Conv(brainstate.nn.Module):
         w_init: Union[Callable, jnp.ndarray] = init.XavierNormal(),
         b_init: Optional[Union[Callable, jnp.ndarray]] = init.ZeroInit(),
         w_mask=None,
+        channel_first: bool = False,
         name: Optional[str] = None,
+        param_type: type = brainstate.ParamState,
     ):
         super().__init__(name=name)
         owner = type(self).__name__
         n = self.num_spatial_dims
+        self.channel_first = bool(channel_first)
+        self.channels_last = not self.channel_first
+        layout = "(channels, *spatial)" if self.channel_first else "(*spatial, channels)"
+        order = "channels first" if self.channel_first else "channels last"
         try:
             in_size = tuple(int(s) for s in in_size)
         except TypeError:
-            raise TypeError(f"{owner}: `in_size` must be (*spatial, channels), got {in_size!r}.") from None
+            raise TypeError(f"{owner}: `in_size` must be {layout}, got {in_size!r}.") from None
         if len(in_size) != n + 1 or min(in_size) < 1:
             raise ValueError(
-                f"{owner}: `in_size` must have {n + 1} positive entries ({n} spatial + channels, channels "
-                f"last, no batch axis), got {in_size}."
+                f"{owner}: `in_size` must have {n + 1} positive entries ({n} spatial + channels, "
+                f"{order}, no batch axis), got {in_size}."
             )
         for name_, v in (("out_channels", out_channels), ("groups", groups)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"{owner}: `{name_}` must be a positive int, got {v!r}.")
         self.in_size = in_size
-        self.in_channels = in_size[-1]
+        self.in_channels = in_size[0] if self.channel_first else in_size[-1]
         self.out_channels = int(out_channels)
         self.groups = int(groups)
         if self.in_channels % self.groups or self.out_channels % self.groups:
@@ -133,12 +149,12 @@ class _Conv(brainstate.nn.Module):
         self.lhs_dilation = _replicate(lhs_dilation, n, "lhs_dilation", owner)
         self.rhs_dilation = _replicate(rhs_dilation, n, "rhs_dilation", owner)
         self.padding = _padding(padding, n, owner)
-        self.dimension_numbers = _LAYOUTS[n]
+        self.dimension_numbers = (_LAYOUTS_CHANNEL_FIRST if self.channel_first else _LAYOUTS)[n]
         self.kernel_shape = self.kernel_size + (self.in_channels // self.groups, self.out_channels)
         params = {"weight": init_weight(w_init, self.kernel_shape, owner, "w_init")}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (self.out_channels,), owner, "b_init")
-        self.weight = brainstate.ParamState(params)
+        self.weight = param_type(params)
         self.w_mask = None if w_mask is None else init_weight(w_mask, self.kernel_shape, owner, "w_mask")
         dtype = u.math.get_dtype(params["weight"])
         out = jax.eval_shape(self._conv, jax.ShapeDtypeStruct((1,) + in_size, dtype), params)
@@ -167,16 +183,23 @@ class _Conv(brainstate.nn.Module):
         owner = type(self).__name__
         shape = shape_of(x)
         n = self.num_spatial_dims
+        spatial = ", ".join(["..."] * n)
         if len(shape) not in (n + 1, n + 2):
-            raise ValueError(
-                f"{owner}: expected an input of shape (batch, {', '.join(['...'] * n)}, {self.in_channels}) "
-                f"or "
-                f"without the batch axis, i.e. {n + 2} or {n + 1} axes; received shape {shape}."
+            expected = (
+                f"(batch, {self.in_channels}, {spatial})"
+                if self.channel_first
+                else f"(batch, {spatial}, {self.in_channels})"
             )
-        if shape[-1] != self.in_channels:
             raise ValueError(
-                f"{owner}: expected {self.in_channels} input channels (x.shape[-1] == {self.in_channels}, "
-                f"channels last), but received x of shape {shape} with {shape[-1]}."
+                f"{owner}: expected an input of shape {expected} or without the batch axis, i.e. {n + 2} "
+                f"or {n + 1} axes; received shape {shape}."
+            )
+        axis = -(n + 1) if self.channel_first else -1
+        if shape[axis] != self.in_channels:
+            where = f"x.shape[{axis}]" + (", channels first" if self.channel_first else ", channels last")
+            raise ValueError(
+                f"{owner}: expected {self.in_channels} input channels ({where}), but received x of shape "
+                f"{shape} with {shape[axis]}."
             )
         if tuple(shape[-(n + 1) :]) != self.in_size:
             raise ValueError(
@@ -187,12 +210,12 @@ class _Conv(brainstate.nn.Module):
         return self._conv(x, self.weight.value)
 
 
-_DOC = r"""{n}-D channels-last convolution through :func:`braintrace.conv`.
+_DOC = r"""{n}-D convolution through :func:`braintrace.conv` (channels last by default).
 
     Parameters
     ----------
     in_size : tuple of int
-        ``({spatial}, C_in)`` without the batch axis.
+        ``({spatial}, C_in)`` without the batch axis (``(C_in, {spatial})`` when ``channel_first``).
     out_channels : int
     kernel_size, stride, lhs_dilation, rhs_dilation : int or {n} ints
     padding : 'SAME', 'VALID', int, {n} ints, or {n} (low, high) pairs
@@ -203,18 +226,26 @@ _DOC = r"""{n}-D channels-last convolution through :func:`braintrace.conv`.
         Default ``XavierNormal()``.
     b_init : initializer, array of shape ``(C_out,)``, or None
         Default ``ZeroInit()``; ``None`` for no bias.
-    w_mask : array of the kernel's shape, optional
+    w_mask : array of the kernel's shape or an initializer called with it, optional
+    channel_first : bool
+        Channels before the spatial axes in the input, ``in_size`` and the output (default False:
+        channels last). The kernel layout does not change.
     name : str, optional
+    param_type : type
+        The ``brainstate.ParamState`` subclass holding the weights; default ``ParamState``.
 
     Attributes
     ----------
-    weight : brainstate.ParamState
+    weight : param_type
         ``{{'weight': kernel[, 'bias': (C_out,)]}}``.
     out_size : tuple of int
         The output size without the batch axis.
 
-    Input ``(B, {spatial}, C_in)`` or ``({spatial}, C_in)``; a wrong channel count or size raises
+    Input ``(B, {spatial}, C_in)`` or ``({spatial}, C_in)`` (``(B, C_in, {spatial})`` or
+    ``(C_in, {spatial})`` when ``channel_first``); a wrong channel count or size raises
     ``ValueError``. See the module docstring for online learning of unbatched inputs.
+
+    Unlike ``brainstate.nn`` / braintrace 0.2 (``b_init=None``), the bias is on by default.
 
     Examples
     --------

@@ -2,6 +2,7 @@ r"""Grouped (block-diagonal) linear map through :func:`braintrace.grouped_matmul
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Union
 
 import brainstate
@@ -29,22 +30,31 @@ class GroupedLinear(brainstate.nn.Module):
     it reaches a state leaves the weights with their within-step gradient only (the compiler then
     reports a shape mismatch).
 
+    Two ways to give the sizes: the published ``GroupedLinear(num_groups, in_features, out_features)``
+    (three ints, as braintrace 0.2) or ``GroupedLinear(in_size, out_size)`` with ``in_size = (..., G, I)``
+    (a tuple as first argument, or the keywords ``in_size`` / ``out_size``).
+
     Parameters
     ----------
-    in_size : tuple of int
-        ``(..., G, I)``: the number of groups and the features per group (last two entries).
-    out_size : int or tuple of int
-        ``O``, or ``(..., G, O)`` with the same ``G``.
+    num_groups, in_features, out_features : int
+        ``G``, ``I`` and ``O``.
     w_init : initializer or array
         A callable is called once per group with the shape ``(I, O)`` (each block is initialised like
         a ``Linear(I, O)``); an array must have the shape ``(G, I, O)``. Default ``KaimingNormal()``.
     b_init : initializer, array of shape ``(G, O)``, or None
         Default ``ZeroInit()``; ``None`` for no bias.
     name : str, optional
+    param_type : type
+        The ``brainstate.ParamState`` subclass holding the weights; default ``ParamState``.
+    in_size : tuple of int, optional
+        ``(..., G, I)``: the number of groups and the features per group (last two entries), instead
+        of ``num_groups`` and ``in_features``.
+    out_size : int or tuple of int, optional
+        ``O``, or ``(..., G, O)`` with the same ``G``; with ``in_size``.
 
     Attributes
     ----------
-    weight : brainstate.ParamState
+    weight : param_type
         ``{'weight': (G, I, O)[, 'bias': (G, O)]}``.
     groups, in_features, out_features : int
         ``G``, ``I``, ``O``.
@@ -54,23 +64,31 @@ class GroupedLinear(brainstate.nn.Module):
     Examples
     --------
     >>> import jax.numpy as jnp, braintrace
-    >>> layer = braintrace.nn.GroupedLinear((4, 3), 5)
+    >>> layer = braintrace.nn.GroupedLinear(4, 3, 5)
     >>> layer(jnp.ones((2, 4, 3))).shape
     (2, 4, 5)
     >>> layer.weight.value['weight'].shape
     (4, 3, 5)
+    >>> braintrace.nn.GroupedLinear((4, 3), 5).out_size
+    (4, 5)
     """
 
     def __init__(
         self,
-        in_size: Size,
-        out_size: Size,
+        num_groups: Optional[Union[int, Size]] = None,
+        in_features: Optional[Union[int, Size]] = None,
+        out_features: Optional[int] = None,
         w_init: Union[Callable, jnp.ndarray] = init.KaimingNormal(),
         b_init: Optional[Union[Callable, jnp.ndarray]] = init.ZeroInit(),
         name: Optional[str] = None,
+        param_type: type = brainstate.ParamState,
+        *,
+        in_size: Optional[Size] = None,
+        out_size: Optional[Size] = None,
     ):
         super().__init__(name=name)
         owner = type(self).__name__
+        in_size, out_size = _sizes(num_groups, in_features, out_features, in_size, out_size, owner)
         in_size = to_size(in_size, "in_size", owner)
         if len(in_size) < 2:
             raise ValueError(
@@ -93,7 +111,12 @@ class GroupedLinear(brainstate.nn.Module):
         params = {"weight": weight}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (G, O), owner, "b_init")
-        self.weight = brainstate.ParamState(params)
+        self.weight = param_type(params)
+
+    @property
+    def num_groups(self) -> int:
+        """``G`` (the name of braintrace 0.2; the same as ``groups``)."""
+        return self.groups
 
     def update(self, x):
         owner = type(self).__name__
@@ -105,3 +128,36 @@ class GroupedLinear(brainstate.nn.Module):
             )
         params = self.weight.value
         return grouped_matmul(x, params["weight"], params.get("bias"))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _sizes(num_groups, in_features, out_features, in_size, out_size, owner):
+    """``(in_size, out_size)`` from either the published three ints or the ``in_size``/``out_size`` form."""
+    if in_size is not None or out_size is not None:  # keywords in_size= / out_size=
+        if num_groups is not None or in_features is not None or out_features is not None:
+            raise TypeError(
+                f"{owner}: give either num_groups, in_features, out_features or in_size, out_size, not both."
+            )
+        if in_size is None or out_size is None:
+            raise TypeError(f"{owner}: `in_size` and `out_size` go together.")
+        return in_size, out_size
+    if num_groups is not None and not _is_int(num_groups):  # GroupedLinear((G, I), O)
+        if out_features is not None:
+            raise TypeError(
+                f"{owner}: with in_size={num_groups!r} as first argument the second is out_size; the "
+                f"third ({out_features!r}) must be left out (give w_init by keyword)."
+            )
+        if in_features is None:
+            raise TypeError(f"{owner}: missing out_size (the features per group).")
+        return num_groups, in_features
+    given = {"num_groups": num_groups, "in_features": in_features, "out_features": out_features}
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise TypeError(f"{owner}: missing {', '.join(f'`{k}`' for k in missing)}.")
+    for k, v in given.items():
+        if not _is_int(v):
+            raise TypeError(f"{owner}: `{k}` must be an int, got {v!r}.")
+    return (num_groups, in_features), out_features

@@ -45,14 +45,16 @@ class Linear(brainstate.nn.Module):
         Default ``KaimingNormal()``.
     b_init : initializer, array of shape ``(O,)``, or None
         Default ``ZeroInit()``; ``None`` for no bias.
-    w_mask : array of shape ``(I, O)``, optional
+    w_mask : array of shape ``(I, O)`` or an initializer called with it, optional
         A fixed mask multiplied into the weight (``y = x (W \odot M) + b``); the weight remains a
         relation because the mask is a constant.
     name : str, optional
+    param_type : type
+        The ``brainstate.ParamState`` subclass holding the weights; default ``ParamState``.
 
     Attributes
     ----------
-    weight : brainstate.ParamState
+    weight : param_type
         ``{'weight': (I, O)[, 'bias': (O,)]}``.
 
     Input ``x``: ``(..., I)``; output ``(..., O)``. A wrong feature size raises ``ValueError``.
@@ -73,6 +75,7 @@ class Linear(brainstate.nn.Module):
         b_init: Optional[Union[Callable, jnp.ndarray]] = init.ZeroInit(),
         w_mask=None,
         name: Optional[str] = None,
+        param_type: type = brainstate.ParamState,
     ):
         super().__init__(name=name)
         owner = type(self).__name__
@@ -83,7 +86,7 @@ class Linear(brainstate.nn.Module):
         params = {"weight": init_weight(w_init, shape, owner, "w_init")}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (self.out_features,), owner, "b_init")
-        self.weight = brainstate.ParamState(params)
+        self.weight = param_type(params)
         self.w_mask = None if w_mask is None else init_weight(w_mask, shape, owner, "w_mask")
 
     def update(self, x):
@@ -289,25 +292,32 @@ class SparseLinear(brainstate.nn.Module):
     :class:`SparseIndices` state ``self.indices``, in the order of the data. The layer stores the
     non-zeros in column order (stable within a column), with the column pointers ``col_ptr``: under
     the ``'pallas'`` backend the product is then a segment sum per output unit, with no scatter.
-    ``weight['weight'][k]`` is the entry at ``(indices['row'][k], indices['col'][k])``.
+    ``weight['weight'][k]`` is the entry at ``(indices['row'][k], indices['col'][k])``. The positional
+    order ``(spar_mat, b_init, in_size, name, param_type)`` is that of ``brainstate.nn.SparseLinear``
+    and braintrace 0.2.
 
     Parameters
     ----------
-    conn : saiunit.sparse.CSR / CSC / COO or brainevent.CSR / CSC, shape ``(I, O)``
-        The connectivity and the initial weights. Its index arrays must be concrete (build the layer
-        outside ``jit``) and are validated here, once: an index outside ``conn.shape`` or malformed
-        ``indptr`` raises ``ValueError`` naming the array. The layer's own calls do not check them
-        again (under ``jit`` they are traced and cannot be checked).
-    in_size, out_size : int or tuple of int, optional
-        When given, their last entries must equal ``conn.shape[0]`` and ``conn.shape[1]``
-        (``ValueError`` otherwise); by default taken from ``conn``.
+    spar_mat : saiunit.sparse.CSR / CSC / COO or brainevent.CSR / CSC, shape ``(I, O)``
+        The connectivity and the initial weights (keyword alias ``conn``). Its index arrays must be
+        concrete (build the layer outside ``jit``) and are validated here, once: an index outside
+        ``spar_mat.shape`` or malformed ``indptr`` raises ``ValueError`` naming the array. The
+        layer's own calls do not check them again (under ``jit`` they are traced and cannot be
+        checked).
     b_init : initializer, array of shape ``(O,)``, or None
         Default ``None`` (no bias).
+    in_size, out_size : int or tuple of int, optional
+        When given, their last entries must equal ``spar_mat.shape[0]`` and ``spar_mat.shape[1]``
+        (``ValueError`` otherwise); by default taken from ``spar_mat``.
     name : str, optional
+    param_type : type
+        The ``brainstate.ParamState`` subclass holding the weights; default ``ParamState``.
+    conn : sparse matrix, optional
+        The earlier name of ``spar_mat`` (keyword only); give one of the two.
 
     Attributes
     ----------
-    weight : brainstate.ParamState
+    weight : param_type
         ``{'weight': (nnz,)[, 'bias': (O,)]}``.
     indices : SparseIndices
         ``{'row': (nnz,), 'col': (nnz,), 'col_ptr': (O + 1,)}``.
@@ -324,14 +334,23 @@ class SparseLinear(brainstate.nn.Module):
 
     def __init__(
         self,
-        conn,
-        in_size: Optional[Size] = None,
-        out_size: Optional[Size] = None,
+        spar_mat=None,
         b_init: Optional[Union[Callable, jnp.ndarray]] = None,
+        in_size: Optional[Size] = None,
         name: Optional[str] = None,
+        param_type: type = brainstate.ParamState,
+        *,
+        out_size: Optional[Size] = None,
+        conn=None,
     ):
         super().__init__(name=name)
         owner = type(self).__name__
+        if (spar_mat is None) == (conn is None):
+            raise TypeError(
+                f"{owner}: give the sparse matrix once, as `spar_mat` (first argument) or `conn`; got "
+                f"{'both' if conn is not None else 'neither'}."
+            )
+        conn = spar_mat if conn is None else conn
         try:
             pattern, row_ids, col_ids = sparse_pattern(conn)
         except (TypeError, ValueError) as err:
@@ -342,7 +361,7 @@ class SparseLinear(brainstate.nn.Module):
         if self.in_size[-1] != n_in or self.out_size[-1] != n_out:
             raise ValueError(
                 f"{owner}: the sparse matrix has shape {pattern.shape} = (in, out), which does not match "
-                f"in_size={self.in_size} / out_size={self.out_size}; conn.shape must equal "
+                f"in_size={self.in_size} / out_size={self.out_size}; spar_mat.shape must equal "
                 f"(in_size[-1], out_size[-1]) = ({self.in_size[-1]}, {self.out_size[-1]})."
             )
         self.in_features, self.out_features = n_in, n_out
@@ -359,7 +378,7 @@ class SparseLinear(brainstate.nn.Module):
         params = {"weight": data[order]}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (n_out,), owner, "b_init")
-        self.weight = brainstate.ParamState(params)
+        self.weight = param_type(params)
         self.indices = SparseIndices(
             {
                 "row": jnp.asarray(np.asarray(row_ids)[order], jnp.int32),

@@ -1,4 +1,4 @@
-r"""Spiking neurons: :class:`LIF` and the adaptive :class:`ALIF`.
+r"""Spiking neurons: :class:`LIF`, the non-leaky-to-rest :class:`IF` and the adaptive :class:`ALIF`.
 
 One step (exponential Euler, :math:`\beta = e^{-\Delta t/\tau}`, ``dt`` from
 ``brainstate.environ.get_dt()``), for :class:`LIF` with input current :math:`I_t`:
@@ -23,6 +23,10 @@ Time constants may be saiunit quantities (``tau=10. * u.ms`` with ``dt=1. * u.ms
 numbers (then ``dt`` must be a plain number too); a non-positive one raises ``ValueError``.
 Voltages and ``R`` are plain numbers by default; quantities work when they are consistent
 (``R * I`` in the unit of ``V``).
+
+The constructors also accept the keywords of ``brainpy.state`` / braintrace 0.2 (``V_initializer``,
+``a_initializer``); their defaults are plain numbers where those use voltages and resistances
+(``V_th=1. * u.mV``, ``R=1. * u.ohm``), so a model written with units passes them explicitly.
 """
 
 from __future__ import annotations
@@ -41,14 +45,17 @@ from ._common import (
     check_trailing_shape,
     decay_factor,
     init_state,
+    pick_alias,
     time_ratio,
     to_dimensionless,
     to_size,
 )
 
-__all__ = ["LIF", "ALIF"]
+__all__ = ["LIF", "IF", "ALIF"]
 
 init = brainstate.nn.init
+
+_ZERO_INIT = init.ZeroInit()  # the default initialiser object, so that an alias can tell it was not given
 
 _RESETS = {"subtract": "subtract", "soft": "subtract", "hard": "hard"}
 
@@ -121,6 +128,8 @@ class LIF(_Neuron):
     V_init : initializer or array
         Initial membrane potential; default ``ZeroInit()``.
     name : str, optional
+    V_initializer : initializer or array, optional
+        Alias of ``V_init`` (the keyword of ``brainpy.state.LIF`` / braintrace 0.2); give one of the two.
 
     States
     ------
@@ -147,15 +156,16 @@ class LIF(_Neuron):
         tau_ref=None,
         spk_fun: Callable = surrogate.relu_grad,
         spk_reset: str = "subtract",
-        V_init=init.ZeroInit(),
+        V_init=_ZERO_INIT,
         name: Optional[str] = None,
+        *,
+        V_initializer=None,
     ):
         super().__init__(name=name)
+        owner = type(self).__name__
         self._setup_common(in_size, V_th, V_reset, V_rest, R, tau, spk_fun, spk_reset)
-        self.tau_ref = (
-            None if tau_ref is None else check_time_constant(tau_ref, "tau_ref", type(self).__name__)
-        )
-        self.V_init = V_init
+        self.tau_ref = None if tau_ref is None else check_time_constant(tau_ref, "tau_ref", owner)
+        self.V_init = pick_alias(V_init, _ZERO_INIT, V_initializer, "V_init", "V_initializer", owner)
 
     def _new_V(self, batch_size):
         return init_state(self.V_init, self.varshape, batch_size, type(self).__name__, "V_init")
@@ -194,6 +204,77 @@ class LIF(_Neuron):
         return self.get_spike(V_int)
 
 
+class IF(LIF):
+    r"""Integrate-and-fire neuron: a :class:`LIF` whose membrane relaxes to 0 and resets by the
+    threshold (as ``brainpy.state.IF``, the published ``braintrace.nn.IF``).
+
+    .. math::
+        s_{t-1} &= \mathrm{spk}\!\left(\frac{V_{t-1} - V_{th}}{V_{th}}\right), \qquad
+        \hat V = \begin{cases}
+            V_{t-1} - V_{th}\, s_{t-1} & \texttt{spk\_reset='subtract'} \\
+            V_{t-1} - \mathrm{sg}(V_{t-1})\, s_{t-1} & \texttt{spk\_reset='hard'}
+            \end{cases} \\
+        V_t &= \beta \hat V + (1 - \beta) R I_t, \qquad
+        s_t = \mathrm{spk}\!\left(\frac{V_t - V_{th}}{V_{th}}\right), \qquad \beta = e^{-\Delta t/\tau},
+
+    i.e. :class:`LIF` with ``V_rest = V_reset = 0`` (in the unit of ``V_th``) and no refractory
+    period. One hidden state per neuron: an ETP op feeding ``I`` gets the exact ``D_RTRL`` trace.
+    The positional order after ``in_size`` is that of :class:`LIF` (``brainpy.state.IF`` has ``R``
+    second); pass the other arguments by keyword.
+
+    Parameters
+    ----------
+    in_size : int or tuple of int
+    tau : time constant; default ``5. * u.ms``
+    V_th : number, array or voltage
+        Threshold (default 1; must be non-zero, it scales the spike function's argument).
+    R : number or array; default 1
+    spk_fun, spk_reset, V_init, name, V_initializer
+        As :class:`LIF`.
+
+    States
+    ------
+    V : brainstate.HiddenState, shape ``(batch, *in_size)`` or ``in_size``
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, brainstate, saiunit as u, braintrace
+    >>> with brainstate.environ.context(dt=1. * u.ms):
+    ...     neuron = braintrace.nn.IF(3, tau=8. * u.ms, V_th=1.2); neuron.init_state(batch_size=2)
+    ...     spikes = neuron(jnp.full((2, 3), 30.))
+    >>> spikes.shape
+    (2, 3)
+    """
+
+    def __init__(
+        self,
+        in_size: Size,
+        tau=5.0 * u.ms,
+        V_th=1.0,
+        R=1.0,
+        spk_fun: Callable = surrogate.relu_grad,
+        spk_reset: str = "subtract",
+        V_init=_ZERO_INIT,
+        name: Optional[str] = None,
+        *,
+        V_initializer=None,
+    ):
+        zero = V_th * 0  # 0 in the unit (and shape) of the threshold
+        V_init = pick_alias(V_init, _ZERO_INIT, V_initializer, "V_init", "V_initializer", type(self).__name__)
+        super().__init__(
+            in_size,
+            tau=tau,
+            V_th=V_th,
+            V_reset=zero,
+            V_rest=zero,
+            R=R,
+            spk_fun=spk_fun,
+            spk_reset=spk_reset,
+            V_init=V_init,
+            name=name,
+        )
+
+
 class ALIF(_Neuron):
     r"""Adaptive LIF neuron: a spike-triggered adaptation ``a`` raises the threshold to
     :math:`V_{th} + \beta_a a`.
@@ -220,6 +301,8 @@ class ALIF(_Neuron):
     V_th, V_reset, V_rest, R, spk_fun, spk_reset, V_init, name
         As :class:`LIF`.
     a_init : initializer or array; default ``ZeroInit()``
+    V_initializer, a_initializer : initializer or array, optional
+        Aliases of ``V_init`` and ``a_init`` (the keywords of ``brainpy.state.ALIF`` / braintrace 0.2).
     """
 
     def __init__(
@@ -234,15 +317,20 @@ class ALIF(_Neuron):
         R=1.0,
         spk_fun: Callable = surrogate.relu_grad,
         spk_reset: str = "subtract",
-        V_init=init.ZeroInit(),
-        a_init=init.ZeroInit(),
+        V_init=_ZERO_INIT,
+        a_init=_ZERO_INIT,
         name: Optional[str] = None,
+        *,
+        V_initializer=None,
+        a_initializer=None,
     ):
         super().__init__(name=name)
+        owner = type(self).__name__
         self._setup_common(in_size, V_th, V_reset, V_rest, R, tau, spk_fun, spk_reset)
-        self.tau_a = check_time_constant(tau_a, "tau_a", type(self).__name__)
+        self.tau_a = check_time_constant(tau_a, "tau_a", owner)
         self.beta = beta
-        self.V_init, self.a_init = V_init, a_init
+        self.V_init = pick_alias(V_init, _ZERO_INIT, V_initializer, "V_init", "V_initializer", owner)
+        self.a_init = pick_alias(a_init, _ZERO_INIT, a_initializer, "a_init", "a_initializer", owner)
 
     def _new(self, init_, batch_size, what):
         return init_state(init_, self.varshape, batch_size, type(self).__name__, what)

@@ -286,13 +286,15 @@ class MinimalRNNCell(_Cell):
     in_size, out_size : int or tuple of int
     w_init, b_init : defaults ``Orthogonal()`` and ``ZeroInit()``
     state_init : default ``ZeroInit()``
-    activation : :math:`\phi`; default ``'tanh'``
     phi : callable, optional
         The whole input map :math:`z_t = \Phi(x_t)`, replacing ``activation(Linear(x))`` (the
         keyword of braintrace 0.2, whose default map is the ``Linear`` layer without activation).
         It must return ``(..., H)``; its weights are relations when it computes them through ETP
         ops (e.g. a :class:`~braintrace.nn.Linear`).
     name : str, optional
+    activation : :math:`\phi`; default ``'tanh'``
+
+    The positional order is that of braintrace 0.2 (``phi`` sixth); ``activation`` follows ``name``.
     """
 
     def __init__(
@@ -302,9 +304,9 @@ class MinimalRNNCell(_Cell):
         w_init=init.Orthogonal(),
         b_init=init.ZeroInit(),
         state_init=init.ZeroInit(),
-        activation: Union[str, Callable] = "tanh",
         phi: Optional[Callable] = None,
         name: Optional[str] = None,
+        activation: Union[str, Callable] = "tanh",
     ):
         super().__init__(name=name)
         self._setup(in_size, out_size, state_init, activation)
