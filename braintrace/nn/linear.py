@@ -32,7 +32,19 @@ __all__ = ["Linear", "SignedWLinear", "ScaledWSLinear", "SparseLinear", "SparseI
 init = brainstate.nn.init
 
 
-class Linear(brainstate.nn.Module):
+class _DenseSizes:
+    """``in_size``, ``out_size``, ``in_features``, ``out_features`` of a dense map."""
+
+    def _set_sizes(self, in_size, out_size):
+        """Set the four attributes; returns the weight's shape ``(in_features, out_features)``."""
+        owner = type(self).__name__
+        self.in_size = to_size(in_size, "in_size", owner)
+        self.out_size = to_size(out_size, "out_size", owner)
+        self.in_features, self.out_features = self.in_size[-1], self.out_size[-1]
+        return (self.in_features, self.out_features)
+
+
+class Linear(_DenseSizes, brainstate.nn.Module):
     r"""Dense linear map :math:`y = x W + b` through :func:`braintrace.matmul`.
 
     Parameters
@@ -79,10 +91,7 @@ class Linear(brainstate.nn.Module):
     ):
         super().__init__(name=name)
         owner = type(self).__name__
-        self.in_size = to_size(in_size, "in_size", owner)
-        self.out_size = to_size(out_size, "out_size", owner)
-        self.in_features, self.out_features = self.in_size[-1], self.out_size[-1]
-        shape = (self.in_features, self.out_features)
+        shape = self._set_sizes(in_size, out_size)
         params = {"weight": init_weight(w_init, shape, owner, "w_init")}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (self.out_features,), owner, "b_init")
@@ -98,7 +107,7 @@ class Linear(brainstate.nn.Module):
         return matmul(x, w, params.get("bias"))
 
 
-class SignedWLinear(brainstate.nn.Module):
+class SignedWLinear(_DenseSizes, brainstate.nn.Module):
     r"""Linear map with sign-constrained weights, :math:`y = x\,(|W| \odot S)`, through
     :func:`braintrace.matmul` (as ``brainstate.nn.SignedWLinear``).
 
@@ -142,10 +151,7 @@ class SignedWLinear(brainstate.nn.Module):
     ):
         super().__init__(name=name)
         owner = type(self).__name__
-        self.in_size = to_size(in_size, "in_size", owner)
-        self.out_size = to_size(out_size, "out_size", owner)
-        self.in_features, self.out_features = self.in_size[-1], self.out_size[-1]
-        shape = (self.in_features, self.out_features)
+        shape = self._set_sizes(in_size, out_size)
         self.weight = param_type(init_weight(w_init, shape, owner, "w_init"))
         self.w_sign = None if w_sign is None else _broadcastable(w_sign, shape, owner, "w_sign")
 
@@ -157,7 +163,7 @@ class SignedWLinear(brainstate.nn.Module):
         return matmul(x, w)
 
 
-class ScaledWSLinear(brainstate.nn.Module):
+class ScaledWSLinear(_DenseSizes, brainstate.nn.Module):
     r"""Linear map with scaled weight standardisation (Qiao et al., 2019), through
     :func:`braintrace.matmul` (as ``brainstate.nn.ScaledWSLinear``):
 
@@ -218,10 +224,7 @@ class ScaledWSLinear(brainstate.nn.Module):
     ):
         super().__init__(name=name)
         owner = type(self).__name__
-        self.in_size = to_size(in_size, "in_size", owner)
-        self.out_size = to_size(out_size, "out_size", owner)
-        self.in_features, self.out_features = self.in_size[-1], self.out_size[-1]
-        shape = (self.in_features, self.out_features)
+        shape = self._set_sizes(in_size, out_size)
         params = {"weight": init_weight(w_init, shape, owner, "w_init")}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (self.out_features,), owner, "b_init")
