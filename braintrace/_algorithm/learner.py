@@ -98,7 +98,7 @@ def compile(
     return alg
 
 
-def _etrace_grad(
+def etrace_grad(
     self: ETraceAlgorithm,
     *sequences,
     step_fn: Optional[Callable] = None,
@@ -107,76 +107,7 @@ def _etrace_grad(
     solve_every: int = 1,
     window: int = 1,
 ):
-    r"""Run the model online over time-major ``sequences`` and sum the per-step gradients.
-
-    The first ``len(example_inputs)`` sequences are the model's inputs at each step; the others
-    are passed to ``step_fn`` with the step's output: ``loss_t = step_fn(output_t, *others_t)``.
-    The whole loop runs in one ``jit``-compiled ``scan``; memory does not grow with its length.
-    Each step first takes :math:`\partial L_t/\partial h_t` and the parameters' within-step
-    gradients, then updates every eligibility trace and solves it against
-    :math:`\partial L_t/\partial h_t` in one operation (one pass over the trace; a fused kernel under
-    ``set_backend('pallas')``). The result equals the per-step gradients of the algorithm called under
-    ``brainstate.transform.grad``, summed.
-
-    Parameters
-    ----------
-    *sequences : arrays with a leading time axis
-    step_fn : callable
-        ``(output, *targets) -> scalar loss`` of one step.
-    return_value : bool
-        Also return the per-step losses, shape ``(T,)``.
-    reset : bool
-        Restore the model's non-parameter states to their values at compile time and zero the
-        traces before the sequence. Sequences of another batch size than at compile time compile
-        the graph again for it (``follow_shapes``), with the model's states as they are (initialise
-        them for that batch size first); a later call at a batch size compiled before restores that
-        compilation's states.
-    solve_every : int
-        pp_prop only: form the ``x``-dependent weight gradients once every ``solve_every`` steps.
-        Each step's gradient is the product :math:`\mathrm{xy\_to\_dw}(\epsilon_x, g_t)` of two
-        small factors, ``(B, I)`` and ``(B, O)``; the driver keeps the factors of ``K`` steps and
-        forms the sum of their gradients in one product over ``K B`` rows (one GEMM for a dense
-        layer, one SDDMM for a sparse one). The result is the same sum (up to rounding order);
-        the weight gradient is read and written once per ``K`` steps instead of every step, at
-        the cost of ``K B (I + O)`` stored values per layer. This pays most when the weight
-        gradient outweighs the traces: large sparse layers at small batch. Layers of an
-        unbatched model, and layers whose weights are not fixed over the sequence, keep the
-        per-step solve.
-    window : int
-        Run the multi-step rule over consecutive windows of ``window`` steps (the last one holds
-        the remainder): each window's gradient is exact inside it (reverse mode through its steps)
-        and the credit from before it arrives through the traces at its start; the traces carry
-        on across windows. ``window=1`` with a ``vjp_method='single-step'`` algorithm is the fully
-        online rule; a window as long as the sequence is BPTT. An algorithm built with
-        ``vjp_method='multi-step'`` always uses this rule (windows of one step by default).
-
-    Returns
-    -------
-    dict of gradients keyed like ``model.states(brainstate.ParamState)`` (and the losses).
-
-    Examples
-    --------
-    >>> import brainstate, jax, jax.numpy as jnp, braintrace
-    >>> class Leaky(brainstate.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.w = brainstate.ParamState(jax.random.normal(jax.random.PRNGKey(0), (2, 3)))
-    ...     def init_state(self, batch_size=None, **kw):
-    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
-    ...     def update(self, x):
-    ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
-    ...         return self.h.value
-    >>> learner = braintrace.compile(Leaky(), 'pp_prop', jnp.zeros((4, 2)), batch_size=4)
-    >>> xs = jax.random.normal(jax.random.PRNGKey(1), (10, 4, 2))
-    >>> ys = jnp.zeros((10, 4, 3))
-    >>> loss = lambda out, y: jnp.mean((out - y) ** 2)
-    >>> grads, losses = learner.etrace_grad(xs, ys, step_fn=loss, return_value=True)
-    >>> losses.shape
-    (10,)
-    >>> blocked = learner.etrace_grad(xs, ys, step_fn=loss, solve_every=4)  # blocks of 4, 4, 2
-    >>> bool(jnp.allclose(blocked[('w',)], grads[('w',)], rtol=1e-5, atol=1e-6))
-    True
-    """
+    """The body of :meth:`ETraceAlgorithm.etrace_grad` (documented there)."""
     if not self.is_compiled:
         raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_grad`.")
     if step_fn is None or not callable(step_fn):
@@ -322,12 +253,3 @@ def _warn_if_loss_ignores_output(alg, step_fn, sequences, n_in):
             UserWarning,
             stacklevel=3,
         )
-
-
-def _restore_initial_states(self: ETraceAlgorithm):
-    self._write_values(self._initial_values)
-    self._reset_traces()
-
-
-ETraceAlgorithm.etrace_grad = _etrace_grad
-ETraceAlgorithm._restore_initial_states = _restore_initial_states
