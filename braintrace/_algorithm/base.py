@@ -388,6 +388,84 @@ class ETraceAlgorithm(brainstate.nn.Module):
             window=window,
         )
 
+    def etrace_train(
+        self,
+        *sequences,
+        step_fn,
+        optimizer,
+        opt_state=None,
+        update_every: int = 1,
+        reset: bool = False,
+        losses: str = "mean",
+    ):
+        r"""Learn while the model runs: apply the online gradient every ``update_every`` steps.
+
+        One ``jit``-compiled loop over time-major ``sequences`` (the model's inputs, then the
+        targets of ``step_fn``, as in :meth:`etrace_grad`). Each step takes the algorithm's online
+        gradient; after every ``update_every`` steps their sum goes through ``optimizer`` and the
+        update is written to the model's ``ParamState`` values. The traces and hidden states carry
+        on across updates. A stream longer than one call is fed in chunks: pass the returned
+        optimizer state back; the gradient of a block not finished at the end of a call is kept
+        by the algorithm and completed by the next call, so chunks equal one long call.
+
+        Parameters
+        ----------
+        *sequences : arrays with a leading time axis
+        step_fn : callable
+            ``(output, *targets) -> scalar loss`` of one step.
+        optimizer : optax-style GradientTransformation
+            Anything with ``init(params)`` and ``update(grads, state, params) -> (updates, state)``;
+            the updates are added to the parameters.
+        opt_state : optional
+            The optimizer state from a previous call; by default ``optimizer.init(params)``.
+        update_every : int
+            Steps per update. ``update_every`` at least the sequence's length sums the whole
+            sequence's gradient first (:meth:`etrace_grad` followed by one update).
+        reset : bool
+            Restore the compile-time states, zero the traces and drop an unfinished block first.
+        losses : ``'mean'`` or ``'all'``
+            Return the mean loss of the call, or every step's loss ``(T,)``.
+
+        Returns
+        -------
+        ``(opt_state, loss)``: the optimizer state after the call, and the losses as asked.
+
+        Examples
+        --------
+        >>> import brainstate, jax, jax.numpy as jnp, braintrace
+        >>> class Leaky(brainstate.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = brainstate.ParamState(jnp.zeros((2, 3)))
+        ...     def init_state(self, batch_size=None, **kw):
+        ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+        ...     def update(self, x):
+        ...         self.h.value = 0.5 * self.h.value + braintrace.matmul(x, self.w.value)
+        ...         return self.h.value
+        >>> class SGD:  # an optax GradientTransformation works the same way
+        ...     init = staticmethod(lambda params: ())
+        ...     update = staticmethod(lambda g, s, p=None: (jax.tree.map(lambda v: -0.1 * v, g), s))
+        >>> learner = braintrace.compile(Leaky(), 'd_rtrl', jnp.zeros((4, 2)), batch_size=4)
+        >>> xs, ys = jnp.ones((50, 4, 2)), jnp.ones((50, 4, 3))
+        >>> loss = lambda out, y: jnp.mean((out - y) ** 2)
+        >>> state, first = learner.etrace_train(xs, ys, step_fn=loss, optimizer=SGD(), update_every=5)
+        >>> state, later = learner.etrace_train(xs, ys, step_fn=loss, optimizer=SGD(), opt_state=state)
+        >>> bool(later < first)
+        True
+        """
+        from .training import etrace_train
+
+        return etrace_train(
+            self,
+            *sequences,
+            step_fn=step_fn,
+            optimizer=optimizer,
+            opt_state=opt_state,
+            update_every=update_every,
+            reset=reset,
+            losses=losses,
+        )
+
     def _restore_initial_states(self):
         """The model's written non-parameter states back to their compile-time values; traces zeroed."""
         self._write_values(self._initial_values)
