@@ -192,3 +192,19 @@ def test_optax_optimizer():
     learner = _learner()
     state, loss = learner.etrace_train(xs, ys, step_fn=om.loss_fn, optimizer=optax.adam(1e-2), update_every=2)
     assert np.isfinite(float(loss)) and state is not None
+
+
+@pytest.mark.parametrize("alg", ["d_rtrl", "pp_prop"])
+def test_evolve_then_learn_equals_one_longer_sequence(alg):
+    """``etrace_evolve`` over the first steps, then ``etrace_grad`` without reset, equals the
+    gradient of the same steps in one run whose first losses are zero (traces carried on)."""
+    xs, ys = _data(7)
+    evolved = _learner(alg)
+    outs = evolved.etrace_evolve(xs[:3])
+    assert outs.shape == (3, B, H)
+    got = evolved.etrace_grad(xs[3:], ys[3:], step_fn=om.loss_fn, reset=False)
+    ref = _learner(alg)
+    weights = jnp.concatenate([jnp.zeros(3), jnp.ones(4)])
+    want = ref.etrace_grad(xs, ys, weights, step_fn=lambda o, y, w: w * om.loss_fn(o, y))
+    for k in want:
+        assert om.rel_err(got[k], want[k]) < 1e-10, k

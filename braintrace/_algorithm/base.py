@@ -466,6 +466,58 @@ class ETraceAlgorithm(brainstate.nn.Module):
             losses=losses,
         )
 
+    def etrace_evolve(self, *sequences, reset: bool = False, return_outputs: bool = True):
+        """Advance the model's states and the eligibility traces over time-major input
+        ``sequences`` (one per model input), with no loss and no gradient: a warm-up before
+        learning, or an evaluation that keeps the traces going. One ``jit``-compiled loop.
+
+        Returns the stacked outputs ``(T, ...)`` (``None`` with ``return_outputs=False``).
+
+        Examples
+        --------
+        >>> import brainstate, jax.numpy as jnp, braintrace
+        >>> class Leaky(brainstate.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.w = brainstate.ParamState(jnp.ones((2, 3)))
+        ...     def init_state(self, batch_size=None, **kw):
+        ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+        ...     def update(self, x):
+        ...         self.h.value = 0.5 * self.h.value + braintrace.matmul(x, self.w.value)
+        ...         return self.h.value
+        >>> learner = braintrace.compile(Leaky(), 'd_rtrl', jnp.zeros((4, 2)), batch_size=4)
+        >>> learner.etrace_evolve(jnp.ones((10, 4, 2))).shape
+        (10, 4, 3)
+        """
+        if not self.is_compiled:
+            raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_evolve`.")
+        if len(sequences) != self._num_inputs:
+            raise ValueError(
+                f"etrace_evolve takes the model's {self._num_inputs} input sequence(s), got {len(sequences)}."
+            )
+        self.follow_shapes(*[jax.tree.map(lambda a: a[0], s) for s in sequences], reset=reset)
+        key = (
+            bool(reset),
+            bool(return_outputs),
+            id(self.graph),
+            tuple(id(s) for s in self._current_states()[0]),
+        )
+        cache = self.__dict__.setdefault("_etrace_evolve_cache", {})
+        if key not in cache:
+
+            def run(*seqs):
+                if reset:
+                    self._restore_initial_states()
+
+                def body(_, inputs_t):
+                    out = self(*inputs_t)
+                    return None, out if return_outputs else None
+
+                return brainstate.transform.scan(body, None, seqs)[1]
+
+            cache[key] = brainstate.transform.jit(run)
+        return cache[key](*sequences)
+
     def _restore_initial_states(self):
         """The model's written non-parameter states back to their compile-time values; traces zeroed."""
         self._write_values(self._initial_values)
