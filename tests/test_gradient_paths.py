@@ -529,8 +529,6 @@ def test_generated_terms_on_every_op_kind_equal_the_oracle_or_are_recorded(base,
     """Random intrinsic terms added to every state of models with every kind of ETP op: D-RTRL's
     per-step gradients equal the masked-RTRL oracle, or a warning record names the approximation
     (and a term that mixes units always gets one)."""
-    import dataclasses
-
     spec = _BASES[base](seed)
     inner = spec.step
 
