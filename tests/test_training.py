@@ -200,7 +200,7 @@ def test_evolve_then_learn_equals_one_longer_sequence(alg):
     gradient of the same steps in one run whose first losses are zero (traces carried on)."""
     xs, ys = _data(7)
     evolved = _learner(alg)
-    outs = evolved.etrace_evolve(xs[:3])
+    outs = evolved.etrace_evolve(xs[:3], return_outputs=True)
     assert outs.shape == (3, B, H)
     got = evolved.etrace_grad(xs[3:], ys[3:], step_fn=om.loss_fn, reset=False)
     ref = _learner(alg)

@@ -272,6 +272,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
         the outputs stacked along a leading axis (see :meth:`ETraceVjpAlgorithm.update`).
         Inputs of another batch size than at compile time (with the model's states initialised for
         it) compile the graph again for them, outside traced code (see :meth:`follow_shapes`)."""
+        self._count_call()
         windowed = has_multistep_data(*inputs)
         if windowed:
             window_length(*inputs)  # one length for every MultiStepData leaf
@@ -282,6 +283,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
         if windowed:
             return self._steps(inputs)
         return self._step(*one)
+
+    def _count_call(self):
+        """Count a call while the sequence driver probes its ``step_fn`` (see ``driving.py``)."""
+        probe = self.__dict__.get("_call_probe")
+        if probe is not None:
+            probe[0] += 1
 
     def _steps(self, inputs):
         """``K`` single steps over a window of inputs, outputs stacked."""
@@ -302,14 +309,31 @@ class ETraceAlgorithm(brainstate.nn.Module):
         *sequences,
         step_fn=None,
         return_value: bool = False,
-        reset: bool = True,
+        reset: Optional[bool] = None,
         solve_every: int = 1,
         window: int = 1,
+        mask=None,
+        chunk_size: Optional[int] = None,
+        weights=None,
+        reduction: Optional[str] = None,
+        loss_output: str = "per_step",
+        has_aux: bool = False,
     ):
         r"""Run the model online over time-major ``sequences`` and sum the per-step gradients.
 
-        The first ``len(example_inputs)`` sequences are the model's inputs at each step; the others
-        are passed to ``step_fn`` with the step's output: ``loss_t = step_fn(output_t, *others_t)``.
+        ``step_fn`` takes one of two forms. In this package's form, the first
+        ``len(example_inputs)`` sequences are the model's inputs at each step and the driver calls
+        the model; the others are passed to ``step_fn`` with the step's output:
+        ``loss_t = step_fn(output_t, *others_t)``. In the form of the published 0.2 releases,
+        ``step_fn(*slices_t)`` receives every sequence's slice, calls the learner itself (once) and
+        returns the loss; the driver tells the forms apart by evaluating ``step_fn`` abstractly once
+        and counting its calls to the learner. That form takes ``mask`` (``(T,)`` loss weights),
+        ``reduction`` (``'mean'``, its default, divides by the total mask weight; ``'sum'``),
+        ``chunk_size`` (windows of the multi-step rule: ``step_fn`` gets ``(k, ...)`` slices and
+        returns ``(k,)`` losses), ``weights`` (the ``ParamState`` dict to differentiate),
+        ``loss_output`` (``'per_step'``, ``'masked'`` or ``'scalar'`` losses with
+        ``return_value``) and ``has_aux``; it does not reset the states unless ``reset=True``, and
+        returns ``grads``, ``(grads, losses)``, ``(grads, aux)`` or ``(grads, losses, aux)``.
         The whole loop runs in one ``jit``-compiled ``scan``; memory does not grow with its length.
         Each step first takes :math:`\partial L_t/\partial h_t` and the parameters' within-step
         gradients, then updates every eligibility trace and solves it against
@@ -324,9 +348,10 @@ class ETraceAlgorithm(brainstate.nn.Module):
             ``(output, *targets) -> scalar loss`` of one step.
         return_value : bool
             Also return the per-step losses, shape ``(T,)``.
-        reset : bool
+        reset : bool, optional
             Restore the model's non-parameter states to their values at compile time and zero the
-            traces before the sequence. Sequences of another batch size than at compile time compile
+            traces before the sequence (the default in this package's form; not in the published
+            form). Sequences of another batch size than at compile time compile
             the graph again for it (``follow_shapes``), with the model's states as they are (initialise
             them for that batch size first); a later call at a batch size compiled before restores that
             compilation's states.
@@ -376,17 +401,62 @@ class ETraceAlgorithm(brainstate.nn.Module):
         >>> bool(jnp.allclose(blocked[('w',)], grads[('w',)], rtol=1e-5, atol=1e-6))
         True
         """
+        from .driving import etrace_grad_driving, step_fn_runs_the_model
         from .learner import etrace_grad
 
-        return etrace_grad(
+        if not self.is_compiled:
+            raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_grad`.")
+        if step_fn is None or not callable(step_fn):
+            raise TypeError(
+                "`step_fn` must be a callable: `(output, *targets) -> loss`, or `(*slices) -> loss` "
+                "that runs the learner."
+            )
+        if step_fn_runs_the_model(self, step_fn, sequences):
+            if solve_every != 1 or window != 1:
+                raise ValueError(
+                    "`solve_every` and `window` drive the model themselves; with a step_fn that runs the "
+                    "learner, use chunk_size= (windows of the multi-step rule) instead."
+                )
+            if reset:
+                self._restore_initial_states()
+            return etrace_grad_driving(
+                self,
+                sequences,
+                step_fn,
+                mask=mask,
+                chunk_size=chunk_size,
+                weights=weights,
+                reduction="mean" if reduction is None else reduction,
+                loss_output=loss_output,
+                has_aux=has_aux,
+                return_value=return_value,
+            )
+        published_only = dict(mask=mask, chunk_size=chunk_size, weights=weights, has_aux=has_aux)
+        for name, value in published_only.items():
+            if value is not None and value is not False:
+                raise ValueError(
+                    f"`{name}` applies to a step_fn that runs the learner itself (`step_fn(*slices)`); "
+                    f"this step_fn takes the output, `step_fn(output, *targets)`."
+                )
+        if loss_output != "per_step":
+            raise ValueError("`loss_output` applies to a step_fn that runs the learner itself.")
+        if reduction not in (None, "sum", "mean"):
+            raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
+        out = etrace_grad(
             self,
             *sequences,
             step_fn=step_fn,
             return_value=return_value,
-            reset=reset,
+            reset=True if reset is None else reset,
             solve_every=solve_every,
             window=window,
         )
+        if reduction == "mean":
+            length = jnp.shape(jax.tree.leaves(sequences)[0])[0]
+            grads = out[0] if return_value else out
+            grads = jax.tree.map(lambda g: g / length, grads)
+            out = (grads, out[1]) if return_value else grads
+        return out
 
     def etrace_train(
         self,
@@ -466,12 +536,31 @@ class ETraceAlgorithm(brainstate.nn.Module):
             losses=losses,
         )
 
-    def etrace_evolve(self, *sequences, reset: bool = False, return_outputs: bool = True):
-        """Advance the model's states and the eligibility traces over time-major input
-        ``sequences`` (one per model input), with no loss and no gradient: a warm-up before
-        learning, or an evaluation that keeps the traces going. One ``jit``-compiled loop.
+    def etrace_evolve(
+        self,
+        *sequences,
+        step_fn=None,
+        chunk_size: Optional[int] = None,
+        return_outputs: bool = False,
+        reset: bool = False,
+    ):
+        """Advance the model's states and the eligibility traces over time-major ``sequences``,
+        with no loss and no gradient: a warm-up before learning, or an evaluation that keeps the
+        traces going. One ``jit``-compiled loop.
 
-        Returns the stacked outputs ``(T, ...)`` (``None`` with ``return_outputs=False``).
+        Parameters
+        ----------
+        *sequences : arrays with a leading time axis
+            The model's inputs, step by step (or the arguments of ``step_fn``).
+        step_fn : callable, optional
+            Called with each step's slices instead of the learner (it calls the learner itself).
+        chunk_size : int, optional
+            Drive windows of ``chunk_size`` steps (``MultiStepData``) instead of single steps.
+        return_outputs : bool
+            Return the stacked outputs ``(T, ...)`` (or ``(T // chunk_size, ...)``); ``None`` by
+            default, so a long warm-up stores nothing.
+        reset : bool
+            Restore the compile-time states and zero the traces first.
 
         Examples
         --------
@@ -486,37 +575,18 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ...         self.h.value = 0.5 * self.h.value + braintrace.matmul(x, self.w.value)
         ...         return self.h.value
         >>> learner = braintrace.compile(Leaky(), 'd_rtrl', jnp.zeros((4, 2)), batch_size=4)
-        >>> learner.etrace_evolve(jnp.ones((10, 4, 2))).shape
+        >>> learner.etrace_evolve(jnp.ones((10, 4, 2)), return_outputs=True).shape
         (10, 4, 3)
         """
+        from .driving import etrace_evolve_driving
+
         if not self.is_compiled:
             raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_evolve`.")
-        if len(sequences) != self._num_inputs:
-            raise ValueError(
-                f"etrace_evolve takes the model's {self._num_inputs} input sequence(s), got {len(sequences)}."
-            )
-        self.follow_shapes(*[jax.tree.map(lambda a: a[0], s) for s in sequences], reset=reset)
-        key = (
-            bool(reset),
-            bool(return_outputs),
-            id(self.graph),
-            tuple(id(s) for s in self._current_states()[0]),
-        )
-        cache = self.__dict__.setdefault("_etrace_evolve_cache", {})
-        if key not in cache:
-
-            def run(*seqs):
-                if reset:
-                    self._restore_initial_states()
-
-                def body(_, inputs_t):
-                    out = self(*inputs_t)
-                    return None, out if return_outputs else None
-
-                return brainstate.transform.scan(body, None, seqs)[1]
-
-            cache[key] = brainstate.transform.jit(run)
-        return cache[key](*sequences)
+        if step_fn is None:
+            self.follow_shapes(*[jax.tree.map(lambda a: a[0], s) for s in sequences], reset=reset)
+        if reset:
+            self._restore_initial_states()
+        return etrace_evolve_driving(self, sequences, step_fn, chunk_size, return_outputs)
 
     def _restore_initial_states(self):
         """The model's written non-parameter states back to their compile-time values; traces zeroed."""
@@ -726,6 +796,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         docstring; under ``'single-step'`` a window is ``K`` single steps."""
         if self.vjp_method == "single-step" or not self.is_compiled:
             return super().update(*inputs)
+        self._count_call()
         windowed = has_multistep_data(*inputs)
         if windowed:
             window_length(*inputs)  # one length for every MultiStepData leaf
