@@ -31,7 +31,7 @@ class _RNN(brainstate.nn.Module):
         self.u = brainstate.ParamState(jnp.asarray(rng.standard_normal((H, H)) * 0.3))
 
     def init_state(self, batch_size=None, **kw):
-        self.h = brainstate.HiddenState(jnp.zeros((batch_size, H)))
+        self.h = brainstate.HiddenState(jnp.zeros((H,) if batch_size is None else (batch_size, H)))
 
     def update(self, x):
         pre = braintrace.matmul(x, self.w.value) + braintrace.matmul(self.h.value, self.u.value)
@@ -133,3 +133,11 @@ def test_evolve_with_a_step_fn_and_windows():
     assert windows.shape == (2, 3, B, H)
     direct = _learner().etrace_evolve(xs, return_outputs=True)
     assert om.rel_err(windows.reshape(direct.shape), direct) < 1e-12
+
+
+def test_compile_takes_the_published_keywords():
+    model = _RNN()  # states not initialised: compile initialises them (unbatched)
+    learner = braintrace.compile(model, "d_rtrl", jnp.zeros((I,)), seed=3, verbose=0)
+    assert learner.is_compiled and model.h.value.shape == (H,)
+    with pytest.raises(NotImplementedError, match="vmap"):
+        braintrace.compile(_RNN(), "d_rtrl", jnp.zeros((I,)), vmap=True)

@@ -31,6 +31,9 @@ def compile(
     algorithm: Union[str, type, ETraceAlgorithm] = "d_rtrl",
     *example_inputs,
     batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    verbose: int = 0,
+    vmap: bool = False,
     **options,
 ) -> ETraceAlgorithm:
     """Initialise ``model``'s states, wrap it in ``algorithm`` and compile the graph.
@@ -44,7 +47,15 @@ def compile(
     *example_inputs
         One step's inputs (shapes only).
     batch_size : int, optional
-        When given, ``brainstate.nn.init_all_states(model, batch_size=batch_size)`` runs first.
+        When given, ``brainstate.nn.init_all_states(model, batch_size=batch_size)`` runs first;
+        without it, a model whose states are not initialised yet is initialised unbatched.
+    seed : int, optional
+        Seeds ``brainstate.random`` before the states are initialised.
+    verbose : int
+        ``> 0`` prints the compiled graph's summary (relations, groups and records).
+    vmap : bool
+        Accepted for code written for the published releases; ``True`` (a vmapped learner) is not
+        provided and raises ``NotImplementedError``: batch the model instead (``batch_size=``).
     **options
         Passed to the algorithm's constructor (e.g. ``decay_or_rank=0.9`` for pp_prop).
 
@@ -71,8 +82,17 @@ def compile(
     >>> grads[('w',)].shape
     (2, 3)
     """
+    if vmap:
+        raise NotImplementedError(
+            "braintrace.compile(..., vmap=True): a vmapped learner is not provided; batch the model's "
+            "states instead (batch_size=...)."
+        )
+    if seed is not None:
+        brainstate.random.seed(seed)
     if batch_size is not None:
         brainstate.nn.init_all_states(model, batch_size=batch_size)
+    elif not model.states(brainstate.HiddenState):
+        brainstate.nn.init_all_states(model)
     if isinstance(algorithm, str):
         try:
             cls = ALGORITHMS[algorithm.lower()]
@@ -95,6 +115,8 @@ def compile(
             f"`algorithm` must be a name, an ETraceAlgorithm class or instance, got {algorithm!r}."
         )
     alg.compile_graph(*example_inputs)
+    if verbose:
+        print(alg.graph.summary())
     return alg
 
 
