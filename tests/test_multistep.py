@@ -23,7 +23,7 @@ import online_models as om
 import pytest
 
 import braintrace
-from braintrace._algorithm.base import _spectral_radius
+from braintrace._algorithm.vjp_algorithm import _spectral_radius
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -1,10 +1,11 @@
 """Online-learning algorithms: D-RTRL and ES-D-RTRL / pp_prop."""
 
-from .base import EligibilityTrace, ETraceAlgorithm, ETraceVjpAlgorithm
+from .base import EligibilityTrace, ETraceAlgorithm
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
 from .learner import ALGORITHMS, compile
 from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
+from .vjp_algorithm import ETraceVjpAlgorithm
 
 __all__ = [
     "EligibilityTrace",

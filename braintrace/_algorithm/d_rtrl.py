@@ -24,9 +24,9 @@ from braintrace._etrace_op._registries import BATCHED_PRIMITIVES
 from braintrace._etrace_op._trace_ops import get_drtrl_trace_ops, rule_kwargs
 from braintrace._etrace_op.lora import etp_lora_mm_p, etp_lora_mv_p, make_factored_trace_ops
 
-from .base import ETraceVjpAlgorithm
 from .executor import StepValues
 from .pp_prop import decay_from_decay_or_rank
+from .vjp_algorithm import ETraceVjpAlgorithm
 
 __all__ = ["ParamDimVjpAlgorithm", "D_RTRL"]
 

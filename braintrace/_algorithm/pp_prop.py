@@ -37,8 +37,8 @@ import jax.numpy as jnp
 from braintrace._etrace_op._registries import BATCHED_PRIMITIVES, ETP_X_INVAR_INDICES, get_rule
 from braintrace._etrace_op._trace_ops import rule_kwargs
 
-from .base import ETraceVjpAlgorithm
 from .executor import StepValues
+from .vjp_algorithm import ETraceVjpAlgorithm
 
 __all__ = ["IODimVjpAlgorithm", "ES_D_RTRL", "pp_prop", "decay_from_decay_or_rank"]
 
