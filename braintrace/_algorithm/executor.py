@@ -3,8 +3,9 @@ r"""Executors: evaluate one compiled step and the quantities the eligibility tra
 For every relation ``r`` (``y_r = f_r(x_r, \theta_r)``) and hidden group ``g`` of ``n`` states:
 
 * ``df[r, g]``: shape ``(*unit_shape, n)``, ``df[..., s] = \partial h_s/\partial y_r`` per unit,
-  the JVP of the step with respect to ``y_r`` in the direction of ones (every within-step path from
-  ``y_r`` to each state of the group is included);
+  the JVP of the step with respect to ``y_r`` in the direction of ones, along every within-step
+  path from ``y_r`` to the group's states that avoids the other trainable ETP ops (a path through
+  one is differentiated within the step by the perturbed step, and recorded by the compiler);
 * ``D[g]``: shape ``(*unit_shape, n, n)``, ``D[..., s, j] = \partial h_{t,s}/\partial h_{t-1,j}``
   with every trainable ETP output held fixed (the intrinsic dynamics), one block per unit.
 
@@ -13,7 +14,9 @@ element-wise (the compiler warns otherwise; a mixing path contributes its row su
 
 :class:`ETraceVjpGraphExecutor` adds the step as a ``jax.custom_vjp`` function whose backward
 pass hands ``\partial L/\partial h_t`` to an algorithm-specific *solve* and routes the result to
-the parameters that own each relation's trainable operands.
+the parameters that own each relation's trainable operands; the step's outputs see the direct
+paths (an ETP output or a previous hidden value read without the stored new state) as described
+in :func:`~braintrace.add_hidden_perturbation_in_module`.
 """
 
 from __future__ import annotations
