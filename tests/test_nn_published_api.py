@@ -507,19 +507,6 @@ def test_readout_attributes(f64):
 G, GI, GO = 3, 2, 4  # groups, inputs and outputs per group
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _unregister_grouped_primitives():
-    """The grouped primitives register on first use; leave the registries as this module found them."""
-    from braintrace._etrace_op import unregister_primitive
-    from braintrace._etrace_op._registries import ETP_PRIMITIVES_BY_NAME
-
-    before = {n: ETP_PRIMITIVES_BY_NAME.get(n) for n in ("etp_gmm", "etp_gmv")}
-    yield
-    for name, p in before.items():
-        if p is None and name in ETP_PRIMITIVES_BY_NAME:
-            unregister_primitive(ETP_PRIMITIVES_BY_NAME[name])
-
-
 def grouped_ref(x, w, b=None):
     """``y[..., g, o] = sum_i x[..., g, i] w[g, i, o] (+ b[g, o])`` with a Python loop over groups."""
     y = jnp.stack([x[..., g, :] @ w[g] for g in range(w.shape[0])], axis=-2)
