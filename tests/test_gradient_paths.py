@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import brainstate
 import jax
@@ -32,6 +33,12 @@ import braintrace
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 B, I, H = 2, 3, 4
+
+
+def _examples(default: int) -> int:
+    """The generative tests' example budget: small in CI; ``BRAINTRACE_GENERATIVE_EXAMPLES=200`` (an
+    environment variable) runs a longer search with the same tests."""
+    return int(os.environ.get("BRAINTRACE_GENERATIVE_EXAMPLES", default))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -240,7 +247,7 @@ def _generated_spec(terms, y_term, recurrent, seed):
     )
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=_examples(8), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     terms=st.lists(st.sampled_from(sorted(_TERMS)), min_size=1, max_size=3, unique=True),
     y_term=st.sampled_from(sorted(_Y_TERMS)),
@@ -276,7 +283,7 @@ _OUTPUTS = {
 }
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=_examples(6), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     terms=st.lists(
         st.sampled_from(sorted(t for t, (_, mixes) in _TERMS.items() if not mixes)),
@@ -519,7 +526,7 @@ def _warning_records(graph):
     return {r.kind.name for r in graph.records if r.level.name == "WARNING"}
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=_examples(6), deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     base=st.sampled_from(sorted(_BASES)),
     terms=st.lists(st.sampled_from(sorted(_TERMS)), min_size=1, max_size=2, unique=True),

@@ -8,6 +8,8 @@ unit-diagonal, ``jax.jacfwd`` shows no dependence of unit ``u`` of the output on
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,7 +72,12 @@ def test_each_block(name):
     assert _numerically_diagonal(fn) is (not mixes)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("BRAINTRACE_GENERATIVE_EXAMPLES", 40)),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 @given(st.lists(st.sampled_from(sorted(OPS)), min_size=1, max_size=4))
 def test_composition_is_sound(names):
     def fn(h):
