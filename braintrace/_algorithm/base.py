@@ -358,7 +358,12 @@ class ETraceAlgorithm(brainstate.nn.Module):
                 "`step_fn` must be a callable: `(output, *targets) -> loss`, or `(*slices) -> loss` "
                 "that runs the learner."
             )
-        if step_fn_runs_the_model(self, step_fn, sequences):
+        # which form step_fn takes, probed once per step_fn and sequence shapes (an abstract trace)
+        form_key = (step_fn, tuple((jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(sequences)))
+        forms = self.__dict__.setdefault("_step_fn_forms", {})
+        if form_key not in forms:
+            forms[form_key] = step_fn_runs_the_model(self, step_fn, sequences)
+        if forms[form_key]:
             if solve_every != 1 or window != 1:
                 raise ValueError(
                     "`solve_every` and `window` drive the model themselves; with a step_fn that runs the "
