@@ -24,6 +24,7 @@ Used by ``benchmarks/bench_algorithms.py`` (pytest-benchmark, tiny sizes in the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import warnings
 from typing import Dict, Tuple
@@ -200,16 +201,20 @@ def _flat(tree):
     return jnp.concatenate([jnp.ravel(jnp.asarray(v, jnp.float32)) for v in jax.tree.leaves(tree)])
 
 
+@functools.lru_cache(maxsize=None)
+def _flat_gradient(cfg: TaskConfig, algorithm: str, seed: int):
+    """The algorithm's gradient of one batch at initialisation, flattened (cached: BPTT's is shared
+    by every row)."""
+    xs, labels = TASKS[cfg.task](jax.random.PRNGKey(1000 + seed), cfg, cfg.batch)
+    with brainstate.environ.context(dt=1.0 * u.ms):
+        model = NETWORKS[cfg.task](cfg, seed)
+        g, _ = brainstate.transform.jit(_sequence_grads(model, cfg, algorithm))(xs, labels)
+    return _flat({"/".join(map(str, k)): v for k, v in g.items()})
+
+
 def gradient_cosine(cfg: TaskConfig, algorithm: str, seed: int = 0) -> float:
     """Cosine between the algorithm's and BPTT's gradient of one batch, at initialisation."""
-    xs, labels = TASKS[cfg.task](jax.random.PRNGKey(1000 + seed), cfg, cfg.batch)
-    out = []
-    for alg in (algorithm, "bptt"):
-        with brainstate.environ.context(dt=1.0 * u.ms):
-            model = NETWORKS[cfg.task](cfg, seed)
-            g, _ = brainstate.transform.jit(_sequence_grads(model, cfg, alg))(xs, labels)
-        out.append(_flat({"/".join(map(str, k)): v for k, v in g.items()}))
-    a, b = out
+    a, b = _flat_gradient(cfg, algorithm, seed), _flat_gradient(cfg, "bptt", seed)
     return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
 
 
