@@ -47,6 +47,14 @@ OPS = {
     "sort": (lambda h: jnp.sort(h, axis=1), True),
     "cumsum": (lambda h: jnp.cumsum(h, axis=1), True),
     "cond_mix": (lambda h: jax.lax.cond(True, lambda a: a[:, ::-1], lambda a: a, h), True),
+    "fori_diag": (lambda h: jax.lax.fori_loop(0, 3, lambda i, a: 0.5 * a + jnp.tanh(a), h), False),
+    "scan_over_batch": (lambda h: jax.lax.scan(lambda c, r: (c + r, jnp.tanh(r) + c), h[0], h)[1], True),
+    "scan_over_units": (lambda h: jax.lax.scan(lambda c, r: (c * r, c * r), jnp.ones(B), h.T)[1].T, True),
+    "fori_mix": (lambda h: jax.lax.fori_loop(0, 2, lambda i, a: a[:, ::-1] * 0.5 + a, h), True),
+    "while_diag": (
+        lambda h: jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, 0.9 * c[1]), (0, h))[1],
+        False,
+    ),
     "batch_mix": (lambda h: h + h[::-1], True),
 }
 
@@ -70,6 +78,15 @@ def test_each_block(name):
     fn, mixes = OPS[name]
     assert _verdict(fn) is (not mixes)
     assert _numerically_diagonal(fn) is (not mixes)
+
+
+def test_while_trip_count_decided_by_hidden_values_counts_as_mixing():
+    """Conservative: the number of iterations is a decision over all units."""
+
+    def fn(h):
+        return jax.lax.while_loop(lambda c: c.sum() > 1.0, lambda c: 0.5 * c, h)
+
+    assert not _verdict(fn)
 
 
 @settings(

@@ -20,9 +20,13 @@ source. Rules:
   reductions over non-unit axes, ``dot_general`` contracting non-unit axes of one hidden operand:
   the map follows the index map of the primitive;
 * calls, ``custom_jvp_call`` / ``custom_vjp_call`` and ``cond`` are analysed through their bodies
-  (the branches of a ``cond`` must agree);
-* every other primitive reached by a source (``gather``, ``scatter``, ``sort``, ``while``,
-  ``scan``, a slice of a unit axis, ...) is :data:`MIXED` for it.
+  (the branches of a ``cond`` must agree; an index that depends on a source mixes it);
+* ``scan`` and ``while`` through their bodies, the loop-carried values to a fixed point (the maps
+  of the initial carry combined with those the body returns, until they stop changing); a scanned
+  operand's leading axis and a stacked output's are non-unit axes (scanning over a unit axis mixes);
+  a ``while`` predicate that depends on a source mixes it (the trip count is a decision over units);
+* every other primitive reached by a source (``gather``, ``scatter``, ``sort``, a slice of a unit
+  axis, ...) is :data:`MIXED` for it.
 
 A hidden state's new value is unit-diagonal in a source when its map for that source is the
 identity over the unit axes (leading axes that the source lacks may be ``None``: a ``y`` without
@@ -219,6 +223,58 @@ def _through(body, labels_in, env_hooks):
     return [({} if isinstance(v, Literal) else env.get(v, {})) for v in jaxpr.outvars]
 
 
+def _mixed(labels) -> Labels:
+    return {src: MIXED for lab in labels for src in lab}
+
+
+def _carry_fixed_point(body_fn, carry_init, max_rounds: int = 8):
+    """Loop-carried labels: ``carry = combine(init, body(carry))`` until it stops changing (each
+    round can only turn maps into ``MIXED`` or add sources, so it ends; ``max_rounds`` is a guard)."""
+    carry = [dict(c) for c in carry_init]
+    for _ in range(max_rounds):
+        carry_out, extra = body_fn(carry)
+        new = [_combine([c0, c1]) for c0, c1 in zip(carry_init, carry_out)]
+        if new == carry:
+            return carry, extra
+        carry = new
+    mixed = [_mixed(carry)] * len(carry)
+    return mixed, body_fn(mixed)[1]
+
+
+def _scan(eqn, labels, hooks):
+    """``scan``: operands ``consts, carry, xs``; outputs ``carry, ys`` (stacked on axis 0)."""
+    p = eqn.params
+    n_c, n_carry = p["num_consts"], p["num_carry"]
+    consts, init, xs = labels[:n_c], labels[n_c : n_c + n_carry], labels[n_c + n_carry :]
+    # the body sees one slice of each scanned operand: its axis 0 is gone (a unit axis there mixes)
+    xs_body = [_along_axes(lab, [0], lambda m: m[1:]) for lab in xs]
+
+    def body(carry):
+        outs = _through(p["jaxpr"], [*consts, *carry, *xs_body], hooks)
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = _carry_fixed_point(body, init)
+    return [*carry, *[_map_all(lab, lambda m: (None,) + m) for lab in ys]]
+
+
+def _while(eqn, labels, hooks):
+    """``while``: operands ``cond_consts, body_consts, carry``; outputs the final carry."""
+    p = eqn.params
+    n_cc, n_bc = p["cond_nconsts"], p["body_nconsts"]
+    cond_consts, body_consts, init = labels[:n_cc], labels[n_cc : n_cc + n_bc], labels[n_cc + n_bc :]
+
+    def body(carry):
+        return _through(p["body_jaxpr"], [*body_consts, *carry], hooks), _through(
+            p["cond_jaxpr"], [*cond_consts, *carry], hooks
+        )
+
+    carry, pred = _carry_fixed_point(body, init)
+    if any(pred):  # the number of iterations depends on the sources' values
+        mixed = _mixed([*labels, *carry, *pred])
+        return [mixed] * len(carry)
+    return carry
+
+
 def _eqn_maps(eqn, labels, in_shapes, hooks):
     """The labels of each output of ``eqn`` given its operands' labels."""
     name = eqn.primitive.name
@@ -263,12 +319,14 @@ def _eqn_maps(eqn, labels, in_shapes, hooks):
     if name == "cond":
         branches = eqn.params["branches"]
         if labels[0]:  # the branch index depends on hidden values: a decision over many units
-            mixed = {src: MIXED for lab in labels for src in lab}
-            return [mixed] * n_out
+            return [_mixed(labels)] * n_out
         outs = [_through(b, labels[1:], hooks) for b in branches]
         return [_combine([o[k] for o in outs]) for k in range(n_out)]
-    mixed = {src: MIXED for lab in labels for src in lab}
-    return [mixed] * n_out
+    if name == "scan":
+        return _scan(eqn, labels, hooks)
+    if name == "while":
+        return _while(eqn, labels, hooks)
+    return [_mixed(labels)] * n_out
 
 
 def propagate_unit_maps(jaxpr, seeds: Dict, blocks: Callable = lambda eqn: False, on_eqn=None) -> Dict:
