@@ -149,7 +149,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self.normalize_matrix_spectrum = normalize_matrix_spectrum
 
     def _build(self):
-        self.executor = ETraceVjpGraphExecutor(self.graph, self._solve)
+        self.executor = self._make_executor()
         self.etrace = EligibilityTrace({**self._init_trace_values(), "epoch": jnp.zeros((), jnp.int32)})
         info = self.graph.module_info
         self._hidden_leaf_ids = tuple(sorted({h.leaf for h in info.hidden_leaves}))
@@ -158,6 +158,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         #: was reset, ``brainstate.nn.reset_all_states``, or its states were set by hand) restarts
         #: the traces, which describe how the old values depended on the parameters.
         self.hidden_seen = brainstate.ShortTermState([leaves[i] for i in self._hidden_leaf_ids])
+
+    def _make_executor(self) -> ETraceVjpGraphExecutor:
+        """The executor of the compiled graph; algorithms that evaluate the step differently (the
+        influence-matrix algorithms differentiate the whole step) return their own subclass."""
+        return ETraceVjpGraphExecutor(self.graph, self._solve)
 
     def _restart_if_reset(self, traces, state_leaves, step: Optional[StepValues] = None):
         """``(traces, keep)`` at the start of a step, where the hidden states may differ from the
