@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from braintrace._compatible_imports import jaxpr_of
 
+from .control_flow import DEFAULT_SCAN_UNROLL_LIMIT, lower_etp_control_flow
 from .diagnostics import CompilationError, DiagnosticKind, DiagnosticLevel, emit
 from .jaxpr_tools import check_control_flow, inline_calls
 from .rule_check import check_equation_layouts
@@ -135,15 +136,20 @@ def _state_paths(model) -> dict:
         return {}
 
 
-def extract_module_info(model, *inputs) -> ModuleInfo:
+def extract_module_info(model, *inputs, control_flow=None) -> ModuleInfo:
     """Trace ``model(*inputs)`` once and return its :class:`ModuleInfo`.
+
+    ETP primitives inside ``cond`` / ``switch`` and inside ``scan`` / ``fori_loop`` sub-steps are
+    brought to the top level of the step (:func:`~braintrace._compiler.control_flow.lower_etp_control_flow`;
+    ``control_flow.scan_unroll_limit`` bounds the loops unrolled, 16 by default).
 
     Raises
     ------
     CompilationError
         If the model is not callable or states change shape within the step.
     NotSupportedError
-        If an ETP primitive sits inside control flow within the step.
+        If an ETP primitive sits inside control flow that cannot be rewritten (``while_loop``, a
+        loop longer than the unroll limit, a custom-derivative function).
     """
     if not callable(model):
         raise CompilationError(
@@ -193,6 +199,8 @@ def extract_module_info(model, *inputs) -> ModuleInfo:
                 f"run with (brainstate.nn.init_all_states(model, batch_size=...))."
             )
     closed = inline_calls(closed, [*state_avals, *arg_avals])
+    limit = getattr(control_flow, "scan_unroll_limit", DEFAULT_SCAN_UNROLL_LIMIT)
+    closed = lower_etp_control_flow(closed, [*state_avals, *arg_avals], scan_unroll_limit=limit)
     check_control_flow(closed)
     check_equation_layouts(jaxpr_of(closed))
 
