@@ -39,18 +39,23 @@ def _read(env, v):
 
 
 class StepValues:
-    """Per-step values of the relations: ``x``, ``y``, trainable operands, ``df`` and ``D``."""
+    """Per-step values of the relations: ``x``, ``y``, trainable operands, ``df`` and ``D``.
 
-    def __init__(self, xs, weights, aux, df, d):
+    ``point`` is ``(state_leaves, arg_leaves)`` of the step (gradients stopped) for algorithms that
+    differentiate the whole step themselves (the influence-matrix algorithms); ``None`` otherwise.
+    """
+
+    def __init__(self, xs, weights, aux, df, d, point=None):
         self.xs = xs  # relation -> x value (or None)
         self.weights = weights  # relation -> {key: value}
         self.aux = aux  # relation -> tuple of aux operands (sparse index arrays)
         self.df = df  # (relation, group position) -> (*unit, n)
         self.d = d  # group index -> (*unit, n, n)
+        self.point = point  # (state_leaves, arg_leaves) or None
 
     def as_tuple(self):
         """The fields as a pytree (``StepValues(*values.as_tuple())`` rebuilds it)."""
-        return (self.xs, self.weights, self.aux, self.df, self.d)
+        return (self.xs, self.weights, self.aux, self.df, self.d, self.point)
 
 
 class ETraceGraphExecutor:
@@ -188,7 +193,18 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
     def __init__(self, graph: ETraceGraph, solve: Callable):
         super().__init__(graph)
         self.solve = solve
-        rel_eqns = {r.eqn_index: r for r in graph.hidden_param_op_relations}
+        #: ``perturbed(state_leaves, arg_leaves, perturbation) -> (out_leaves, new_state_leaves)``:
+        #: the step with a perturbation added to every hidden state's new value and the trainable
+        #: operands of the relations cut from the gradient (the traces carry their paths).
+        self.perturbed, self.perturbation = self._perturbed_step()
+        self._call = self._make_call()
+
+    def _perturbed_step(self):
+        """``(perturbed, perturbation)`` as :func:`~braintrace.add_hidden_perturbation_in_module`
+        returns them: a perturbation reaches other hidden states of the same step only through
+        trainable ETP ops (the per-unit traces carry the other paths). Algorithms whose traces
+        carry every path of the step override it."""
+        rel_eqns = {r.eqn_index: r for r in self.graph.hidden_param_op_relations}
 
         def stop_trainables(i, eqn, invals):
             r = rel_eqns.get(i)
@@ -199,13 +215,7 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
                 invals[idx] = jax.lax.stop_gradient(invals[idx])
             return bind_equation(eqn, invals)
 
-        #: ``perturbed(state_leaves, arg_leaves, perturbation) -> (out_leaves, new_state_leaves)``:
-        #: the step with a perturbation added to every hidden state's new value and the trainable
-        #: operands of the relations cut from the gradient (the traces carry their paths).
-        self.perturbed, self.perturbation = add_hidden_perturbation_in_module(
-            self.info, stop_trainables, rel_eqns.keys()
-        )
-        self._call = self._make_call()
+        return add_hidden_perturbation_in_module(self.info, stop_trainables, rel_eqns.keys())
 
     def _trainable_values(self, state_leaves, arg_leaves):
         return self.relation_operands(state_leaves, arg_leaves)[0]
