@@ -68,6 +68,9 @@ class DiagnosticKind(enum.Enum):
     #: weight): D-RTRL and pp_prop drop that path from the traces by design (``D`` holds ETP outputs
     #: fixed), so the gradient is their definition, not BPTT's.
     RECURRENT_ETP_WEIGHT = "recurrent_etp_weight"
+    #: An influence-matrix algorithm keeps part of dh/dθ by its definition (SnAp-n drops the entries
+    #: reached in more than n steps, UORO keeps a random rank-one estimate): not BPTT's gradient.
+    INFLUENCE_APPROXIMATION = "influence_approximation"
 
 
 @dataclasses.dataclass(frozen=True)
