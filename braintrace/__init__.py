@@ -14,6 +14,7 @@ from ._etrace_op import (
     ETPPrimitiveSpec,
     SparsePattern,
     conv,
+    einsum,
     element_wise,
     get_primitive_spec,
     grouped_matmul,
@@ -40,6 +41,7 @@ __all__ = [
     "sparse_matmul",
     "lora_matmul",
     "grouped_matmul",
+    "einsum",
 ]
 
 from ._algorithm import (  # noqa: E402

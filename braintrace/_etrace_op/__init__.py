@@ -25,6 +25,7 @@ from ._registries import (
 from ._spec import ETPPrimitiveSpec, get_primitive_spec, register_primitive_spec
 from .conv import conv, etp_conv_p
 from .dense import etp_mm_p, etp_mv_p, matmul
+from .einsum import einsum
 from .elemwise import element_wise, etp_elemwise_p
 from .grouped import grouped_matmul
 from .lora import etp_lora_mm_p, etp_lora_mv_p, lora_matmul
@@ -70,4 +71,5 @@ __all__ = [
     "etp_lora_mv_p",
     "lora_matmul",
     "grouped_matmul",
+    "einsum",
 ]
