@@ -16,6 +16,7 @@ from ._etrace_op import (
     conv,
     einsum,
     element_wise,
+    embedding,
     get_primitive_spec,
     grouped_matmul,
     lora_matmul,
@@ -42,6 +43,7 @@ __all__ = [
     "lora_matmul",
     "grouped_matmul",
     "einsum",
+    "embedding",
 ]
 
 from ._algorithm import (  # noqa: E402

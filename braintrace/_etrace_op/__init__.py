@@ -27,6 +27,7 @@ from .conv import conv, etp_conv_p
 from .dense import etp_mm_p, etp_mv_p, matmul
 from .einsum import einsum
 from .elemwise import element_wise, etp_elemwise_p
+from .embedding import embedding
 from .grouped import grouped_matmul
 from .lora import etp_lora_mm_p, etp_lora_mv_p, lora_matmul
 from .sparse import SparsePattern, etp_sp_mm_p, etp_sp_mv_p, sparse_matmul
@@ -72,4 +73,5 @@ __all__ = [
     "lora_matmul",
     "grouped_matmul",
     "einsum",
+    "embedding",
 ]

@@ -7,6 +7,8 @@ from typing import Callable, Optional, Union
 import brainstate
 import jax.numpy as jnp
 
+from braintrace._etrace_op import embedding
+
 from ._common import Size
 
 __all__ = ["Embedding"]
@@ -21,19 +23,19 @@ class Embedding(brainstate.nn.Embedding):
     The lookup is ``brainstate.nn.Embedding``'s (this class subclasses it), with all of its options
     (``padding_idx``, ``max_norm``, ``scale_grad_by_freq``, ``freeze``, ``from_pretrained``).
 
-    **Online learning.** The gather is not an ETP primitive: the table is a *plain parameter*. Its
-    gradient is the exact within-step gradient :math:`\partial L_t/\partial W` with the previous
-    hidden states held fixed, and the compiler records it as ``PLAIN_PARAMETER``; the effect of
-    ``W`` on later steps through the hidden states is not carried by any trace. This is exact when
-    the looked-up vectors do not drive a recurrence (token embeddings feeding a ``Linear`` or a cell,
-    whose own weights are the relations) and truncated otherwise. To learn a table online that drives
-    hidden states directly, feed one-hot vectors to a :class:`~braintrace.nn.Linear` without bias:
-    ``one_hot(i) @ W == W[i]``, and ``W`` becomes a relation with a dense ``D_RTRL`` trace
-    ``(batch, num_embeddings, features, n)``.
+    **Online learning.** The lookup goes through the ETP op :func:`braintrace.embedding` (indices of
+    any shape are flattened into its batch axis and the output unflattened), so the table is an ETP
+    weight: when the looked-up vectors drive hidden states directly (``h <- a * h + W[i]``), the
+    table gets an exact ``D_RTRL`` trace of shape ``(batch, num_embeddings, features, n)``; when they
+    feed another trainable ETP op (a ``Linear``, a cell) the compiler records that the op reaches no
+    hidden state and the table gets its exact within-step gradient
+    :math:`\partial L_t/\partial W`, the previous hidden states held fixed.
 
-    (The published ``braintrace.nn.Embedding`` routes the gather through an ETP ``embedding`` op and
-    rejects ``padding_idx``, ``max_norm``, ``scale_grad_by_freq`` and ``freeze``; here they work as
-    in ``brainstate``.)
+    ``padding_idx``, ``max_norm``, ``scale_grad_by_freq`` and ``freeze`` change the lookup or its
+    gradient outside the op; with any of them the lookup is ``brainstate``'s (a plain parameter with
+    its within-step gradient, a ``PLAIN_PARAMETER`` record). (The published ``braintrace.nn.Embedding``
+    rejects these four options; here they work as in ``brainstate``.) An ``embedding_size`` tuple is
+    flattened for the op, so its output reaches the hidden states through a reshape.
 
     Parameters
     ----------
@@ -98,3 +100,19 @@ class Embedding(brainstate.nn.Embedding):
             name=name,
             param_type=param_type,
         )
+
+    def update(self, indices):
+        """``weight[indices]``, shape ``(*indices.shape, *embedding_size)``, through the ETP op when
+        no lookup option is set (see the class docstring)."""
+        options = (self.padding_idx, self.max_norm, self.scale_grad_by_freq or None, self.freeze or None)
+        if any(o is not None for o in options):
+            return super().update(indices)
+        indices = jnp.asarray(indices)
+        if not jnp.issubdtype(indices.dtype, jnp.integer):
+            raise TypeError(f"Embedding: `indices` must have an integer dtype, got {indices.dtype}.")
+        table = self.weight.value
+        features = table.shape[1:]
+        flat = table.reshape((table.shape[0], -1)) if len(features) != 1 else table
+        idx = indices.reshape(-1) if indices.ndim > 1 else indices
+        y = embedding(idx, flat)
+        return y.reshape((*indices.shape, *features))
