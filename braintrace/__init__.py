@@ -62,6 +62,8 @@ from ._algorithm import (  # noqa: E402
 from ._compiler import (  # noqa: E402
     CompilationError,
     CompilationRecord,
+    CompilationReport,
+    ControlFlowPolicy,
     DiagnosticKind,
     DiagnosticLevel,
     ETraceGraph,
@@ -70,16 +72,24 @@ from ._compiler import (  # noqa: E402
     HiddenPerturbation,
     ModuleInfo,
     NotSupportedError,
+    add_hidden_perturbation_from_minfo,
     add_hidden_perturbation_in_module,
     compile_etrace_graph,
     extract_module_info,
+    find_hidden_groups_from_minfo,
     find_hidden_groups_from_module,
+    find_hidden_param_op_relations_from_minfo,
     find_hidden_param_op_relations_from_module,
 )
 
 __all__ += [
     "CompilationError",
     "CompilationRecord",
+    "CompilationReport",
+    "ControlFlowPolicy",
+    "add_hidden_perturbation_from_minfo",
+    "find_hidden_groups_from_minfo",
+    "find_hidden_param_op_relations_from_minfo",
     "DiagnosticKind",
     "DiagnosticLevel",
     "ETraceGraph",

@@ -1,5 +1,6 @@
 """The ETP compiler: from one model step to hidden groups and hidden-param-op relations."""
 
+from .control_flow_policy import ControlFlowPolicy
 from .diagnostics import (
     CompilationError,
     CompilationRecord,
@@ -16,8 +17,14 @@ from .graph import (
     find_hidden_groups_from_module,
     find_hidden_param_op_relations_from_module,
 )
+from .minfo_stages import (
+    add_hidden_perturbation_from_minfo,
+    find_hidden_groups_from_minfo,
+    find_hidden_param_op_relations_from_minfo,
+)
 from .module_info import HiddenLeaf, ModuleInfo, extract_module_info
 from .perturbation import HiddenPerturbation, add_hidden_perturbation_in_module
+from .report import CompilationReport
 
 __all__ = [
     "CompilationError",
@@ -37,4 +44,9 @@ __all__ = [
     "extract_module_info",
     "HiddenPerturbation",
     "add_hidden_perturbation_in_module",
+    "CompilationReport",
+    "ControlFlowPolicy",
+    "add_hidden_perturbation_from_minfo",
+    "find_hidden_groups_from_minfo",
+    "find_hidden_param_op_relations_from_minfo",
 ]

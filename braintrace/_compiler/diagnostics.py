@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import warnings
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = [
     "CompilationError",
@@ -75,20 +75,75 @@ class DiagnosticKind(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class CompilationRecord:
-    """One compiler diagnostic: what, about which object, and why."""
+    """One compiler diagnostic: what, about which object, and why.
+
+    Attributes
+    ----------
+    kind : DiagnosticKind
+    level : DiagnosticLevel
+    message : str
+        The human-readable explanation (also the text of the warning for ``WARNING`` records).
+    subject : tuple of str, optional
+        The names the record is about: parameter paths (``'layer.weight'``) or hidden-state names.
+    primitive : ETPPrimitive, optional
+        The ETP primitive the record concerns, when there is one (published field).
+    weight_path : tuple, optional
+        The path of the one ``ParamState`` the record concerns, as in ``model.states()``
+        (``('layer', 'weight')``); ``None`` when it concerns no parameter or several (then
+        ``subject`` lists them). Published field.
+    hidden_paths : tuple of tuple
+        The paths of the hidden states the record concerns, when known (published field).
+    context : dict, optional
+        Extra structured context (published field; unused by this compiler).
+
+    Examples
+    --------
+    >>> import braintrace
+    >>> rec = braintrace.CompilationRecord(
+    ...     braintrace.DiagnosticKind.PLAIN_PARAMETER, braintrace.DiagnosticLevel.INFO,
+    ...     "Parameter 'b' is not used by an ETP relation.", ("b",), weight_path=("b",))
+    >>> print(rec)
+    [info] plain_parameter: Parameter 'b' is not used by an ETP relation.
+    >>> rec.weight_path, rec.hidden_paths
+    (('b',), ())
+    """
 
     kind: DiagnosticKind
     level: DiagnosticLevel
     message: str
     subject: Optional[Tuple[str, ...]] = None
+    primitive: Optional[Any] = None
+    weight_path: Optional[Tuple[Any, ...]] = None
+    hidden_paths: Tuple[Tuple[Any, ...], ...] = ()
+    context: Optional[Dict[str, Any]] = None
 
     def __str__(self):
         return f"[{self.level.value}] {self.kind.value}: {self.message}"
 
 
-def emit(records: list, kind: DiagnosticKind, level: DiagnosticLevel, message: str, subject=None):
+def emit(
+    records: list,
+    kind: DiagnosticKind,
+    level: DiagnosticLevel,
+    message: str,
+    subject=None,
+    *,
+    primitive=None,
+    weight_path=None,
+    hidden_paths=(),
+    context=None,
+):
     """Append a record and, for warnings, raise a Python warning with the same text."""
-    rec = CompilationRecord(kind, level, message, tuple(subject) if subject is not None else None)
+    rec = CompilationRecord(
+        kind,
+        level,
+        message,
+        tuple(subject) if subject is not None else None,
+        primitive=primitive,
+        weight_path=tuple(weight_path) if weight_path is not None else None,
+        hidden_paths=tuple(tuple(p) for p in hidden_paths),
+        context=context,
+    )
     records.append(rec)
     if level is DiagnosticLevel.WARNING:
         warnings.warn(message, ETraceCompilationWarning, stacklevel=4)

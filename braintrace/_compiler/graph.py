@@ -27,7 +27,15 @@ from braintrace._etrace_op._registries import (
     default_trainable_invars,
 )
 
-from .diagnostics import CompilationError, CompilationRecord, DiagnosticKind, DiagnosticLevel, emit
+from .control_flow_policy import DESCENT_NOT_PROVIDED, check_control_flow_policy
+from .diagnostics import (
+    CompilationError,
+    CompilationRecord,
+    DiagnosticKind,
+    DiagnosticLevel,
+    NotSupportedError,
+    emit,
+)
 from .jaxpr_tools import is_trainable_etp_eqn
 from .module_info import HiddenLeaf, ModuleInfo, extract_module_info, record_non_float_hidden_states
 from .perturbation import add_hidden_perturbation_in_module
@@ -241,6 +249,7 @@ def find_hidden_groups_from_module(
                     f"within one step, but their shapes differ, so they cannot share per-unit blocks; "
                     f"the coupling is dropped from the eligibility traces.",
                     (h.name, leaves[j].name),
+                    hidden_paths=_paths_of(info, (h, leaves[j])),
                 )
     if mixing:
         emit(
@@ -310,6 +319,11 @@ def find_hidden_param_op_relations_from_module(
         owners = sorted({param_leaf_owner[s] for s in _labels_of(sources, var) if s in param_leaf_owner})
         return tuple(info.path_of(o) for o in owners)
 
+    def fields(prim, names, hidden=()):
+        """The published record fields: the primitive, the one weight's path, the hidden paths."""
+        path = _weight_path(info, names)
+        return dict(primitive=prim, weight_path=path, hidden_paths=_paths_of(info, hidden))
+
     relations = []
     for i, e in etp_eqns:
         prim = e.primitive
@@ -327,6 +341,7 @@ def find_hidden_param_op_relations_from_module(
                     f"no hidden state, or reaches one only through another trainable ETP op. They are "
                     f"learned with their within-step gradient.",
                     tuple(names),
+                    **fields(prim, names),
                 )
             continue
         bad = []
@@ -344,6 +359,7 @@ def find_hidden_param_op_relations_from_module(
                 f"{label}: trainable operand(s) {bad} depend on inputs or non-parameter states, so the "
                 f"op cannot carry an eligibility trace; its weights use the within-step gradient.",
                 tuple(names),
+                **fields(prim, names),
             )
             continue
         if not names:
@@ -370,6 +386,7 @@ def find_hidden_param_op_relations_from_module(
                     f"states {list(g.names)} it drives (they must be equal, or y may lack leading batch "
                     f"axes); the weights use the within-step gradient.",
                     tuple(names),
+                    **fields(prim, names, g.hidden_leaves),
                 )
                 ok = False
                 break
@@ -395,6 +412,7 @@ def find_hidden_param_op_relations_from_module(
                 f"(through {', '.join(sorted(mixing[i]))}); the trace keeps one value of dh/dy per unit (the "
                 f"sum of the unit's Jacobian row, not its diagonal).",
                 tuple(names),
+                **fields(prim, names, reached[i]),
             )
         xi = ETP_X_INVAR_INDICES.get(prim, 0)
         used = set(layout.values()) | ({xi} if xi is not None else set())
@@ -437,11 +455,13 @@ def compile_etrace_graph(
     include_hidden_perturb : bool
         Also build the step's hidden perturbation slots (``graph.hidden_perturb``, a
         :class:`~braintrace.HiddenPerturbation`); the algorithms build their own and pass ``False``.
-    include_recurrent_mixing, sparse_n, snap_max_jacobian_elements, control_flow
-        Keywords of the published releases for recurrence scopes beyond the per-unit block of ``D``
-        and for control-flow policies. The defaults (per-unit blocks, control flow analysed
-        through its bodies) are what this compiler does; any other value raises
+    include_recurrent_mixing, sparse_n, snap_max_jacobian_elements
+        Keywords of the published releases for recurrence scopes beyond the per-unit block of ``D``.
+        The defaults (per-unit blocks) are what this compiler does; any other value raises
         ``NotImplementedError`` naming the keyword.
+    control_flow : ControlFlowPolicy, optional
+        How ETP primitives inside control flow are treated (``None``: the policy's defaults); see
+        :class:`~braintrace.ControlFlowPolicy` for the values this compiler provides.
 
     Raises
     ------
@@ -470,7 +490,6 @@ def compile_etrace_graph(
     for key, value, default in (
         ("include_recurrent_mixing", include_recurrent_mixing, False),
         ("sparse_n", sparse_n, None),
-        ("control_flow", control_flow, None),
     ):
         if value != default:
             raise NotImplementedError(
@@ -482,7 +501,8 @@ def compile_etrace_graph(
         raise TypeError(f"`snap_max_jacobian_elements` must be an int, got {snap_max_jacobian_elements!r}.")
     if not isinstance(include_hidden_perturb, bool):
         raise TypeError(f"`include_hidden_perturb` must be a bool, got {include_hidden_perturb!r}.")
-    info = extract_module_info(model, *inputs)
+    check_control_flow_policy(control_flow)
+    info = _extract_with_policy(model, inputs, control_flow)
     records: List[CompilationRecord] = []
     record_non_float_hidden_states(info, records)
     if not info.hidden_leaves:
@@ -510,6 +530,7 @@ def compile_etrace_graph(
                 DiagnosticLevel.INFO,
                 f"Hidden state {h.name!r} is driven by no ETP relation.",
                 (h.name,),
+                hidden_paths=_paths_of(info, (h,)),
             )
     rel_params = set()
     for r in relations:
@@ -525,12 +546,47 @@ def compile_etrace_graph(
                 f"Parameter {info.path_of(i)!r} is not used by an ETP relation; it receives its "
                 f"within-step gradient.",
                 (info.path_of(i),),
+                weight_path=info.paths[i],
             )
     _check_plain_uses(info, relations, rel_state_idx, records)
     _check_cross_layer(info, groups, relations, records)
     _check_recurrent_weights(info, groups, relations, records)
     perturb = add_hidden_perturbation_in_module(info)[1] if include_hidden_perturb else None
     return ETraceGraph(info, groups, relations, records, rel_state_idx, perturb)
+
+
+def _extract_with_policy(model, inputs, control_flow):
+    """:func:`extract_module_info` under a :class:`~braintrace.ControlFlowPolicy` (``None``: the
+    defaults); a loop the policy would descend into is refused with a note saying so."""
+    if control_flow is None:
+        return extract_module_info(model, *inputs)
+    limit = max(0, control_flow.scan_unroll_limit)  # published: 0 or less unrolls nothing
+    try:
+        return extract_module_info(
+            model, *inputs, control_flow=dataclasses.replace(control_flow, scan_unroll_limit=limit)
+        )
+    except NotSupportedError as err:
+        if control_flow.scan_descent != "auto":
+            raise
+        raise NotSupportedError(f"{err}{DESCENT_NOT_PROVIDED}") from err
+
+
+def _weight_path(info: ModuleInfo, names):
+    """The ``ParamState`` path (a tuple) of the one parameter named in ``names``; ``None`` otherwise."""
+    if len(names) != 1:
+        return None
+    by_name = {info.path_of(i): info.paths[i] for i in info.param_states}
+    return by_name.get(names[0])
+
+
+def _paths_of(info: ModuleInfo, leaves):
+    """The state paths (tuples, without repeats) of hidden leaves."""
+    out = []
+    for h in leaves:
+        path = tuple(info.paths[h.state_index])
+        if path not in out:
+            out.append(path)
+    return tuple(out)
 
 
 def _hidden_out_vars(info: ModuleInfo):
@@ -567,6 +623,8 @@ def _check_plain_uses(info: ModuleInfo, relations, rel_state_idx, records) -> No
                 f"by the hidden states to later steps is in no trace, so the online gradient of "
                 f"{path!r} is approximate. Route every use of the weight through the ETP op.",
                 (path,),
+                weight_path=info.paths[si],
+                hidden_paths=_paths_of(info, [h for h in info.hidden_leaves if h.name in hit]),
             )
 
 
@@ -615,6 +673,8 @@ def _check_recurrent_weights(info: ModuleInfo, groups, relations, records) -> No
                 f"outputs fixed in D, so this path is left out of their online gradient by design "
                 f"(D-RTRL's and pp_prop's definition; BPTT or the multi-step rule include it).",
                 tuple(names),
+                primitive=r.primitive,
+                weight_path=_weight_path(info, names),
             )
 
 
@@ -656,6 +716,9 @@ def _check_cross_layer(info: ModuleInfo, groups, relations, records) -> None:
                 f"so the online gradient misses that later effect (approximate). The current step's "
                 f"effect is exact.",
                 tuple(names),
+                primitive=r.primitive,
+                weight_path=_weight_path(info, names),
+                hidden_paths=_paths_of(info, [h for h in info.hidden_leaves if h.name in moved]),
             )
 
 
