@@ -148,3 +148,8 @@ __all__ += [
     "SpMatMulOp",
     "LoraOp",
 ]
+
+from ._algorithm import ETraceVmap, SequenceDriverMixin  # noqa: E402
+from ._grad_expon import GradExpon  # noqa: E402
+
+__all__ += ["ETraceVmap", "SequenceDriverMixin", "GradExpon"]

@@ -5,7 +5,9 @@ from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
 from .learner import ALGORITHMS, compile
 from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
+from .sequence import SequenceDriverMixin
 from .vjp_algorithm import ETraceVjpAlgorithm
+from .vmap import ETraceVmap
 
 __all__ = [
     "EligibilityTrace",
@@ -20,4 +22,6 @@ __all__ = [
     "compile",
     "ETraceGraphExecutor",
     "ETraceVjpGraphExecutor",
+    "SequenceDriverMixin",
+    "ETraceVmap",
 ]
