@@ -153,3 +153,23 @@ from ._algorithm import ETraceVmap, SequenceDriverMixin  # noqa: E402
 from ._grad_expon import GradExpon  # noqa: E402
 
 __all__ += ["ETraceVmap", "SequenceDriverMixin", "GradExpon"]
+
+from ._algorithm import (  # noqa: E402
+    EProp,
+    ETraceConfig,
+    FixedRandomFeedback,
+    KappaFilter,
+    OSTLFeedforward,
+    OSTLRecurrent,
+    ThreeFactor,
+)
+
+__all__ += [
+    "ETraceConfig",
+    "EProp",
+    "ThreeFactor",
+    "OSTLRecurrent",
+    "OSTLFeedforward",
+    "FixedRandomFeedback",
+    "KappaFilter",
+]

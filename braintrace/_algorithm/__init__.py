@@ -1,10 +1,14 @@
 """Online-learning algorithms: D-RTRL and ES-D-RTRL / pp_prop."""
 
+from .axes import ETraceConfig
 from .base import EligibilityTrace, ETraceAlgorithm
+from .compiling import ALGORITHMS, compile
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
-from .learner import ALGORITHMS, compile
+from .filters import KappaFilter
+from .learning_signal import FixedRandomFeedback
 from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
+from .presets import EProp, OSTLFeedforward, OSTLRecurrent, ThreeFactor
 from .sequence import SequenceDriverMixin
 from .vjp_algorithm import ETraceVjpAlgorithm
 from .vmap import ETraceVmap
@@ -24,4 +28,11 @@ __all__ = [
     "ETraceVjpGraphExecutor",
     "SequenceDriverMixin",
     "ETraceVmap",
+    "ETraceConfig",
+    "EProp",
+    "ThreeFactor",
+    "OSTLRecurrent",
+    "OSTLFeedforward",
+    "FixedRandomFeedback",
+    "KappaFilter",
 ]

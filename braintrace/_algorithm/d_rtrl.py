@@ -1,4 +1,5 @@
-r"""D-RTRL: real-time recurrent learning with per-unit block-diagonal hidden Jacobians.
+r"""D-RTRL: real-time recurrent learning with per-unit block-diagonal hidden Jacobians (the
+``trace_factorization='per_param'`` engine of :class:`~braintrace.ETraceConfig`).
 
 For each relation ``y = f(x, \theta)`` and hidden group of ``n`` states, a parameter-dimension
 trace :math:`\epsilon` (one leaf per trainable key, shape ``(batch?, *leaf_shape, n)``) follows
@@ -11,6 +12,11 @@ trace :math:`\epsilon` (one leaf per trainable key, shape ``(batch?, *leaf_shape
 where :math:`D_t` is the per-unit ``n x n`` block of :math:`\partial h_t/\partial h_{t-1}` with
 every ETP output held fixed. The trace operations come from
 :func:`braintrace._etrace_op._trace_ops.get_drtrl_trace_ops` (rule-derived, or a primitive's own).
+
+With ``trace_filter='kappa'`` (e-prop's filter, see :mod:`braintrace._algorithm.filters`), the
+traces of the weights behind a read-out also keep
+:math:`\bar\epsilon_t = \kappa\,\bar\epsilon_{t-1} + \epsilon_t`, and the solve contracts
+:math:`\bar\epsilon_t` instead of :math:`\epsilon_t`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from braintrace._etrace_op._trace_ops import get_drtrl_trace_ops, rule_kwargs
 from braintrace._etrace_op.lora import etp_lora_mm_p, etp_lora_mv_p, make_factored_trace_ops
 
 from .executor import StepValues
+from .filters import readout_groups
 from .pp_prop import decay_from_decay_or_rank
 from .vjp_algorithm import ETraceVjpAlgorithm
 
@@ -33,6 +40,22 @@ __all__ = ["ParamDimVjpAlgorithm", "D_RTRL"]
 
 def _key(r, gi):
     return f"r{r}_g{gi}"
+
+
+def _bar(key):
+    """The key of the kappa-filtered copy of trace ``key``."""
+    return f"{key}_kbar"
+
+
+def _filtered(kappa, bar, new):
+    """``kappa * bar + new`` leaf by leaf (floating leaves; others kept), in ``bar``'s dtypes."""
+
+    def one(b, e):
+        if not jnp.issubdtype(jnp.result_type(b), jnp.floating):
+            return e
+        return (kappa * b + e).astype(b.dtype)
+
+    return jax.tree.map(one, bar, new)
 
 
 class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
@@ -46,8 +69,19 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
     ----------
     model : brainstate.nn.Module
     name : str, optional
-    vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, config, random_feedback_key
+    vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, random_feedback_key
         See :class:`~braintrace.ETraceVjpAlgorithm`.
+    config : ETraceConfig, optional
+        The rule's coordinates; ``trace_factorization='per_param'`` (the default config). This
+        engine computes ``temporal_recursion`` ``'jacobian'`` (:math:`D_t`), ``'scalar_leak'``
+        (:math:`\lambda I`) and ``'none'``, ``recurrence_scope='diagonal'``, every
+        ``learning_signal`` of :class:`~braintrace.ETraceVjpAlgorithm`, and
+        ``trace_filter='kappa'``: the traces of the relations driving a hidden group that feeds a
+        further trainable ETP op (the layers behind a read-out) are low-passed,
+        :math:`\bar\epsilon_t = \kappa\bar\epsilon_{t-1} + \epsilon_t`, and solved from
+        :math:`\bar\epsilon`; a read-out's own traces are not filtered. A model with nothing
+        to filter raises ``ValueError`` at compile time. With the filter, one changed hidden
+        value restarts every trace (and every filtered trace).
     snap_max_jacobian_elements : int
         Accepted for code written for the published releases (a memory bound of their SnAp scope);
         unused here.
@@ -120,9 +154,39 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
         )
         if not isinstance(chunked_trace, bool):
             raise TypeError(f"D_RTRL: `chunked_trace` must be a bool, got {chunked_trace!r}.")
+        self._kappa_keys = frozenset()
         self.lora_factored = bool(lora_factored)
         self.lora_decay = decay_from_decay_or_rank(decay_or_rank) if lora_factored else None
         self.trace_dtype = _floating_dtype(trace_dtype)
+
+    def _build(self):
+        self._kappa_keys = self._find_filtered() if self.config.trace_filter == "kappa" else frozenset()
+        super()._build()
+
+    def _find_filtered(self) -> frozenset:
+        """The trace keys the kappa filter applies to: relations x groups that are not read-outs."""
+        readouts = readout_groups(self.graph)
+        keys = set()
+        for r, gi, g in self._relation_groups():
+            if g.index in readouts:
+                continue
+            if self.lora_factored and r.primitive in (etp_lora_mm_p, etp_lora_mv_p):
+                raise ValueError(
+                    f"{type(self).__name__}: trace_filter='kappa' low-passes the per-parameter trace, but the "
+                    f"LoRA relation {r.primitive.name} (equation {r.eqn_index}, weights "
+                    f"{sorted(p for ps in r.param_paths.values() for p in ps)}) keeps a factored trace "
+                    f"(lora_factored=True), whose filtered sum is not a product of filtered factors. Use "
+                    f"lora_factored=False."
+                )
+            keys.add(_key(r.index, gi))
+        if not keys:
+            raise ValueError(
+                f"{type(self).__name__}: trace_filter='kappa' (kappa={self.config.kappa}) low-passes the traces "
+                f"of the weights behind a read-out (e-prop's filter for the read-out's leak), but every hidden "
+                f"group of {type(self.model).__name__} is a read-out (none feeds a further trainable ETP op): "
+                f"there is nothing to filter. Use kappa 0 (trace_filter='none')."
+            )
+        return frozenset(keys)
 
     def _ops(self, primitive):
         if self.lora_factored and primitive in (etp_lora_mm_p, etp_lora_mv_p):
@@ -147,11 +211,15 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
                 store = lambda t: t.astype(self.trace_dtype) if jnp.issubdtype(t.dtype, jnp.floating) else t
                 trace = jax.tree.map(store, trace)
             vals[_key(r.index, gi)] = trace
+            if _key(r.index, gi) in self._kappa_keys:
+                vals[_bar(_key(r.index, gi))] = jax.tree.map(jnp.zeros_like, trace)
         return vals
 
     def _restarts_per_unit(self) -> bool:
         """Per unit whenever every trace leaf propagates through ``D``: the library's own trace
         operations, without the factored LoRA option (whose input trace is per batch row)."""
+        if self._kappa_keys:  # the filtered traces do not propagate through D
+            return False
         if self.lora_factored and any(
             r.primitive in (etp_lora_mm_p, etp_lora_mv_p) for r in self.graph.hidden_param_op_relations
         ):
@@ -174,6 +242,8 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
                 out[k] = {n: scale(v) if n in ("eps_x", "eps_f_norm") else v for n, v in traces[k].items()}
             elif not getattr(ops.update, "__module__", "").startswith("braintrace."):
                 out[k] = jax.tree.map(scale, traces[k])
+            if k in self._kappa_keys:
+                out[_bar(k)] = jax.tree.map(scale, traces[_bar(k)])
         return out
 
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
@@ -190,9 +260,14 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
                 rule_kwargs(r.params, step.aux[r.index]),
                 r.batch_ndims[gi],
             )
+            if k in self._kappa_keys:
+                new[_bar(k)] = _filtered(self.config.kappa, traces[_bar(k)], new[k])
         return new
 
     def _update_and_solve(self, traces, step: StepValues, cts):
+        if self._kappa_keys:  # the filtered traces are solved: no fused update-and-solve
+            new = self._update_traces(traces, step)
+            return new, self._solve(new, cts, step.weights, step.aux)
         new, grads = {}, {}
         for r, gi, g in self._relation_groups():
             ops = self._ops(r.primitive)
@@ -215,8 +290,9 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
         grads = {}
         for r, gi, g in self._relation_groups():
             ops = self._ops(r.primitive)
+            k = _key(r.index, gi)
             part = ops.solve(
-                traces[_key(r.index, gi)],
+                traces[_bar(k) if k in self._kappa_keys else k],
                 cts[(r.index, gi)],
                 weights[r.index],
                 rule_kwargs(r.params, aux[r.index]),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import brainstate
 import jax
@@ -13,112 +13,9 @@ from braintrace._compatible_imports import Var
 from braintrace._input_data import MultiStepData
 
 from .base import ETraceAlgorithm, add_param_grads
-from .d_rtrl import D_RTRL
 from .pp_prop import IODimVjpAlgorithm
 
-__all__ = ["compile", "ALGORITHMS"]
-
-#: Algorithm names accepted by :func:`compile`.
-ALGORITHMS = {
-    "d_rtrl": D_RTRL,
-    "es_d_rtrl": IODimVjpAlgorithm,
-    "pp_prop": IODimVjpAlgorithm,
-}
-
-
-def compile(
-    model,
-    algorithm: Union[str, type, ETraceAlgorithm] = "d_rtrl",
-    *example_inputs,
-    batch_size: Optional[int] = None,
-    seed: Optional[int] = None,
-    verbose: int = 0,
-    vmap: bool = False,
-    **options,
-) -> ETraceAlgorithm:
-    """Initialise ``model``'s states, wrap it in ``algorithm`` and compile the graph.
-
-    Parameters
-    ----------
-    model : brainstate.nn.Module
-    algorithm : str, class or ETraceAlgorithm
-        ``'d_rtrl'``, ``'es_d_rtrl'`` / ``'pp_prop'``, an algorithm class (``braintrace.D_RTRL``), or
-        an uncompiled instance wrapping ``model``.
-    *example_inputs
-        One step's inputs (shapes only).
-    batch_size : int, optional
-        When given, ``brainstate.nn.init_all_states(model, batch_size=batch_size)`` runs first;
-        without it, a model whose states are not initialised yet is initialised unbatched.
-    seed : int, optional
-        Seeds ``brainstate.random`` before the states are initialised.
-    verbose : int
-        ``> 0`` prints the compiled graph's summary (relations, groups and records).
-    vmap : bool
-        Accepted for code written for the published releases; ``True`` (a vmapped learner) is not
-        provided and raises ``NotImplementedError``: batch the model instead (``batch_size=``).
-    **options
-        Passed to the algorithm's constructor (e.g. ``decay_or_rank=0.9`` for pp_prop).
-
-    Returns
-    -------
-    ETraceAlgorithm
-        Compiled and ready: call it per step, or use :meth:`ETraceAlgorithm.etrace_grad`.
-
-    Examples
-    --------
-    >>> import brainstate, jax.numpy as jnp, braintrace
-    >>> class Leaky(brainstate.nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.w = brainstate.ParamState(jnp.full((2, 3), 0.1))
-    ...     def init_state(self, batch_size=None, **kw):
-    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
-    ...     def update(self, x):
-    ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
-    ...         return self.h.value
-    >>> learner = braintrace.compile(Leaky(), 'pp_prop', jnp.zeros((4, 2)), batch_size=4, decay_or_rank=0.8)
-    >>> xs, ys = jnp.ones((10, 4, 2)), jnp.zeros((10, 4, 3))
-    >>> grads = learner.etrace_grad(xs, ys, step_fn=lambda out, y: jnp.mean((out - y) ** 2))
-    >>> grads[('w',)].shape
-    (2, 3)
-    """
-    if vmap:
-        raise NotImplementedError(
-            "braintrace.compile(..., vmap=True): a vmapped learner is not provided; batch the model's "
-            "states instead (batch_size=...)."
-        )
-    if seed is not None:
-        brainstate.random.seed(seed)
-    if batch_size is not None:
-        brainstate.nn.init_all_states(model, batch_size=batch_size)
-    elif not model.states(brainstate.HiddenState):
-        brainstate.nn.init_all_states(model)
-    if isinstance(algorithm, str):
-        try:
-            cls = ALGORITHMS[algorithm.lower()]
-        except KeyError:
-            raise ValueError(
-                f"Unknown algorithm {algorithm!r}; expected one of {sorted(ALGORITHMS)} or an "
-                f"ETraceAlgorithm class."
-            ) from None
-        alg = cls(model, **options)
-    elif isinstance(algorithm, type) and issubclass(algorithm, ETraceAlgorithm):
-        alg = algorithm(model, **options)
-    elif isinstance(algorithm, ETraceAlgorithm):
-        if options:
-            raise TypeError("Options cannot be passed with an algorithm instance.")
-        if algorithm.model is not model:
-            raise ValueError("The algorithm instance wraps a different model.")
-        alg = algorithm
-    else:
-        raise TypeError(
-            f"`algorithm` must be a name, an ETraceAlgorithm class or instance, got {algorithm!r}."
-        )
-    alg.compile_graph(*example_inputs)
-    if verbose:
-        print(alg.graph.summary())
-    return alg
-
+__all__ = ["etrace_grad"]
 
 def etrace_grad(
     self: ETraceAlgorithm,

@@ -14,7 +14,12 @@ Keys that need no ``x`` (``bias``, and every key of an input-free primitive such
 (the same memory as :math:`\epsilon_f`) and are solved with ``xy_to_dw`` of that trace.
 
 ``decay_or_rank``: a float is :math:`\lambda \in (0, 1)`; an int ``r > 0`` means
-:math:`\lambda = (r-1)/(r+1)`.
+:math:`\lambda = (r-1)/(r+1)`; a pair sets the input and output sides apart,
+:math:`(\lambda_x, \lambda_f)` (the ``trace_factorization='io_factorized'`` coordinates of
+:class:`~braintrace.ETraceConfig`, whose ``temporal_recursion`` pair also selects the output
+side's operator: :math:`D_t` (``'jacobian'``), :math:`I` (``'scalar_leak'``) or 0 (``'none'``);
+the exact keys then follow :math:`\epsilon \leftarrow D_t\epsilon + df_t`,
+:math:`\lambda_f\epsilon + df_t` or :math:`df_t`).
 
 The bias correction :math:`1-\lambda^{t+1}` is not formed from a power of :math:`\lambda`: each
 output trace carries its normaliser :math:`c \leftarrow \lambda\,c + (1-\lambda)` (a scalar, in the
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 from braintrace._etrace_op._registries import BATCHED_PRIMITIVES, ETP_X_INVAR_INDICES, get_rule
 from braintrace._etrace_op._trace_ops import rule_kwargs
 
+from .axes import ETraceConfig
 from .executor import StepValues
 from .vjp_algorithm import ETraceVjpAlgorithm
 
@@ -68,6 +74,18 @@ def decay_from_decay_or_rank(decay_or_rank) -> float:
     return lam
 
 
+def _decay_pair(decay_or_rank):
+    """``(lambda_x, lambda_f)`` from one decay or rank, or from a pair of them."""
+    if isinstance(decay_or_rank, (tuple, list)):
+        if len(decay_or_rank) != 2:
+            raise ValueError(
+                f"`decay_or_rank` as a pair must be (x_side, f_side), got {decay_or_rank!r}."
+            )
+        return tuple(decay_from_decay_or_rank(v) for v in decay_or_rank)
+    lam = decay_from_decay_or_rank(decay_or_rank)
+    return (lam, lam)
+
+
 def _contract(d, e):
     """``(D e)[..., s] = sum_j D[..., s, j] e[..., j]``."""
     return jnp.einsum("...sj,...j->...s", d, e)
@@ -97,11 +115,16 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     Parameters
     ----------
     model : brainstate.nn.Module
-    decay_or_rank : float or int
-        ``lambda`` in (0, 1), or an int rank ``r > 0`` meaning ``lambda = (r-1)/(r+1)``.
+    decay_or_rank : float, int or pair
+        ``lambda`` in (0, 1), or an int rank ``r > 0`` meaning ``lambda = (r-1)/(r+1)``; a pair
+        ``(lambda_x, lambda_f)`` sets the two sides apart.
     name : str, optional
-    vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, config, random_feedback_key
+    vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, random_feedback_key
         See :class:`~braintrace.ETraceVjpAlgorithm`.
+    config : ETraceConfig, optional
+        An ``trace_factorization='io_factorized'`` config; its ``decay`` pair and
+        ``temporal_recursion`` pair then define the traces (``decay_or_rank`` must agree with it
+        or be left at its default).
 
     Examples
     --------
@@ -138,6 +161,19 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         normalize_matrix_spectrum: bool = False,
         mode=None,
     ):
+        pair = _decay_pair(decay_or_rank)
+        if config is None:
+            config = ETraceConfig(trace_factorization="io_factorized", decay=pair)
+        elif (
+            isinstance(config, ETraceConfig)
+            and config.is_factorized
+            and decay_or_rank != 0.9
+            and tuple(config.decay) != pair
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: `decay_or_rank={decay_or_rank!r}` (decays {pair}) disagrees with "
+                f"config.decay={config.decay}; give the decays once (in the config)."
+            )
         super().__init__(
             model,
             name=name,
@@ -149,7 +185,25 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             config=config,
             random_feedback_key=random_feedback_key,
         )
-        self.decay = decay_from_decay_or_rank(decay_or_rank)
+        #: The input side's decay :math:`\lambda_x` and the output side's :math:`\lambda_f`.
+        self.decay_x, self.decay_f = self.config.decay
+
+    _factorization = "io_factorized"
+
+    @property
+    def decay(self) -> float:
+        """:math:`\lambda` when both sides share it (``AttributeError`` otherwise: read
+        :attr:`decay_x` and :attr:`decay_f`)."""
+        if self.decay_x != self.decay_f:
+            raise AttributeError(
+                f"{type(self).__name__} has two decays (x-side {self.decay_x}, f-side {self.decay_f}); read "
+                f"`decay_x` / `decay_f`."
+            )
+        return self.decay_x
+
+    def _recursion_operator(self):
+        """The output side's operator (its decay multiplies it in the update)."""
+        return self.config.temporal_recursion[1], 1.0
 
     def _relation_groups(self):
         for r in self.graph.hidden_param_op_relations:
@@ -176,12 +230,14 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         return vals
 
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
-        lam = self.decay
+        lam_x, lam = self.decay_x, self.decay_f
+        # the exact keys' operator: D ('jacobian'), lambda_f I ('scalar_leak'; step.d is I), 0
+        exact_scale = lam if self.config.temporal_recursion[1] == "scalar_leak" else 1.0
         new = {}
         for r in self.graph.hidden_param_op_relations:
             if self._needs_x(r):
                 k = f"x{r.index}"
-                new[k] = (lam * traces[k] + step.xs[r.index]).astype(traces[k].dtype)
+                new[k] = (lam_x * traces[k] + step.xs[r.index]).astype(traces[k].dtype)
         for r, gi, g in self._relation_groups():
             d, df = step.d[g.index], step.df[(r.index, gi)]
             if self._needs_x(r):
@@ -191,7 +247,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                 new[c] = (lam * traces[c] + (1 - lam)).astype(traces[c].dtype)
             for key in _exact_keys(r):
                 k = f"e{r.index}_g{gi}_{key}"
-                new[k] = (_contract(d, traces[k]) + df).astype(traces[k].dtype)
+                new[k] = (exact_scale * _contract(d, traces[k]) + df).astype(traces[k].dtype)
         return new
 
     def _solve(self, traces, cts, weights, aux):

@@ -9,8 +9,11 @@ from typing import Dict, Optional, Tuple
 import brainstate
 import jax
 import jax.numpy as jnp
+import saiunit as u
 
+from braintrace._compatible_imports import Literal
 from braintrace._compiler.diagnostics import CompilationError
+from braintrace._etrace_op._registries import ETP_X_INVAR_INDICES
 from braintrace._input_data import (
     MultiStepData,
     get_single_step_data,
@@ -19,10 +22,21 @@ from braintrace._input_data import (
     window_length,
 )
 
+from .axes import ETraceConfig
 from .base import EligibilityTrace, ETraceAlgorithm, add_param_grads
 from .executor import ETraceVjpGraphExecutor, StepValues, _zero_cotangent, add_relation_grads
+from .learning_signal import (
+    as_prng_key,
+    check_modulator,
+    expand_modulator,
+    feedback_alignment_step,
+    random_feedback_operands,
+)
 
 __all__ = ["ETraceVjpAlgorithm"]
+
+#: The key of the modulator a step stores with the traces it hands to the backward pass.
+_SIGNAL = "signal"
 
 
 def _spectral_radius(d):
@@ -76,6 +90,36 @@ def _through_traces(alg, hidden, weights, traces, aux, keep):
     return identity(hidden, weights, traces, aux, keep)
 
 
+def _random_feedback_tap(alg, outs, new_states, state_leaves, arg_leaves, traces, old, weights, aux):
+    r"""``(outs, new_states)`` unchanged; in reverse mode, their cotangents are sent through the
+    random-feedback step (:func:`~braintrace._algorithm.learning_signal.feedback_alignment_step`),
+    the resulting learning signal of the hidden states is contracted with ``traces`` (and, where
+    the outputs read previous hidden values, with ``old = (previous traces, keep)``) and the
+    relation gradients reach the parameters through ``state_leaves``."""
+
+    @jax.custom_vjp
+    def tap(outs, new_states, state_leaves, arg_leaves, traces, old, weights, aux):
+        return outs, new_states
+
+    def fwd(outs, new_states, state_leaves, arg_leaves, traces, old, weights, aux):
+        return (outs, new_states), (state_leaves, arg_leaves, traces, old, weights, aux)
+
+    def bwd(res, cts):
+        state_leaves, arg_leaves, traces, old, weights, aux = res
+        ex = alg.executor
+        d_new, d_old = alg._feedback_cotangents(state_leaves, arg_leaves, *cts)
+        grads = alg._solve(traces, ex.group_cotangents(d_new), weights, aux)
+        if old is not None:
+            old_traces, keep = old
+            grads = add_relation_grads(grads, alg._solve(old_traces, ex.group_cotangents(d_old, keep), weights, aux))
+        routed = ex.route_to_states(state_leaves, arg_leaves, grads, weights)
+        zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
+        return (*cts, routed, zeros(arg_leaves), zeros(traces), zeros(old), zeros(weights), zeros(aux))
+
+    tap.defvjp(fwd, bwd)
+    return tap(outs, new_states, state_leaves, arg_leaves, traces, old, weights, aux)
+
+
 class ETraceVjpAlgorithm(ETraceAlgorithm):
     r"""An algorithm whose gradient arrives through a ``custom_vjp`` step (see the executor).
 
@@ -108,9 +152,33 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         where :math:`\rho(D) > 1`.
     mode : brainstate.mixin.Mode, optional
         Accepted for code written for the 0.2 releases (``brainstate.mixin.Batching()``).
-    control_flow, config, random_feedback_key
-        Keywords of newer published releases; ``None`` (the default) is accepted, anything else
-        raises ``NotImplementedError`` naming the keyword.
+    control_flow : None
+        A keyword of newer published releases (a control-flow policy); ``None`` is accepted,
+        anything else raises ``NotImplementedError``: control flow is analysed through its bodies.
+    config : ETraceConfig, optional
+        The rule's coordinates on the learning-rule axes (see :class:`~braintrace.ETraceConfig`);
+        by default the engine's own (symmetric signal, no filter). Its ``trace_factorization``
+        must be this engine's (``ValueError`` otherwise; :func:`braintrace.compile` picks the
+        engine from a config). ``recurrence_scope='coupled'`` raises ``NotImplementedError``;
+        ``'sparse_n'`` and ``'full'`` are the influence-matrix algorithms' (``ValueError``).
+    random_feedback_key : JAX PRNG key or int, optional
+        The key the fixed random feedback operands are drawn from; required by
+        ``learning_signal='random_feedback'`` (and read by it only).
+
+    Notes
+    -----
+    **Learning signal.** The traces are contracted, in the backward pass of each step, with
+    :math:`\partial L_t/\partial h_t` (``'symmetric'``), with the signal of the random-feedback
+    backward pass (``'random_feedback'``: every trainable ETP op between the hidden states and the
+    outputs uses a fixed random operand, drawn per op from ``random_feedback_key``, in place of
+    its weight; :attr:`random_feedback` holds them), or with a modulator (``'modulatory'``:
+    ``alg.update(x, modulator=m)`` / ``alg(x, modulator=m)`` for one call, or the standing
+    :attr:`modulator`; one array broadcast to every hidden group, see
+    :func:`~braintrace._algorithm.learning_signal.expand_modulator`). Under ``'modulatory'`` the
+    modulator is the whole learning signal: the contraction of the previous step's traces (for
+    outputs reading earlier hidden values) is dropped. The within-step gradient of the
+    parameters (every path that does not pass an earlier step) stays exact under every signal.
+    Signals other than ``'symmetric'`` need ``vjp_method='single-step'``.
     """
 
     def __init__(
@@ -126,16 +194,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         random_feedback_key=None,
     ):
         super().__init__(model, name=name, mode=mode)
-        for key, value in (
-            ("control_flow", control_flow),
-            ("config", config),
-            ("random_feedback_key", random_feedback_key),
-        ):
-            if value is not None:
-                raise NotImplementedError(
-                    f"{type(self).__name__}: `{key}` selects a control-flow policy or learning-rule axes of "
-                    f"newer published releases, which this package does not provide; leave it None."
-                )
+        if control_flow is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: `control_flow={control_flow!r}` selects a control-flow policy of newer "
+                f"published releases; this compiler analyses control flow through its bodies. Leave it None."
+            )
         if vjp_method not in ("single-step", "multi-step"):
             raise ValueError(f"`vjp_method` must be 'single-step' or 'multi-step', got {vjp_method!r}.")
         for key, value in (
@@ -147,9 +210,154 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self.vjp_method = vjp_method
         self.fast_solve = fast_solve
         self.normalize_matrix_spectrum = normalize_matrix_spectrum
+        if config is None:
+            config = self._default_config()
+        self._check_config(config)
+        #: The rule's coordinates (:class:`~braintrace.ETraceConfig`).
+        self.config = config
+        #: ``'symmetric'``, ``'random_feedback'`` or ``'modulatory'``.
+        self.learning_signal = config.learning_signal
+        if self.learning_signal != "symmetric" and vjp_method != "single-step":
+            raise ValueError(
+                f"{type(self).__name__}: learning_signal={self.learning_signal!r} needs "
+                f"vjp_method='single-step' (the multi-step rule differentiates a window exactly), got "
+                f"{vjp_method!r}."
+            )
+        if self.learning_signal == "random_feedback" and random_feedback_key is None:
+            raise ValueError(
+                f"{type(self).__name__}: learning_signal='random_feedback' draws its fixed feedback from "
+                f"`random_feedback_key`; pass one (jax.random.PRNGKey(0), brainstate.random.split_key())."
+            )
+        self.random_feedback_key = None if random_feedback_key is None else as_prng_key(random_feedback_key)
+        #: ``{equation index: {trainable key: random operand}}`` after compiling, under
+        #: ``learning_signal='random_feedback'`` (see :func:`random_feedback_operands`).
+        self.random_feedback = None
+        self._modulator_state = None
+        self._call_modulator = None
+
+    #: The ``trace_factorization`` of the engine's traces.
+    _factorization = "per_param"
+    #: The ``recurrence_scope`` values the engine computes (the first is its default).
+    _scopes = ("diagonal",)
+
+    def _default_config(self) -> ETraceConfig:
+        """The engine's config when none is given: its factorization and scope, symmetric signal."""
+        return ETraceConfig(trace_factorization=self._factorization, recurrence_scope=self._scopes[0])
+
+    def _check_config(self, config):
+        """``config`` is an :class:`ETraceConfig` this engine computes (raises otherwise)."""
+        name = type(self).__name__
+        if not isinstance(config, ETraceConfig):
+            raise TypeError(f"{name}: `config` must be a braintrace.ETraceConfig, got {config!r}.")
+        if config.trace_factorization != self._factorization:
+            raise ValueError(
+                f"{name}: config.trace_factorization={config.trace_factorization!r}, but this engine keeps "
+                f"{self._factorization!r} traces; braintrace.compile(model, config, x0) picks the engine "
+                f"for a config."
+            )
+        if config.recurrence_scope in self._scopes:
+            return
+        if config.recurrence_scope == "coupled":
+            raise NotImplementedError(
+                f"{name}: config.recurrence_scope='coupled' (the per-unit block with the recurrent ETP "
+                f"weights' coupling) is not computed by this package's engines; they keep the intrinsic "
+                f"block ('diagonal'), or the influence matrix (braintrace.RTRL / SnAp)."
+            )
+        if config.recurrence_scope in ("sparse_n", "full"):
+            raise ValueError(
+                f"{name}: config.recurrence_scope={config.recurrence_scope!r} keeps an influence matrix: "
+                f"it is computed by braintrace.{'SnAp' if config.recurrence_scope == 'sparse_n' else 'RTRL'}, "
+                f"not by this engine (braintrace.compile(model, config, x0) picks it)."
+            )
+
+    def _recursion_operator(self):
+        """``(kind, scale)`` of the operator that carries the traces over a step: ``'jacobian'``
+        (``D``), ``'scalar_leak'`` (``scale * I``) or ``'none'`` (0)."""
+        rec = self.config.temporal_recursion
+        return rec, self.config.decay
+
+    # the learning signal ----------------------------------------------------------------------
+    @property
+    def modulator(self):
+        """The standing modulator of ``learning_signal='modulatory'`` (``None`` until set): used by
+        every step called without ``modulator=``. Kept in a ``brainstate`` state, so compiled
+        loops read its current value."""
+        st = self._modulator_state
+        return None if st is None else st.value
+
+    @modulator.setter
+    def modulator(self, value):
+        if value is None:
+            self._modulator_state = None
+            return
+        if self.learning_signal != "modulatory":
+            raise ValueError(self._modulator_misuse())
+        value = jnp.asarray(u.get_mantissa(value))
+        if self.is_compiled:
+            check_modulator(value, self._signal_shapes(), f"{type(self).__name__}.modulator")
+        st = self._modulator_state
+        if st is not None and jnp.shape(st.value) == value.shape and st.value.dtype == value.dtype:
+            st.value = value
+        else:
+            self._modulator_state = brainstate.ShortTermState(value)
+            self.__dict__.pop("_etrace_grad_cache", None)  # compiled loops read the old state object
+
+    def _modulator_misuse(self):
+        return (
+            f"{type(self).__name__}: a `modulator` is the learning signal of learning_signal='modulatory' "
+            f"(braintrace.ThreeFactor); this algorithm's signal is {self.learning_signal!r}."
+        )
+
+    def _signal_shapes(self):
+        return [(*g.shape, g.num_state) for g in self.graph.hidden_groups]
+
+    def _signal_payload(self):
+        """What the backward pass needs to form the learning signal besides the cotangents: the
+        modulator of this call (``'modulatory'``), else ``None``."""
+        if self.learning_signal != "modulatory":
+            return None
+        m = self._call_modulator if self._call_modulator is not None else self.modulator
+        if m is None:
+            raise ValueError(
+                f"{type(self).__name__}: learning_signal='modulatory' needs a modulator: call "
+                f"`alg.update(x, modulator=m)` (or `alg(x, modulator=m)`), or set `alg.modulator = m`."
+            )
+        return check_modulator(m, self._signal_shapes(), "modulator")
+
+    def _modulated(self, m, cts):
+        """The cotangents ``cts`` replaced by the modulator ``m`` (broadcast per group)."""
+        return {k: expand_modulator(m, ct.shape).astype(ct.dtype) for k, ct in cts.items()}
+
+    def _signal_solve(self, traces, cts, weights, aux):
+        """The executor's solve: the learning signal formed from the cotangents ``cts``
+        (``dL/dh``) and, under ``'modulatory'``, the modulator the step stored with its traces,
+        contracted with the traces by the layout's :meth:`_solve`."""
+        payload = traces.get(_SIGNAL)
+        if self.learning_signal == "symmetric":
+            return self._solve(traces, cts, weights, aux)
+        if self.learning_signal == "modulatory" and payload is not None:
+            return self._solve(traces, self._modulated(payload, cts), weights, aux)
+        # random feedback arrives through the output tap; the previous traces under a modulator
+        # are not contracted (the modulator is the whole signal)
+        return {}
+
+    def _feedback_cotangents(self, state_leaves, arg_leaves, out_cts, state_cts=None):
+        """``(d_new, d_old)``: the random-feedback learning signal of the hidden states (and of
+        their previous values, for outputs reading them) for the output cotangents ``out_cts``
+        (``None`` entries: zero) and the new states' cotangents ``state_cts`` (default zero)."""
+        pert = self.executor.perturbation
+        old0 = pert.zeros() if self.executor.reads_old else None
+        (outs, news), vjp = jax.vjp(
+            lambda p, q: self._feedback_step(state_leaves, arg_leaves, p, q), pert.zeros(), old0
+        )
+        out_cts = [_zero_cotangent(o) if c is None else c for c, o in zip(out_cts, outs)]
+        state_cts = [_zero_cotangent(n) for n in news] if state_cts is None else list(state_cts)
+        return vjp((out_cts, state_cts))
 
     def _build(self):
         self.executor = self._make_executor()
+        if self.learning_signal == "random_feedback":
+            self._build_random_feedback()
         self.etrace = EligibilityTrace({**self._init_trace_values(), "epoch": jnp.zeros((), jnp.int32)})
         info = self.graph.module_info
         self._hidden_leaf_ids = tuple(sorted({h.leaf for h in info.hidden_leaves}))
@@ -162,7 +370,38 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
     def _make_executor(self) -> ETraceVjpGraphExecutor:
         """The executor of the compiled graph; algorithms that evaluate the step differently (the
         influence-matrix algorithms differentiate the whole step) return their own subclass."""
-        return ETraceVjpGraphExecutor(self.graph, self._solve)
+        return ETraceVjpGraphExecutor(self.graph, self._signal_solve)
+
+    def _build_random_feedback(self):
+        """Draw the fixed random operands of the trainable ETP ops whose input depends on a hidden
+        value (the ops between the hidden states and the outputs) and build the step that uses them
+        in the backward pass."""
+        info = self.graph.module_info
+        jaxpr = info.jaxpr
+        in_vars, out_vars = info.state_invars(), info.state_outvars()
+        reached = {
+            v for h in info.hidden_leaves for v in (in_vars[h.leaf], out_vars[h.leaf]) if not isinstance(v, Literal)
+        }
+        for eqn in jaxpr.eqns:
+            if any((not isinstance(v, Literal)) and v in reached for v in eqn.invars):
+                reached.update(eqn.outvars)
+        drawn = random_feedback_operands(jaxpr, self.random_feedback_key)
+        ops = {}
+        for i, o in drawn.items():
+            eqn = jaxpr.eqns[i]
+            x = eqn.invars[ETP_X_INVAR_INDICES.get(eqn.primitive, 0)]
+            if not isinstance(x, Literal) and x in reached:
+                ops[i] = o
+        if not ops:
+            raise ValueError(
+                f"{type(self).__name__}: learning_signal='random_feedback' replaces, in the backward pass, the "
+                f"weights of the trainable ETP ops that read the hidden states (a read-out), but no trainable "
+                f"ETP op of {type(self.model).__name__} reads them: the signal would be the symmetric one. "
+                f"Route the read-out through braintrace.matmul (braintrace.nn.Linear, LeakyRateReadout)."
+            )
+        self.random_feedback = ops
+        relation_eqns = [r.eqn_index for r in self.graph.hidden_param_op_relations]
+        self._feedback_step = feedback_alignment_step(info, ops, relation_eqns)
 
     def _restart_if_reset(self, traces, state_leaves, step: Optional[StepValues] = None):
         """``(traces, keep)`` at the start of a step, where the hidden states may differ from the
@@ -210,10 +449,15 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
 
     def _prepare_jacobians(self, step: StepValues, keep=None):
         """``step.d`` as the traces use it: with ``normalize_matrix_spectrum``, rescaled to spectral
-        radius at most 1 per unit, and times ``keep`` (a restart, see :meth:`_restart_if_reset`)."""
+        radius at most 1 per unit; replaced by the config's ``temporal_recursion`` operator when it
+        is not ``'jacobian'``; and times ``keep`` (a restart, see :meth:`_restart_if_reset`)."""
         d = step.d
         if self.normalize_matrix_spectrum:
             d = {g: v / jnp.maximum(1.0, _spectral_radius(v))[..., None, None] for g, v in d.items()}
+        kind, scale = self._recursion_operator()
+        if kind != "jacobian":  # temporal_recursion 'scalar_leak' (scale * I) or 'none' (0)
+            scale = 0.0 if kind == "none" else scale
+            d = {g: jnp.broadcast_to(scale * jnp.eye(v.shape[-1], dtype=v.dtype), v.shape) for g, v in d.items()}
         if keep is not None:
             d = {g: v * jnp.asarray(keep[g], v.dtype)[..., None, None] for g, v in d.items()}
         step.d = d
@@ -263,19 +507,48 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         old, keep = self._restart_if_reset(self.etrace.value, state_leaves, step)
         new_traces = jax.lax.stop_gradient(self._update_traces(old, step))
         new_traces["epoch"] = old["epoch"]
-        old_traces = (jax.lax.stop_gradient(old), keep) if self.executor.reads_old else None
-        outs, new_state_leaves = self.executor.call(state_leaves, arg_leaves, new_traces, step, old_traces)
+        reads_old = self.executor.reads_old
+        old = jax.lax.stop_gradient(old)
+        payload = self._signal_payload()
+        data = new_traces if payload is None else {**new_traces, _SIGNAL: payload}
+        outs, new_state_leaves = self.executor.call(
+            state_leaves, arg_leaves, data, step, (old, keep) if reads_old else None
+        )
+        if self.learning_signal == "random_feedback":
+            outs, new_state_leaves = _random_feedback_tap(
+                self,
+                outs,
+                new_state_leaves,
+                state_leaves,
+                arg_leaves,
+                new_traces,
+                (old, keep) if reads_old else None,
+                step.weights,
+                step.aux,
+            )
         self.etrace.value = new_traces
         self._remember_hidden(new_state_leaves)
         self._write_states(states, new_state_leaves)
         return jax.tree.unflatten(info.out_treedef, outs)
 
-    def update(self, *inputs):
+    def update(self, *inputs, modulator=None):
         """Run one step (or, with :class:`~braintrace.MultiStepData`, a window of steps).
 
         Under ``vjp_method='multi-step'`` every call is a window (of one step for inputs without
         :class:`~braintrace.MultiStepData`, whose output is then not stacked), see the class
-        docstring; under ``'single-step'`` a window is ``K`` single steps."""
+        docstring; under ``'single-step'`` a window is ``K`` single steps (sharing ``modulator``).
+
+        ``modulator`` (``learning_signal='modulatory'`` only) is this call's learning signal in
+        place of the standing :attr:`modulator`."""
+        if modulator is not None and self.learning_signal != "modulatory":
+            raise ValueError(self._modulator_misuse())
+        self._call_modulator = modulator
+        try:
+            return self._update(*inputs)
+        finally:
+            self._call_modulator = None
+
+    def _update(self, *inputs):
         if self.vjp_method == "single-step" or not self.is_compiled:
             return super().update(*inputs)
         self._count_call()
@@ -297,6 +570,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         :math:`\partial L/\partial h_{t_0}` through the traces at :math:`t_0` to the parameters
         (:meth:`_solve`). The traces advance by the ``K`` steps' updates on the side.
         """
+        if self.learning_signal != "symmetric":
+            raise ValueError(
+                f"{type(self).__name__}: the multi-step rule (windows of steps) differentiates each window "
+                f"exactly; learning_signal={self.learning_signal!r} is a single-step rule. Use window=1."
+            )
         info = self.graph.module_info
         ex = self.executor
         leaves, stepped = split_window(*inputs)
@@ -352,12 +630,21 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         info = self.graph.module_info
         ex = self.executor
         arg_leaves = jax.tree.leaves(inputs)
+        signal = self.learning_signal
+        payload = self._signal_payload()
+        if signal == "random_feedback":  # the output error is needed: a zero added to each output
+            out_zeros = [
+                jnp.zeros(v.aval.shape, v.aval.dtype) if jnp.issubdtype(v.aval.dtype, jnp.inexact) else None
+                for v in info.jaxpr.outvars[: info.num_out_leaves]
+            ]
 
         def loss_fn(perturbations):
             states, state_leaves = self._current_states()
             outs, new_state_leaves, env = ex.perturbed(
-                state_leaves, arg_leaves, *perturbations, return_env=True
+                state_leaves, arg_leaves, *perturbations[:2], return_env=True
             )
+            if signal == "random_feedback":
+                outs = [o if z is None else o + z for o, z in zip(outs, perturbations[2])]
             step = ex.step_values(state_leaves, arg_leaves, env=env)  # no second evaluation of the step
             self._write_states(states, new_state_leaves)
             loss = step_fn(jax.tree.unflatten(info.out_treedef, outs), *targets)
@@ -365,17 +652,23 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
 
         grad_fn = brainstate.transform.grad(loss_fn, params, argnums=0, has_aux=True, return_value=True)
         zeros_old = ex.perturbation.zeros() if ex.reads_old else None
-        (grads, (d_perturbation, d_old)), loss, (step, state_leaves) = grad_fn(
-            (ex.perturbation.zeros(), zeros_old)
-        )
+        perturbations = (ex.perturbation.zeros(), zeros_old)
+        if signal == "random_feedback":
+            perturbations = (*perturbations, out_zeros)
+        (grads, d_all), loss, (step, state_leaves) = grad_fn(perturbations)
+        d_perturbation, d_old = d_all[0], d_all[1]
         step = StepValues(*step)
         old, keep = self._restart_if_reset(self.etrace.value, state_leaves, step)
+        if signal == "random_feedback":
+            d_perturbation, d_old = self._feedback_cotangents(state_leaves, arg_leaves, d_all[2])
         cts = ex.group_cotangents(d_perturbation)
+        if signal == "modulatory":
+            cts = self._modulated(payload, cts)
         if factored:
             new_traces, relation_grads, factors = self._update_solve_factored(old, step, cts)
         else:
             new_traces, relation_grads = self._update_and_solve(old, step, cts)
-        if ex.reads_old:  # paths h_(t-1) -> L_t that avoid h_t: the previous traces, in full
+        if ex.reads_old and signal != "modulatory":  # paths h_(t-1) -> L_t that avoid h_t: the previous traces
             relation_grads = add_relation_grads(
                 relation_grads,
                 self._solve(old, ex.group_cotangents(d_old, keep), step.weights, step.aux),

@@ -1,0 +1,202 @@
+"""``braintrace.compile``: a model, a rule (a name, a class, or an :class:`ETraceConfig`) and
+example inputs in, a compiled learner out."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Union
+
+import brainstate
+
+from .axes import ETraceConfig
+from .base import ETraceAlgorithm
+from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from .pp_prop import IODimVjpAlgorithm
+from .presets import EProp, OSTLFeedforward, OSTLRecurrent, ThreeFactor
+
+__all__ = ["compile", "ALGORITHMS", "resolve_algorithm"]
+
+#: Algorithm names accepted by :func:`compile`, and the classes they select.
+ALGORITHMS = {
+    "d_rtrl": D_RTRL,
+    "es_d_rtrl": IODimVjpAlgorithm,
+    "esd_rtrl": IODimVjpAlgorithm,
+    "pp_prop": IODimVjpAlgorithm,
+    "eprop": EProp,
+    "e_prop": EProp,
+    "three_factor": ThreeFactor,
+    "ostl_recurrent": OSTLRecurrent,
+    "ostl_feedforward": OSTLFeedforward,
+}
+
+#: Names of the influence-matrix algorithms: ``braintrace.<class>`` looked up when compiling.
+_INFLUENCE = {"rtrl": "RTRL", "snap": "SnAp", "uoro": "UORO"}
+
+#: Names of the published releases that this package does not provide.
+_NOT_PROVIDED = {"dni": "DNI (a learned synthetic gradient)"}
+
+
+def _package_class(name: str, why: str):
+    import braintrace
+
+    cls = getattr(braintrace, name, None)
+    if cls is None:
+        raise NotImplementedError(
+            f"braintrace.compile: {why} is computed by braintrace.{name}, which this installation does not "
+            f"provide."
+        )
+    return cls
+
+
+def resolve_algorithm(algorithm):
+    """``(class, extra constructor options)`` for a name, a class or an :class:`ETraceConfig`."""
+    if isinstance(algorithm, ETraceConfig):
+        cfg = algorithm
+        if cfg.trace_factorization == "io_factorized":
+            return IODimVjpAlgorithm, {"config": cfg}
+        if cfg.trace_factorization == "random_projection":
+            return _package_class("UORO", "trace_factorization='random_projection'"), {"config": cfg}
+        if cfg.recurrence_scope == "full":
+            return _package_class("RTRL", "recurrence_scope='full'"), {"config": cfg}
+        if cfg.recurrence_scope == "sparse_n":
+            return _package_class("SnAp", "recurrence_scope='sparse_n'"), {"config": cfg}
+        return ParamDimVjpAlgorithm, {"config": cfg}
+    if isinstance(algorithm, str):
+        key = algorithm.strip().lower()
+        if key in ALGORITHMS:
+            return ALGORITHMS[key], {}
+        if key in _INFLUENCE:
+            return _package_class(_INFLUENCE[key], f"{algorithm!r}"), {}
+        if key in _NOT_PROVIDED:
+            raise NotImplementedError(
+                f"braintrace.compile: {algorithm!r} ({_NOT_PROVIDED[key]}) is an algorithm of the published "
+                f"releases that this package does not provide."
+            )
+        names = sorted({*ALGORITHMS, *_INFLUENCE})
+        raise ValueError(
+            f"braintrace.compile: unknown algorithm {algorithm!r}; expected one of {names}, an ETraceAlgorithm "
+            f"class, or a braintrace.ETraceConfig."
+        )
+    if isinstance(algorithm, type) and issubclass(algorithm, ETraceAlgorithm):
+        return algorithm, {}
+    raise TypeError(
+        f"braintrace.compile: `algorithm` must be a name, an ETraceAlgorithm class or instance, or a "
+        f"braintrace.ETraceConfig; got {algorithm!r}."
+    )
+
+
+def _config_options(cls, cfg: ETraceConfig, options: dict) -> dict:
+    """The constructor options for ``cls`` built from the config ``cfg``: the config itself, or,
+    for a class that takes no ``config``, the keywords that select the same coordinates."""
+    if "config" in options:
+        raise TypeError("braintrace.compile: the config was given twice (as `algorithm` and as `config=`).")
+    params = inspect.signature(cls).parameters
+    if "config" in params:
+        return {**options, "config": cfg}
+    if cfg.recurrence_scope == "sparse_n" and "n" in params:  # pragma: no cover - depends on SnAp
+        return {**options, "n": cfg.sparse_n}
+    return dict(options)  # pragma: no cover - depends on the influence classes
+
+
+def compile(
+    model,
+    algorithm: Union[str, type, ETraceAlgorithm, ETraceConfig] = "d_rtrl",
+    *example_inputs,
+    batch_size: Optional[int] = None,
+    seed: Optional[int] = None,
+    verbose: int = 0,
+    vmap: bool = False,
+    **options,
+) -> ETraceAlgorithm:
+    """Initialise ``model``'s states, wrap it in ``algorithm`` and compile the graph.
+
+    Parameters
+    ----------
+    model : brainstate.nn.Module
+    algorithm : str, class, ETraceAlgorithm or ETraceConfig
+        A name (case-insensitive): ``'d_rtrl'``; ``'pp_prop'`` / ``'es_d_rtrl'`` /
+        ``'esd_rtrl'``; ``'eprop'`` / ``'e_prop'`` (:class:`~braintrace.EProp`);
+        ``'three_factor'``; ``'ostl_recurrent'``; ``'ostl_feedforward'``; ``'rtrl'``, ``'snap'``
+        (``n=`` its order) and ``'uoro'`` (``braintrace.RTRL`` / ``SnAp`` / ``UORO``). An
+        algorithm class, an uncompiled instance wrapping ``model``, or an
+        :class:`~braintrace.ETraceConfig`, which selects the engine from its coordinates
+        (``'per_param'`` with the diagonal scope: :class:`~braintrace.ParamDimVjpAlgorithm`;
+        ``'io_factorized'``: :class:`~braintrace.IODimVjpAlgorithm`; the full or SnAp scope and
+        the random projection: the influence-matrix algorithms) and is passed to it.
+    *example_inputs
+        One step's inputs (shapes only).
+    batch_size : int, optional
+        When given, ``brainstate.nn.init_all_states(model, batch_size=batch_size)`` runs first;
+        without it, a model whose states are not initialised yet is initialised unbatched.
+    seed : int, optional
+        Seeds ``brainstate.random`` before the states are initialised.
+    verbose : int
+        ``> 0`` prints the compiled graph's summary (relations, groups and records).
+    vmap : bool
+        Accepted for code written for the published releases; ``True`` (a vmapped learner) is not
+        provided and raises ``NotImplementedError``: batch the model instead (``batch_size=``).
+    **options
+        Passed to the algorithm's constructor (e.g. ``decay_or_rank=0.9`` for pp_prop,
+        ``feedback='random', random_feedback_key=0`` for e-prop).
+
+    Returns
+    -------
+    ETraceAlgorithm
+        Compiled and ready: call it per step, or use :meth:`ETraceAlgorithm.etrace_grad`.
+
+    Raises
+    ------
+    ValueError
+        An unknown name.
+    TypeError
+        An ``algorithm`` of another kind; a config given both as ``algorithm`` and ``config=``.
+    NotImplementedError
+        A name or a config coordinate whose algorithm this installation does not provide.
+
+    Examples
+    --------
+    >>> import brainstate, jax.numpy as jnp, braintrace
+    >>> class Leaky(brainstate.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = brainstate.ParamState(jnp.full((2, 3), 0.1))
+    ...     def init_state(self, batch_size=None, **kw):
+    ...         self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+    ...     def update(self, x):
+    ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
+    ...         return self.h.value
+    >>> learner = braintrace.compile(Leaky(), 'pp_prop', jnp.zeros((4, 2)), batch_size=4, decay_or_rank=0.8)
+    >>> xs, ys = jnp.ones((10, 4, 2)), jnp.zeros((10, 4, 3))
+    >>> grads = learner.etrace_grad(xs, ys, step_fn=lambda out, y: jnp.mean((out - y) ** 2))
+    >>> grads[('w',)].shape
+    (2, 3)
+    >>> cfg = braintrace.ETraceConfig(trace_factorization='io_factorized', decay=(0.5, 0.8))
+    >>> type(braintrace.compile(Leaky(), cfg, jnp.zeros((4, 2)), batch_size=4)).__name__
+    'IODimVjpAlgorithm'
+    """
+    if vmap:
+        raise NotImplementedError(
+            "braintrace.compile(..., vmap=True): a vmapped learner is not provided; batch the model's "
+            "states instead (batch_size=...)."
+        )
+    if isinstance(algorithm, ETraceAlgorithm):
+        if options:
+            raise TypeError("Options cannot be passed with an algorithm instance.")
+        if algorithm.model is not model:
+            raise ValueError("The algorithm instance wraps a different model.")
+        alg = None
+    else:
+        cls, extra = resolve_algorithm(algorithm)
+        if "config" in extra:
+            options = _config_options(cls, extra["config"], options)
+    if seed is not None:
+        brainstate.random.seed(seed)
+    if batch_size is not None:
+        brainstate.nn.init_all_states(model, batch_size=batch_size)
+    elif not model.states(brainstate.HiddenState):
+        brainstate.nn.init_all_states(model)
+    alg = algorithm if isinstance(algorithm, ETraceAlgorithm) else cls(model, **options)
+    alg.compile_graph(*example_inputs)
+    if verbose:
+        print(alg.graph.summary())
+    return alg
