@@ -1,6 +1,6 @@
 """Online gradients of this package and of the published braintrace, side by side, on the same models.
 
-Each model below is written with public names that both packages share. The script runs itself once
+Each model is written with public names that both packages share. The script runs itself once
 per Python interpreter (``--ours``, default the current one, and ``--published``, an interpreter whose
 environment has the published package, e.g. ``pip install braintrace==0.2.6`` in its own venv), saves
 the gradients, and prints, per model and rule, the relative difference between the two and each one's
@@ -9,7 +9,8 @@ relative error against BPTT (float64).
     python ci/compare_published_grads.py --published /path/to/venv/bin/python
 
 The interpreters import ``braintrace`` from their own environments: the script lives outside the
-package, so this checkout is not on either one's path unless installed there.
+package, so this checkout is not on either one's path unless installed there. The models are those
+of ``side_by_side_models.small_models`` (written with the names both packages share).
 """
 
 from __future__ import annotations
@@ -22,70 +23,12 @@ import sys
 import tempfile
 
 import numpy as np
+from side_by_side_models import SMALL_B as B
+from side_by_side_models import SMALL_H as H
+from side_by_side_models import SMALL_I as I
+from side_by_side_models import small_models
 
-B, I, H, T = 2, 3, 4, 6
-
-
-def _models():
-    import brainstate
-    import jax.numpy as jnp
-    import numpy as np
-
-    import braintrace
-
-    rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.normal(size=(I, H)) * 0.5)
-    u = jnp.asarray(rng.normal(size=(H, H)) * 0.5)
-
-    class TanhRNN(brainstate.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = brainstate.ParamState(w)
-            self.u = brainstate.ParamState(u)
-
-        def init_state(self, batch_size=None, **kw):
-            self.h = brainstate.HiddenState(jnp.zeros((batch_size, H)))
-
-        def update(self, x):
-            pre = braintrace.matmul(x, self.w.value) + braintrace.matmul(self.h.value, self.u.value)
-            self.h.value = jnp.tanh(pre)
-            return self.h.value
-
-    class Leaky(brainstate.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = brainstate.ParamState(w)
-
-        def init_state(self, batch_size=None, **kw):
-            self.h = brainstate.HiddenState(jnp.zeros((batch_size, H)))
-
-        def update(self, x):
-            self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
-            return jnp.tanh(self.h.value)
-
-    class DirectOutput(Leaky):
-        def update(self, x):
-            y = braintrace.matmul(x, self.w.value)
-            self.h.value = 0.9 * self.h.value + y
-            return self.h.value + y
-
-    def tanh_rnn(ws, xs_t, h):
-        return jnp.tanh(xs_t @ ws["w"] + h @ ws["u"]), None
-
-    def leaky(ws, xs_t, h):
-        new = 0.9 * h + xs_t @ ws["w"]
-        return new, jnp.tanh(new)
-
-    def direct(ws, xs_t, h):
-        y = xs_t @ ws["w"]
-        new = 0.9 * h + y
-        return new, new + y
-
-    return {
-        "tanh_rnn": (TanhRNN, tanh_rnn, {"w": w, "u": u}),
-        "leaky": (Leaky, leaky, {"w": w}),
-        "direct_output": (DirectOutput, direct, {"w": w}),
-    }
+T = 6
 
 
 def _worker(out_path):
@@ -103,7 +46,7 @@ def _worker(out_path):
     ys = jnp.asarray(rng.normal(size=(T, B, H)))
     loss = lambda o, y: 0.5 * jnp.sum((o - y) ** 2)  # noqa: E731
     results = {"version": getattr(braintrace, "__version__", "?")}
-    for name, (cls, plain, weights) in _models().items():
+    for name, (cls, plain, weights) in small_models().items():
 
         def bptt(ws):
             h, acc = jnp.zeros((B, H)), 0.0

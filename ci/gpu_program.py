@@ -39,9 +39,6 @@ import sys
 import time
 import warnings
 
-# A compile-only GPU: JAX itself must not try to use a CUDA device.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -350,6 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hlo-dir", type=pathlib.Path, help="keep each compiled program's HLO text here")
     parser.add_argument("--launches", action="store_true", help="print every launch of a step")
     args = parser.parse_args(argv)
+    # A compile-only GPU: JAX itself must not try to use a CUDA device. Set here, not at import, so
+    # that a program on a GPU host can import this module's HLO reader without losing its GPU.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     device = gpu_device()
     rows = []

@@ -426,12 +426,14 @@ def plot(rows, path, machine):
 # --------------------------------------------------------------------------------------------------
 
 
-def replace_between_markers(text: str, block: str) -> str:
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        return f"{head}{START}\n{block}{END}{tail}"
-    return text.rstrip() + f"\n\n## Results\n\n{START}\n{block}{END}\n"
+def replace_between_markers(text: str, block: str, start=START, end=END, heading="## Results") -> str:
+    """``text`` with what lies between the markers ``start`` and ``end`` replaced by ``block``; without
+    the markers, ``heading`` and the marked block are appended."""
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        return f"{head}{start}\n{block}{end}{tail}"
+    return text.rstrip() + f"\n\n{heading}\n\n{start}\n{block}{end}\n"
 
 
 def main(argv=None) -> int:
