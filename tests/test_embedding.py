@@ -52,6 +52,9 @@ def test_forward_is_the_lookup(f64, rng, table, primitive_names):
     names = primitive_names(jax.make_jaxpr(braintrace.embedding)(idx, table))
     assert "etp_emb" in names and "etp_emb_v" not in names
     assert "etp_emb_v" in primitive_names(jax.make_jaxpr(braintrace.embedding)(idx[0], table))
+    from braintrace._etrace_op._registries import ETP_PP_X_REPR
+
+    assert all(ETP_PP_X_REPR.get(p) is emb_mod._emb_pp_x_repr for p in emb_mod.embedding_primitives())
     y = braintrace.embedding(idx[:3], table * u.mV)
     np.testing.assert_array_equal(y.to_decimal(u.mV), table[idx[:3]])
     np.testing.assert_array_equal(
@@ -82,8 +85,13 @@ def test_rules(f64, rng, table):
     w = {"weight": table}
     _, vjp = jax.vjp(lambda t: t[idx], table)
     assert_close(emb_mod._emb_xy_to_dw(idx, g, w)["weight"], vjp(g)[0], np.float64)
-    # the float form is the dense layer fed by one_hot(indices)
-    onehot = jax.nn.one_hot(idx, V, dtype=table.dtype)
+    # pp_prop's representation of the indices: their one-hot rows (as T[i] reads them), and the
+    # float form of xy_to_dw is the dense layer fed by it
+    onehot = emb_mod._emb_pp_x_repr(idx, w)
+    np.testing.assert_array_equal(onehot, jax.nn.one_hot(idx, V, dtype=table.dtype))
+    np.testing.assert_array_equal(
+        emb_mod._emb_pp_x_repr(jnp.asarray([-1, V + 3]), w), np.eye(V)[[V - 1, V - 1]]
+    )
     assert_close(emb_mod._emb_xy_to_dw(onehot, g, w)["weight"], vjp(g)[0], np.float64)
     # yw_to_w(v, xy_to_dw(x, g)) == xy_to_dw(x, v * g), per batch element
     inst = jax.vmap(lambda i, gb: emb_mod._emb_xy_to_dw(i[None], gb[None], w)["weight"])(idx, g)

@@ -27,6 +27,7 @@ __all__ = [
     "ETP_Y_OUTVAR_INDICES",
     "ETP_PRIMITIVE_SPECS",
     "ETP_PRIMITIVES_BY_NAME",
+    "ETP_PP_X_REPR",
     "RULE_REGISTRIES",
     "get_rule",
     "default_trainable_invars",
@@ -62,6 +63,10 @@ ETP_Y_OUTVAR_INDICES: Dict = {}
 ETP_PRIMITIVE_SPECS: Dict = {}
 #: Name -> primitive, to detect re-registration of a name.
 ETP_PRIMITIVES_BY_NAME: Dict[str, object] = {}
+#: ``pp_x_repr(x, weights: dict) -> array``: what the input trace of pp_prop filters in place of ``x``
+#: for a primitive whose ``x`` is not a real-valued input (the one-hot rows of ``embedding``'s integer
+#: indices); its ``xy_to_dw`` accepts that representation as ``x``. Absent: ``x`` itself.
+ETP_PP_X_REPR: Dict = {}
 
 RULE_REGISTRIES = {
     "yw_to_w": ETP_RULES_YW_TO_W,

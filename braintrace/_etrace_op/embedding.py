@@ -20,6 +20,8 @@ ETP rules (``g = \partial h/\partial y`` for one hidden state, shape of ``y``). 
 * ``init_drtrl`` — ``{'weight': zeros(B, V, D, n)}`` (``etp_emb``), ``zeros(V, D, n)``
   (``etp_emb_v``): the D-RTRL trace grows with the vocabulary.
 * ``init_pp`` — the output-shaped df trace ``(*y.shape, n)``.
+* ``pp_x_repr`` (:data:`~braintrace._etrace_op._registries.ETP_PP_X_REPR`) — ``one_hot(i, V)``: what
+  an input trace filters (pp_prop's :math:`\epsilon_x` of shape ``(B, V)``).
 
 The D-RTRL trace operations are the rule-derived ones (:mod:`braintrace._etrace_op._trace_ops`):
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 
 from . import _trace_ops
 from ._batching import make_x_batching_rule
-from ._registries import ETP_PRIMITIVES
+from ._registries import ETP_PP_X_REPR, ETP_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._units import attach, split
 from .dense import apply_operand_fn
@@ -77,6 +79,16 @@ def _emb_yw_to_w(hidden_dim, trace):
     return {"weight": trace["weight"] * jnp.expand_dims(hidden_dim, axis=-2)}
 
 
+def _emb_pp_x_repr(x, weights):
+    """The one-hot rows ``(..., V)`` of the indices, in the table's dtype: the lookup is the dense
+    layer ``one_hot(i) @ T``, so an input trace filters these rows (a decayed sum of indices would
+    mean nothing)."""
+    table = weights["weight"]
+    return jnp.asarray(
+        _rows(jnp.asarray(x), table.shape[0])[..., None] == jnp.arange(table.shape[0]), table.dtype
+    )
+
+
 def _emb_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):
     """``{'weight': zeros(B, V, D, n)}``."""
     return _trace_ops.param_trace_zeros(x_var.aval.shape[:1], weight_vars, num_hidden_state)
@@ -113,6 +125,7 @@ def _registered(name):
     p = _live.get(name)
     if p is None or p not in ETP_PRIMITIVES:
         p = _live[name] = register_primitive_spec(_SPECS[name])
+        ETP_PP_X_REPR[p] = _emb_pp_x_repr
     return p
 
 
