@@ -133,8 +133,9 @@ def compile(
     verbose : int
         ``> 0`` prints the compiled graph's summary (relations, groups and records).
     vmap : bool
-        Accepted for code written for the published releases; ``True`` (a vmapped learner) is not
-        provided and raises ``NotImplementedError``: batch the model instead (``batch_size=``).
+        ``True``: the model's states are created for one example and the learner compiled for it,
+        both mapped over ``batch_size`` lanes (``example_inputs`` carry that batch axis first); returns
+        a :class:`~braintrace.ETraceVmap`.
     **options
         Passed to the algorithm's constructor (e.g. ``decay_or_rank=0.9`` for pp_prop,
         ``feedback='random', random_feedback_key=0`` for e-prop).
@@ -174,11 +175,6 @@ def compile(
     >>> type(braintrace.compile(Leaky(), cfg, jnp.zeros((4, 2)), batch_size=4)).__name__
     'IODimVjpAlgorithm'
     """
-    if vmap:
-        raise NotImplementedError(
-            "braintrace.compile(..., vmap=True): a vmapped learner is not provided; batch the model's "
-            "states instead (batch_size=...)."
-        )
     if isinstance(algorithm, ETraceAlgorithm):
         if options:
             raise TypeError("Options cannot be passed with an algorithm instance.")
@@ -189,6 +185,11 @@ def compile(
         cls, extra = resolve_algorithm(algorithm)
         if "config" in extra:
             options = _config_options(cls, extra["config"], options)
+    if vmap:  # one learner compiled for one example, its states mapped over batch_size lanes
+        from .vmap import compile_vmap
+
+        alg = algorithm if isinstance(algorithm, ETraceAlgorithm) else cls(model, **options)
+        return compile_vmap(alg, *example_inputs, batch_size=batch_size, seed=seed, verbose=verbose)
     if seed is not None:
         brainstate.random.seed(seed)
     if batch_size is not None:
