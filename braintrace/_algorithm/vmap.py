@@ -45,9 +45,7 @@ class ETraceVmap(SequenceDriverMixin, brainstate.nn.Vmap):
     ...     def update(self, x):
     ...         self.h.value = 0.9 * self.h.value + braintrace.matmul(x, self.w.value)
     ...         return self.h.value
-    >>> from braintrace._algorithm.vmap import compile_vmap
-    >>> model = Leaky()
-    >>> learner = compile_vmap(braintrace.D_RTRL(model), jnp.zeros((4, 2)), batch_size=4)
+    >>> learner = braintrace.compile(Leaky(), 'd_rtrl', jnp.zeros((4, 2)), batch_size=4, vmap=True)
     >>> isinstance(learner, braintrace.ETraceVmap), learner(jnp.ones((4, 2))).shape
     (True, (4, 3))
     >>> xs, ys = jnp.ones((10, 4, 2)), jnp.zeros((10, 4, 3))
