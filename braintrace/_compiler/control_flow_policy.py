@@ -69,6 +69,8 @@ class ControlFlowPolicy:
     fixpoint_iteration_limit : int
         The published bound on rewriting sweeps (a positive int; the rewriting here is one pass).
 
+    Notes
+    -----
     See :mod:`braintrace._compiler.control_flow_policy` for what each value means here. Invalid
     values raise ``ValueError`` / ``TypeError`` naming the field.
 

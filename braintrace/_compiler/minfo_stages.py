@@ -75,6 +75,8 @@ def find_hidden_groups_from_minfo(
         into different groups (a ``HiddenTreeState`` with leaves of different shapes) has one key
         per leaf, its path followed by the leaf's position in the state.
 
+    Notes
+    -----
     Compiler records (warnings) are raised as Python warnings; :func:`~braintrace.compile_etrace_graph`
     keeps them on the graph.
 
