@@ -173,3 +173,7 @@ __all__ += [
     "FixedRandomFeedback",
     "KappaFilter",
 ]
+
+from ._algorithm import RTRL, UORO, InfluenceVjpAlgorithm, RandomProjectionVjpAlgorithm, SnAp  # noqa: E402
+
+__all__ += ["InfluenceVjpAlgorithm", "RTRL", "SnAp", "RandomProjectionVjpAlgorithm", "UORO"]

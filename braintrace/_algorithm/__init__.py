@@ -6,6 +6,7 @@ from .compiling import ALGORITHMS, compile
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
 from .filters import KappaFilter
+from .influence import RTRL, UORO, InfluenceVjpAlgorithm, RandomProjectionVjpAlgorithm, SnAp
 from .learning_signal import FixedRandomFeedback
 from .pp_prop import ES_D_RTRL, IODimVjpAlgorithm, pp_prop
 from .presets import EProp, OSTLFeedforward, OSTLRecurrent, ThreeFactor
@@ -35,4 +36,9 @@ __all__ = [
     "OSTLFeedforward",
     "FixedRandomFeedback",
     "KappaFilter",
+    "InfluenceVjpAlgorithm",
+    "RTRL",
+    "SnAp",
+    "RandomProjectionVjpAlgorithm",
+    "UORO",
 ]

@@ -1,0 +1,479 @@
+"""The influence-matrix algorithms: RTRL, SnAp-n and UORO (``braintrace/_algorithm/influence.py``).
+
+Oracles, all float64:
+
+* RTRL: BPTT, ``jax.grad`` of the loss summed over the unrolled sequence: a plain-``jnp`` step for
+  the dense RNN, the modules themselves called in a Python loop under ``brainstate.transform.grad``
+  for the GRU and the spiking network;
+* SnAp-n: a plain-``jnp`` recursion ``M_t = mask ⊙ (J_t M_{t-1} + I_t)`` with ``J`` and ``I`` from
+  ``jax.jacfwd`` of the plain step per batch row and the mask from the patterns of ``J`` and ``I``
+  at random weights (numpy matrix powers);
+* UORO: the mean of its gradient over many projection keys against RTRL, within five standard
+  errors of the sample.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import brainstate
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import saiunit as u
+
+import braintrace
+from braintrace import DiagnosticKind
+from braintrace._compiler.diagnostics import ETraceCompilationWarning
+
+B, T = 2, 5
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    old_x64, old_precision = bool(jax.config.jax_enable_x64), brainstate.environ.get_precision()
+    jax.config.update("jax_enable_x64", True)
+    brainstate.environ.set(precision=64)
+    try:
+        with brainstate.environ.context(dt=1.0 * u.ms):
+            yield
+    finally:
+        brainstate.environ.set(precision=old_precision)
+        jax.config.update("jax_enable_x64", old_x64)
+
+
+def rel_err(a, b) -> float:
+    a = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(a)])
+    b = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(b)])
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def assert_grads_equal(got, want, tol=1e-10, what=""):
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    for k in want:
+        assert rel_err(got[k], want[k]) < tol, f"{what} {k}: relative error {rel_err(got[k], want[k]):.2e}"
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def sq_loss(out, y):
+    return jnp.sum((out - y) ** 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+# ------------------------------------------------------------------------------------------------
+
+
+def dense_step(p, h, x, mm):
+    """The dense tanh RNN, with ``mm`` the weight product (braintrace.matmul or a plain one)."""
+    return jnp.tanh(mm(h, p["w"]) + mm(x, p["u"], p["b"]))
+
+
+def plain_mm(x, w, b=None):
+    return x @ w if b is None else x @ w + b
+
+
+class DenseRNN(brainstate.nn.Module):
+    """``h = tanh(h W + x U + b)`` (W, U, b traced), ``out = h V`` (V plain: within-step gradient)."""
+
+    def __init__(self, n=4, i=3, o=2, seed=0):
+        super().__init__()
+        k = jax.random.split(jax.random.PRNGKey(seed), 4)
+        self.w = brainstate.ParamState(jax.random.normal(k[0], (n, n)) * 0.7)
+        self.u = brainstate.ParamState(jax.random.normal(k[1], (i, n)) * 0.7)
+        self.b = brainstate.ParamState(jax.random.normal(k[2], (n,)) * 0.2)
+        self.v = brainstate.ParamState(jax.random.normal(k[3], (n, o)))
+        self.n = n
+
+    def init_state(self, batch_size=None, **kw):
+        self.h = brainstate.HiddenState(jnp.zeros((batch_size, self.n)))
+
+    def params(self):
+        return {"w": self.w.value, "u": self.u.value, "b": self.b.value, "v": self.v.value}
+
+    def update(self, x):
+        self.h.value = dense_step(self.params(), self.h.value, x, braintrace.matmul)
+        return self.h.value @ self.v.value
+
+
+def dense_bptt(model, xs, ys, resets=()):
+    """BPTT of the dense RNN in plain jnp; ``resets``: ``(step, row)`` whose hidden value is set to
+    zero (by hand, no gradient through it) before that step."""
+    p0 = model.params()
+
+    def total(p):
+        h, tot = jnp.zeros((xs.shape[1], model.n)), 0.0
+        for t in range(xs.shape[0]):
+            for step, row in resets:
+                if step == t:
+                    h = h.at[row].set(0.0)
+            h = dense_step(p, h, xs[t], plain_mm)
+            tot = tot + sq_loss(h @ p["v"], ys[t])
+        return tot
+
+    g = jax.jit(jax.grad(total))(p0)
+    return {(k,): v for k, v in g.items()}
+
+
+class GRUNet(brainstate.nn.Module):
+    def __init__(self):
+        super().__init__()
+        brainstate.random.seed(3)
+        self.cell = braintrace.nn.GRUCell(3, 4)
+        self.out = braintrace.nn.Linear(4, 2)
+
+    def update(self, x):
+        return self.out(self.cell(x))
+
+
+class SpikingNet(brainstate.nn.Module):
+    """LIF neurons fed by a Linear layer of the input and a Linear layer of their previous spikes."""
+
+    def __init__(self):
+        super().__init__()
+        brainstate.random.seed(4)
+        k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+        self.inp = braintrace.nn.Linear(3, 4, w_init=jax.random.normal(k1, (3, 4)) * 1.5)
+        self.rec = braintrace.nn.Linear(4, 4, w_init=jax.random.normal(k2, (4, 4)))
+        self.lif = braintrace.nn.LIF(4, tau=3.0 * u.ms, V_th=0.6)
+
+    def update(self, x):
+        spikes = self.lif.get_spike()
+        return self.lif(self.inp(x) + self.rec(spikes))
+
+
+def module_bptt(model, xs, ys):
+    """BPTT through the module itself: every step called in one ``brainstate.transform.grad``."""
+    brainstate.nn.init_all_states(model, batch_size=xs.shape[1])
+    params = model.states(brainstate.ParamState)
+
+    def total():
+        return sum(sq_loss(model(xs[t]), ys[t]) for t in range(xs.shape[0]))
+
+    grads = brainstate.transform.jit(brainstate.transform.grad(total, params))()
+    brainstate.nn.init_all_states(model, batch_size=xs.shape[1])
+    return grads
+
+
+def data(i, o, seed=1, steps=T, scale=1.0):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(kx, (steps, B, i)) * scale, jax.random.normal(ky, (steps, B, o))
+
+
+def per_step_grads(alg, xs, ys, before_step=None):
+    """The algorithm called under ``brainstate.transform.grad`` at every step (one ``jit``-compiled
+    step function), summed; ``before_step(t)`` runs first at each step."""
+    params = alg.model.states(brainstate.ParamState)
+    step = brainstate.transform.jit(brainstate.transform.grad(lambda x, y: sq_loss(alg(x), y), params))
+    total = None
+    for t in range(xs.shape[0]):
+        if before_step is not None:
+            before_step(t)
+        g = step(xs[t], ys[t])
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# RTRL
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rtrl_equals_bptt_on_a_dense_rnn_per_step_and_through_etrace_grad():
+    model = DenseRNN()
+    brainstate.nn.init_all_states(model, batch_size=B)
+    xs, ys = data(3, 2)
+    want = dense_bptt(model, xs, ys)
+    alg = braintrace.RTRL(model).compile_graph(xs[0])
+    assert alg.executor.rows == B  # the batch rows are independent: one J per row
+    assert_grads_equal(per_step_grads(alg, xs, ys), want, what="per step")
+    assert_grads_equal(alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum"), want, what="etrace_grad")
+    # the multi-step rule: exact inside a window, M at the window's start carries the rest
+    assert_grads_equal(
+        alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum", window=2), want, what="windows of 2"
+    )
+
+
+@pytest.mark.parametrize("net, sizes", [(GRUNet, (3, 2)), (SpikingNet, (3, 4))], ids=["gru", "lif"])
+def test_rtrl_equals_bptt_on_braintrace_nn_models(net, sizes):
+    model = net()
+    xs, ys = data(*sizes, seed=2, scale=1.5)
+    want = module_bptt(model, xs, ys)
+    alg = quiet(braintrace.RTRL(model).compile_graph, xs[0])
+    assert_grads_equal(per_step_grads(alg, xs, ys), want, what="per step")
+    brainstate.nn.init_all_states(model, batch_size=B)
+    assert_grads_equal(alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum"), want, what="etrace_grad")
+    assert all(float(jnp.abs(v).max()) > 1e-4 for v in jax.tree.leaves(want))  # no trivial gradient
+
+
+def test_rtrl_restarts_the_influence_of_hidden_values_set_by_hand():
+    """Row 0's hidden value set to zero before step 3: its influence restarts there (row 1 keeps)."""
+    model = DenseRNN()
+    brainstate.nn.init_all_states(model, batch_size=B)
+    xs, ys = data(3, 2, seed=5)
+    want = dense_bptt(model, xs, ys, resets=[(3, 0)])
+    alg = braintrace.RTRL(model).compile_graph(xs[0])
+
+    def reset_row_0(t):
+        if t == 3:
+            model.h.value = model.h.value.at[0].set(0.0)
+
+    total = per_step_grads(alg, xs, ys, before_step=reset_row_0)
+    assert_grads_equal(total, want)
+    assert rel_err(total[("w",)], dense_bptt(model, xs, ys)[("w",)]) > 1e-3  # the reset matters
+
+
+def test_rtrl_does_not_report_what_a_per_unit_jacobian_leaves_out():
+    """D_RTRL records the GRU's cross-layer and recurrent-weight approximations and leaves the reset
+    gate's weights untraced; RTRL is exact there: it records none of them and warns only about the
+    readout (which no algorithm traces: its within-step gradient is exact)."""
+    per_unit = {
+        DiagnosticKind.NON_DIAGONAL_PATH,
+        DiagnosticKind.CROSS_LAYER_INFLUENCE,
+        DiagnosticKind.RECURRENT_ETP_WEIGHT,
+        DiagnosticKind.CROSS_GROUP_COUPLING,
+    }
+    model = GRUNet()
+    brainstate.nn.init_all_states(model, batch_size=B)
+    x = jnp.zeros((B, 3))
+    d_rtrl = quiet(braintrace.D_RTRL(model).compile_graph, x)
+    assert {r.kind for r in d_rtrl.graph.records} & per_unit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rtrl = braintrace.RTRL(model).compile_graph(x)
+    assert not {r.kind for r in rtrl.graph.records} & per_unit
+    untraced = {r.subject for r in rtrl.graph.records if r.kind is DiagnosticKind.PLAIN_PARAMETER}
+    assert untraced == {("out.weight",)}
+    assert {r.subject for r in d_rtrl.graph.records if r.kind is DiagnosticKind.PLAIN_PARAMETER} == {
+        ("cell.Wr.weight",),
+        ("out.weight",),
+    }
+    messages = [str(w.message) for w in caught if issubclass(w.category, ETraceCompilationWarning)]
+    assert len(messages) == 1 and "['out.weight']" in messages[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# SnAp-n
+# ------------------------------------------------------------------------------------------------
+
+
+class Chain(brainstate.nn.Module):
+    """Three leaky tanh layers, each reading the previous layer's value of the last step: the input
+    weights reach layer 1 in one step, layer 2 in two and layer 3 in three (dependency depth 3)."""
+
+    def __init__(self, n=3, i=2, seed=6):
+        super().__init__()
+        k = jax.random.split(jax.random.PRNGKey(seed), 3)
+        self.u1 = brainstate.ParamState(jax.random.normal(k[0], (i, n)))
+        self.u2 = brainstate.ParamState(jax.random.normal(k[1], (n, n)))
+        self.u3 = brainstate.ParamState(jax.random.normal(k[2], (n, n)))
+        self.n = n
+
+    def init_state(self, batch_size=None, **kw):
+        self.h1 = brainstate.HiddenState(jnp.zeros((batch_size, self.n)))
+        self.h2 = brainstate.HiddenState(jnp.zeros((batch_size, self.n)))
+        self.h3 = brainstate.HiddenState(jnp.zeros((batch_size, self.n)))
+
+    def update(self, x):
+        p = {"u1": self.u1.value, "u2": self.u2.value, "u3": self.u3.value}
+        h = (self.h1.value, self.h2.value, self.h3.value)
+        self.h1.value, self.h2.value, self.h3.value = chain_step(p, h, x, braintrace.matmul)
+        return self.h3.value + self.h1.value
+
+
+def chain_step(p, h, x, mm):
+    h1, h2, h3 = h
+    return (
+        jnp.tanh(mm(x, p["u1"]) + 0.5 * h1),
+        jnp.tanh(mm(h1, p["u2"]) + 0.5 * h2),
+        jnp.tanh(mm(h2, p["u3"]) + 0.5 * h3),
+    )
+
+
+def snap_oracle(model, xs, ys, n):
+    """Masked influence recursion in plain jnp, per batch row, summed gradient over the sequence."""
+    names = ("u1", "u2", "u3")
+    p0 = {k: getattr(model, k).value for k in names}
+    shapes = [p0[k].shape for k in names]
+    sizes = [int(np.prod(s)) for s in shapes]
+    nh = 3 * model.n
+
+    def row_step(h, th, x):  # one batch row: h (3n,), θ (P,), x (i,)
+        parts = np.cumsum([0, *sizes])
+        p = {k: th[parts[j] : parts[j + 1]].reshape(shapes[j]) for j, k in enumerate(names)}
+        hs = (h[None, : model.n], h[None, model.n : 2 * model.n], h[None, 2 * model.n :])
+        return jnp.concatenate(chain_step(p, hs, x[None], plain_mm), axis=1)[0]
+
+    th0 = jnp.concatenate([p0[k].ravel() for k in names])
+    jac_h = jax.vmap(jax.jacfwd(row_step, argnums=0), in_axes=(0, None, 0))
+    jac_th = jax.vmap(jax.jacfwd(row_step, argnums=1), in_axes=(0, None, 0))
+    rng = np.random.default_rng(0)
+    pj, pi = np.zeros((nh, nh), bool), np.zeros((nh, len(th0)), bool)
+    for _ in range(2):  # patterns at random values
+        hr, thr, xr = rng.standard_normal((B, nh)), rng.standard_normal(len(th0)), rng.standard_normal((B, 2))
+        pj |= np.any(np.asarray(jac_h(hr, thr, xr)) != 0, axis=0)
+        pi |= np.any(np.asarray(jac_th(hr, thr, xr)) != 0, axis=0)
+    mask = pi.copy()
+    for _ in range(n - 1):
+        mask = ((pj | np.eye(nh, dtype=bool)).astype(float) @ mask.astype(float)) > 0
+
+    def out_fn(h):
+        return h[:, 2 * model.n :] + h[:, : model.n]
+
+    h, m, grad = jnp.zeros((B, nh)), jnp.zeros((B, nh, len(th0))), jnp.zeros(len(th0))
+    for t in range(xs.shape[0]):
+        jh, ith = jac_h(h, th0, xs[t]), jac_th(h, th0, xs[t])
+        m = mask * (jnp.einsum("rij,rjp->rip", jh, m) + ith)
+        h = jax.vmap(row_step, in_axes=(0, None, 0))(h, th0, xs[t])
+        dl_dh = jax.grad(lambda hh: sq_loss(out_fn(hh), ys[t]))(h)
+        grad = grad + jnp.einsum("ri,rip->p", dl_dh, m)
+    parts = np.cumsum([0, *sizes])
+    return {(k,): grad[parts[j] : parts[j + 1]].reshape(shapes[j]) for j, k in enumerate(names)}, mask
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_snap_equals_a_masked_influence_recursion(n):
+    model = Chain()
+    brainstate.nn.init_all_states(model, batch_size=B)
+    xs, ys = data(2, 3, seed=7, scale=1.0)
+    want, mask = snap_oracle(model, xs, ys, n)
+    full, _ = snap_oracle(model, xs, ys, 3)
+    assert rel_err(want[("u1",)], full[("u1",)]) > 1e-3  # the mask drops something on this model
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alg = braintrace.SnAp(model, n=n).compile_graph(xs[0])
+    assert alg.dependency_depth == 3
+    np.testing.assert_array_equal(np.asarray(alg._layout.mask, bool), mask)
+    assert_grads_equal(alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum"), want)
+    # one record per parameter whose entries are dropped, one warning for the compile
+    dropped = {r.subject for r in alg.graph.records if r.kind is DiagnosticKind.INFLUENCE_APPROXIMATION}
+    assert dropped == ({("u1",), ("u2",)} if n == 1 else {("u1",)})
+    assert len([w for w in caught if "SnAp-" in str(w.message)]) == 1
+
+
+def compiled(model, make, x, batch_size=B):
+    """``make(model)`` compiled at the model's initial states (zeros), warnings silenced."""
+    brainstate.nn.init_all_states(model, batch_size=batch_size)
+    return quiet(make(model).compile_graph, x)
+
+
+def summed(alg, xs, ys):
+    return alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum")
+
+
+def test_snap_at_the_dependency_depth_equals_rtrl_and_records_nothing():
+    model = DenseRNN()
+    xs, ys = data(3, 2, seed=8)
+    want = summed(compiled(model, braintrace.RTRL, xs[0]), xs, ys)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    snap = braintrace.SnAp(model, n=2).compile_graph(xs[0])
+    assert snap.dependency_depth == 2
+    assert not [r for r in snap.graph.records if r.kind is DiagnosticKind.INFLUENCE_APPROXIMATION]
+    assert_grads_equal(summed(snap, xs, ys), want, tol=1e-12)
+    one = compiled(model, lambda m: braintrace.SnAp(m, n=1), xs[0])
+    assert rel_err(summed(one, xs, ys)[("w",)], want[("w",)]) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# UORO
+# ------------------------------------------------------------------------------------------------
+
+
+def test_uoro_is_unbiased_for_rtrl_and_one_sample_is_not_rtrl():
+    """Sixteen identical batch rows, each with its own signs: one run averages sixteen estimates."""
+    rows, steps, keys = 16, 3, 300
+    model = DenseRNN(n=3, i=2, seed=9)
+    kx, ky = jax.random.split(jax.random.PRNGKey(10))
+    xs = jnp.broadcast_to(jax.random.normal(kx, (steps, 1, 2)), (steps, rows, 2))
+    ys = jnp.broadcast_to(jax.random.normal(ky, (steps, 1, 2)), (steps, rows, 2))
+    compile_at = lambda make: compiled(model, make, xs[0], batch_size=rows)
+    want = summed(compile_at(braintrace.RTRL), xs, ys)
+    biased = summed(compile_at(lambda m: braintrace.SnAp(m, n=1)), xs, ys)
+    alg = compile_at(braintrace.UORO)
+    assert alg.executor.rows == rows
+    samples = []
+    for key in range(keys):
+        alg.projection_key = key
+        samples.append(summed(alg, xs, ys))
+    for k in [("w",), ("u",), ("b",)]:
+        a = np.stack([np.asarray(s[k]) for s in samples])
+        mean, bound = a.mean(0), 5 * np.linalg.norm(a.std(0, ddof=1)) / np.sqrt(keys)
+        exact = np.asarray(want[k])
+        assert np.linalg.norm(mean - exact) < bound, (k, np.linalg.norm(mean - exact), bound)
+        assert bound < 0.4 * np.linalg.norm(exact)  # a bias of 40% would show
+        assert np.linalg.norm(a[0] - exact) > 1e-3 * np.linalg.norm(exact)  # one sample is not RTRL
+    for k in [("u",), ("b",)]:  # the test tells a biased rule apart: SnAp-1 lies outside the bound
+        a = np.stack([np.asarray(s[k]) for s in samples])
+        bound = 5 * np.linalg.norm(a.std(0, ddof=1)) / np.sqrt(keys)
+        assert np.linalg.norm(a.mean(0) - np.asarray(biased[k])) > bound
+    np.testing.assert_allclose(samples[0][("v",)], want[("v",)], rtol=1e-12)  # the plain readout is exact
+
+
+def test_uoro_per_step_equals_etrace_grad_and_repeats_for_a_key():
+    model = DenseRNN(n=3, i=2, seed=11)
+    brainstate.nn.init_all_states(model, batch_size=B)
+    xs, ys = data(2, 2, seed=12)
+    alg = quiet(braintrace.UORO(model, projection_key=5).compile_graph, xs[0])
+    assert alg.etrace.value["h_tilde"].shape == (B, 3)
+    assert alg.etrace.value["theta_tilde"].shape == (B, 3 * 3 + 2 * 3 + 3)
+    driven = alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum")
+    brainstate.nn.init_all_states(model, batch_size=B)
+    alg.reset_state()
+    assert_grads_equal(per_step_grads(alg, xs, ys), driven, tol=1e-12)
+    assert_grads_equal(alg.etrace_grad(xs, ys, step_fn=sq_loss, reduction="sum"), driven, tol=0.0 + 1e-15)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_memory_limit_names_the_memory_needed_and_the_limit():
+    model = DenseRNN()
+    brainstate.nn.init_all_states(model, batch_size=B)
+    with pytest.raises(ValueError, match=r"max_influence_bytes.=1000 .*UORO") as err:
+        braintrace.RTRL(model, max_influence_bytes=1000).compile_graph(jnp.zeros((B, 3)))
+    # M: 2 rows x 4 hidden x 32 weights x 8 bytes
+    assert "2 row(s) x 4 hidden elements x 32 weight elements) needs 2.0 KiB" in str(err.value)
+    with pytest.raises(ValueError, match=r"snap_max_jacobian_elements.=31"):
+        braintrace.SnAp(model, n=1, snap_max_jacobian_elements=31).compile_graph(jnp.zeros((B, 3)))
+    braintrace.RTRL(model, snap_max_jacobian_elements=32).compile_graph(jnp.zeros((B, 3)))  # 2 x 4 x 4
+
+
+@pytest.mark.parametrize(
+    "n, error, match",
+    [
+        (0, ValueError, "`n` must be an int >= 1"),
+        (-2, ValueError, "got -2"),
+        (True, TypeError, "bool"),
+        (1.5, TypeError, "`n` must be an int"),
+        ("2", TypeError, "str"),
+    ],
+)
+def test_bad_n(n, error, match):
+    with pytest.raises(error, match=match):
+        braintrace.SnAp(DenseRNN(), n=n)
+
+
+def test_combinations_that_do_not_exist_fail_at_construction():
+    model = DenseRNN()
+    with pytest.raises(ValueError, match="needs recurrence_scope='full'"):
+        braintrace.InfluenceVjpAlgorithm(model, recurrence_scope=2, trace_layout="projection")
+    with pytest.raises(ValueError, match="never forms"):
+        braintrace.InfluenceVjpAlgorithm(model, trace_layout="projection", normalize_matrix_spectrum=True)
+    with pytest.raises(ValueError, match="'dense' or 'projection'"):
+        braintrace.InfluenceVjpAlgorithm(model, trace_layout="sparse")
+    with pytest.raises(ValueError, match="'full' or an int"):
+        braintrace.InfluenceVjpAlgorithm(model, recurrence_scope="snap")
+    with pytest.raises(TypeError, match="max_influence_bytes"):
+        braintrace.RTRL(model, max_influence_bytes=1e9)
+    with pytest.raises(TypeError, match="projection_key"):
+        braintrace.UORO(model, projection_key="seed")
+    with pytest.raises(ValueError, match="projection_eps"):
+        braintrace.UORO(model, projection_eps=-1.0)
