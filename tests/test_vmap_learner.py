@@ -84,35 +84,19 @@ def test_vmapped_learner_equals_the_batched_one(data, name, options):
     assert losses.shape == (T,)
 
 
-def test_vmapped_d_rtrl_equals_bptt_where_exact(data):
-    """Without the recurrent weight's own path (held fixed by D-RTRL's definition), the input
-    weight's online gradient is BPTT's: checked for the per-example learner, mean over steps."""
+def test_vmapped_d_rtrl_evolves_and_equals_bptt_where_exact(data):
+    """``etrace_evolve`` runs the model per example; then, without the recurrent weight's own path
+    (held fixed by D-RTRL's definition), the input weight's online gradient is BPTT's (mean over
+    the steps of etrace_grad, the traces carried over from the evolved steps)."""
     xs, ys = data
     model = Leaky()
     model.w_rec.value = jnp.zeros((H, H))
     learner = compile_vmap(braintrace.D_RTRL(model), xs[0], batch_size=B)
-    grads = learner.etrace_grad(xs, ys, step_fn=lambda x, y: jnp.sum((learner(x) - y) ** 2))
-
-    def loss(w):
-        def body(h, inp):
-            h = model.a * jnp.tanh(h) + inp[0] @ w
-            return h, jnp.sum((h - inp[1]) ** 2)
-
-        return jax.lax.scan(body, jnp.zeros((B, H)), (xs, ys))[1].sum() / T
-
-    assert_close(grads[("w_in",)], jax.grad(loss)(model.w_in.value), np.float64)
-
-
-def test_evolve_mask_and_errors(data):
-    xs, ys = data
-    learner = compile_vmap(braintrace.D_RTRL(Leaky()), xs[0], batch_size=B)
     ref = Leaky()
+    ref.w_rec.value = jnp.zeros((H, H))
     brainstate.nn.init_all_states(ref, batch_size=B)
     outs = learner.etrace_evolve(xs, return_outputs=True)
-    want = []
-    for t in range(T):
-        want.append(ref(xs[t]))
-    assert_close(outs, jnp.stack(want), np.float64)
+    assert_close(outs, jnp.stack([ref(xs[t]) for t in range(T)]), np.float64)
     f = lambda x, y: jnp.sum((learner(x) - y) ** 2)  # noqa: E731
     with pytest.raises(ValueError, match="vmapped learner"):
         learner.etrace_grad(xs[:4], ys[:4], step_fn=f, chunk_size=2)
@@ -122,6 +106,17 @@ def test_evolve_mask_and_errors(data):
         learner.etrace_grad(xs, ys, step_fn=f, reduction="max")
     with pytest.raises(ValueError, match="leading time axis"):
         learner.etrace_grad(xs, ys[:4], step_fn=f)
+    grads = learner.etrace_grad(xs, ys, step_fn=f)
+
+    def loss(w):  # the traces remember the evolved steps: BPTT over both passes, losses on the second
+        def body(h, inp):
+            h = model.a * jnp.tanh(h) + inp[0] @ w
+            return h, jnp.sum((h - inp[1]) ** 2)
+
+        both = (jnp.concatenate([xs, xs]), jnp.concatenate([ys, ys]))
+        return jax.lax.scan(body, jnp.zeros((B, H)), both)[1][T:].sum() / T
+
+    assert_close(grads[("w_in",)], jax.grad(loss)(model.w_in.value), np.float64)
 
 
 def test_compile_vmap_errors(data):
