@@ -162,10 +162,10 @@ class ETraceConfig:
     (('scalar_leak', 'jacobian'), (0.9, 0.9))
     >>> braintrace.ETraceConfig(trace_filter='kappa', kappa=0.0).trace_filter
     'none'
-    >>> braintrace.ETraceConfig(kappa=0.5)
+    >>> braintrace.ETraceConfig(kappa=0.5)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: ETraceConfig: `kappa=0.5` is set but `trace_filter` is 'none'; set trace_filter='kappa' or drop `kappa`.
+    ValueError: ETraceConfig: `kappa=0.5` is set but `trace_filter` is 'none'; set trace_filter='kappa' ...
     """
 
     trace_factorization: str = "per_param"
@@ -323,8 +323,9 @@ class ETraceConfig:
             side = self.temporal_recursion[1] if fact == "io_factorized" else self.temporal_recursion
             if side != "jacobian":
                 raise ValueError(
-                    f"ETraceConfig: recurrence_scope={self.recurrence_scope!r} widens the Jacobian recursion, "
-                    f"but temporal_recursion is {self.temporal_recursion!r}; use recurrence_scope='diagonal'."
+                    f"ETraceConfig: recurrence_scope={self.recurrence_scope!r} widens the Jacobian "
+                    f"recursion, but temporal_recursion is {self.temporal_recursion!r}; use "
+                    f"recurrence_scope='diagonal'."
                 )
         if self.recurrence_scope in ("sparse_n", "full") and fact != "per_param":
             raise ValueError(

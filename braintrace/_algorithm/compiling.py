@@ -74,8 +74,8 @@ def resolve_algorithm(algorithm):
             )
         names = sorted({*ALGORITHMS, *_INFLUENCE})
         raise ValueError(
-            f"braintrace.compile: unknown algorithm {algorithm!r}; expected one of {names}, an ETraceAlgorithm "
-            f"class, or a braintrace.ETraceConfig."
+            f"braintrace.compile: unknown algorithm {algorithm!r}; expected one of {names}, an "
+            f"ETraceAlgorithm class, or a braintrace.ETraceConfig."
         )
     if isinstance(algorithm, type) and issubclass(algorithm, ETraceAlgorithm):
         return algorithm, {}
@@ -90,12 +90,13 @@ def _config_options(cls, cfg: ETraceConfig, options: dict) -> dict:
     for a class that takes no ``config``, the keywords that select the same coordinates."""
     if "config" in options:
         raise TypeError("braintrace.compile: the config was given twice (as `algorithm` and as `config=`).")
-    params = inspect.signature(cls).parameters
-    if "config" in params:
+    params = inspect.signature(cls.__init__).parameters
+    if "config" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {**options, "config": cfg}
-    if cfg.recurrence_scope == "sparse_n" and "n" in params:  # pragma: no cover - depends on SnAp
-        return {**options, "n": cfg.sparse_n}
-    return dict(options)  # pragma: no cover - depends on the influence classes
+    raise TypeError(
+        f"braintrace.compile: {cls.__name__} takes no `config`, so the coordinates {cfg.describe()} cannot "
+        f"be given to it."
+    )
 
 
 def compile(

@@ -172,8 +172,8 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
                 continue
             if self.lora_factored and r.primitive in (etp_lora_mm_p, etp_lora_mv_p):
                 raise ValueError(
-                    f"{type(self).__name__}: trace_filter='kappa' low-passes the per-parameter trace, but the "
-                    f"LoRA relation {r.primitive.name} (equation {r.eqn_index}, weights "
+                    f"{type(self).__name__}: trace_filter='kappa' low-passes the per-parameter trace, but "
+                    f"the LoRA relation {r.primitive.name} (equation {r.eqn_index}, weights "
                     f"{sorted(p for ps in r.param_paths.values() for p in ps)}) keeps a factored trace "
                     f"(lora_factored=True), whose filtered sum is not a product of filtered factors. Use "
                     f"lora_factored=False."
@@ -181,10 +181,10 @@ class ParamDimVjpAlgorithm(ETraceVjpAlgorithm):
             keys.add(_key(r.index, gi))
         if not keys:
             raise ValueError(
-                f"{type(self).__name__}: trace_filter='kappa' (kappa={self.config.kappa}) low-passes the traces "
-                f"of the weights behind a read-out (e-prop's filter for the read-out's leak), but every hidden "
-                f"group of {type(self.model).__name__} is a read-out (none feeds a further trainable ETP op): "
-                f"there is nothing to filter. Use kappa 0 (trace_filter='none')."
+                f"{type(self).__name__}: trace_filter='kappa' (kappa={self.config.kappa}) low-passes the "
+                f"traces of the weights behind a read-out (e-prop's filter for the read-out's leak), but "
+                f"every hidden group of {type(self.model).__name__} is a read-out (none feeds a further "
+                f"trainable ETP op): there is nothing to filter. Use kappa 0 (trace_filter='none')."
             )
         return frozenset(keys)
 

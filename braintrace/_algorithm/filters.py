@@ -93,7 +93,9 @@ class KappaFilter(brainstate.ShortTermState):
     """
 
     def __init__(self, init_value, kappa: float):
-        value = jnp.asarray(u.get_mantissa(init_value)) if not isinstance(init_value, u.Quantity) else init_value
+        value = (
+            jnp.asarray(u.get_mantissa(init_value)) if not isinstance(init_value, u.Quantity) else init_value
+        )
         super().__init__(value)
         self.kappa = check_kappa(kappa, "KappaFilter: `kappa`")
         self._init_shape = tuple(jnp.shape(value))

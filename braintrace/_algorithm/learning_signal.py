@@ -107,7 +107,9 @@ class FixedRandomFeedback:
             raise ValueError(f"FixedRandomFeedback: `init_scale` must be a float > 0, got {init_scale!r}.")
         self.n_target, self.n_layer = int(n_target), int(n_layer)
         self.init_scale = float(init_scale)
-        noise = jax.random.normal(as_prng_key(key, "key"), (self.n_target, self.n_layer), brainstate.environ.dftype())
+        noise = jax.random.normal(
+            as_prng_key(key, "key"), (self.n_target, self.n_layer), brainstate.environ.dftype()
+        )
         self.B = jax.lax.stop_gradient(self.init_scale * noise)
 
     def project(self, error):
@@ -121,7 +123,10 @@ class FixedRandomFeedback:
         return error @ self.B
 
     def __repr__(self):
-        return f"FixedRandomFeedback(n_target={self.n_target}, n_layer={self.n_layer}, init_scale={self.init_scale})"
+        return (
+            f"FixedRandomFeedback(n_target={self.n_target}, n_layer={self.n_layer}, "
+            f"init_scale={self.init_scale})"
+        )
 
 
 def _trainable_layout(eqn) -> Dict[str, int]:
@@ -207,8 +212,9 @@ def expand_modulator(modulator, shape, owner: str = "modulator"):
         return jnp.broadcast_to(m, tuple(shape))
     except ValueError:
         raise ValueError(
-            f"`{owner}` of shape {m.shape} broadcasts neither to a hidden group's unit shape {unit} nor to "
-            f"{tuple(shape)} (units and the group's {shape[-1]} state(s)); pass a scalar, one value per unit, "
+            f"`{owner}` of shape {m.shape} broadcasts neither to a hidden group's unit shape {unit} "
+            f"nor to {tuple(shape)} (units and the group's {shape[-1]} state(s)); pass a scalar, one "
+            f"value per unit, "
             f"or one per unit and state."
         ) from None
 

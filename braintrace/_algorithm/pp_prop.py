@@ -78,9 +78,7 @@ def _decay_pair(decay_or_rank):
     """``(lambda_x, lambda_f)`` from one decay or rank, or from a pair of them."""
     if isinstance(decay_or_rank, (tuple, list)):
         if len(decay_or_rank) != 2:
-            raise ValueError(
-                f"`decay_or_rank` as a pair must be (x_side, f_side), got {decay_or_rank!r}."
-            )
+            raise ValueError(f"`decay_or_rank` as a pair must be (x_side, f_side), got {decay_or_rank!r}.")
         return tuple(decay_from_decay_or_rank(v) for v in decay_or_rank)
     lam = decay_from_decay_or_rank(decay_or_rank)
     return (lam, lam)
@@ -192,7 +190,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
 
     @property
     def decay(self) -> float:
-        """:math:`\lambda` when both sides share it (``AttributeError`` otherwise: read
+        r""":math:`\lambda` when both sides share it (``AttributeError`` otherwise: read
         :attr:`decay_x` and :attr:`decay_f`)."""
         if self.decay_x != self.decay_f:
             raise AttributeError(

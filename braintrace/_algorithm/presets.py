@@ -300,18 +300,19 @@ class OSTLRecurrent(ParamDimVjpAlgorithm):
         for i, rec in enumerate(records):
             if rec.kind is DiagnosticKind.RECURRENT_ETP_WEIGHT:
                 message = (
-                    f"OSTLRecurrent: OSTL's with-H rule carries the recurrent weight(s) {list(rec.subject or ())} "
-                    f"through their own coupling of each unit (the published recurrence_scope='coupled'); this "
-                    f"package computes the per-unit block of the intrinsic dynamics, which leaves that path "
-                    f"out, so their online gradient is D-RTRL's, not OSTL's. ({rec.message})"
+                    f"OSTLRecurrent: OSTL's with-H rule carries the recurrent weight(s) "
+                    f"{list(rec.subject or ())} through their own coupling of each unit (the published "
+                    f"recurrence_scope='coupled'); this package computes the per-unit block of the "
+                    f"intrinsic dynamics, which leaves that path out, so their online gradient is D-RTRL's, "
+                    f"not OSTL's. ({rec.message})"
                 )
                 records[i] = CompilationRecord(rec.kind, DiagnosticLevel.WARNING, message, rec.subject)
                 found.extend(rec.subject or ())
         if found:
             warnings.warn(
-                f"OSTLRecurrent: the online gradient of the recurrent weight(s) {sorted(set(found))} is D-RTRL's "
-                f"(recurrent coupling left out of D), not OSTL's with-H rule; one record per weight in "
-                f"`graph.records`.",
+                f"OSTLRecurrent: the online gradient of the recurrent weight(s) {sorted(set(found))} is "
+                f"D-RTRL's (recurrent coupling left out of D), not OSTL's with-H rule; one record per "
+                f"weight in `graph.records`.",
                 ETraceCompilationWarning,
                 stacklevel=4,
             )

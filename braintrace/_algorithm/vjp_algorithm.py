@@ -111,7 +111,8 @@ def _random_feedback_tap(alg, outs, new_states, state_leaves, arg_leaves, traces
         grads = alg._solve(traces, ex.group_cotangents(d_new), weights, aux)
         if old is not None:
             old_traces, keep = old
-            grads = add_relation_grads(grads, alg._solve(old_traces, ex.group_cotangents(d_old, keep), weights, aux))
+            old_grads = alg._solve(old_traces, ex.group_cotangents(d_old, keep), weights, aux)
+            grads = add_relation_grads(grads, old_grads)
         routed = ex.route_to_states(state_leaves, arg_leaves, grads, weights)
         zeros = lambda tree: jax.tree.map(_zero_cotangent, tree)
         return (*cts, routed, zeros(arg_leaves), zeros(traces), zeros(old), zeros(weights), zeros(aux))
@@ -196,8 +197,9 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         super().__init__(model, name=name, mode=mode)
         if control_flow is not None:
             raise NotImplementedError(
-                f"{type(self).__name__}: `control_flow={control_flow!r}` selects a control-flow policy of newer "
-                f"published releases; this compiler analyses control flow through its bodies. Leave it None."
+                f"{type(self).__name__}: `control_flow={control_flow!r}` selects a control-flow policy of "
+                f"newer published releases; this compiler analyses control flow through its bodies. Leave it "
+                f"None."
             )
         if vjp_method not in ("single-step", "multi-step"):
             raise ValueError(f"`vjp_method` must be 'single-step' or 'multi-step', got {vjp_method!r}.")
@@ -265,8 +267,8 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             )
         if config.recurrence_scope in ("sparse_n", "full"):
             raise ValueError(
-                f"{name}: config.recurrence_scope={config.recurrence_scope!r} keeps an influence matrix: "
-                f"it is computed by braintrace.{'SnAp' if config.recurrence_scope == 'sparse_n' else 'RTRL'}, "
+                f"{name}: config.recurrence_scope={config.recurrence_scope!r} keeps an influence matrix: it "
+                f"is computed by braintrace.{'SnAp' if config.recurrence_scope == 'sparse_n' else 'RTRL'}, "
                 f"not by this engine (braintrace.compile(model, config, x0) picks it)."
             )
 
@@ -379,9 +381,8 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         info = self.graph.module_info
         jaxpr = info.jaxpr
         in_vars, out_vars = info.state_invars(), info.state_outvars()
-        reached = {
-            v for h in info.hidden_leaves for v in (in_vars[h.leaf], out_vars[h.leaf]) if not isinstance(v, Literal)
-        }
+        ends = [v for h in info.hidden_leaves for v in (in_vars[h.leaf], out_vars[h.leaf])]
+        reached = {v for v in ends if not isinstance(v, Literal)}
         for eqn in jaxpr.eqns:
             if any((not isinstance(v, Literal)) and v in reached for v in eqn.invars):
                 reached.update(eqn.outvars)
@@ -394,9 +395,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
                 ops[i] = o
         if not ops:
             raise ValueError(
-                f"{type(self).__name__}: learning_signal='random_feedback' replaces, in the backward pass, the "
-                f"weights of the trainable ETP ops that read the hidden states (a read-out), but no trainable "
-                f"ETP op of {type(self.model).__name__} reads them: the signal would be the symmetric one. "
+                f"{type(self).__name__}: learning_signal='random_feedback' replaces, in the backward pass, "
+                f"the weights of the trainable ETP ops that read the hidden states (a read-out), but no "
+                f"trainable ETP op of {type(self.model).__name__} reads them: the signal would be the "
+                f"symmetric one. "
                 f"Route the read-out through braintrace.matmul (braintrace.nn.Linear, LeakyRateReadout)."
             )
         self.random_feedback = ops
@@ -457,7 +459,8 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         kind, scale = self._recursion_operator()
         if kind != "jacobian":  # temporal_recursion 'scalar_leak' (scale * I) or 'none' (0)
             scale = 0.0 if kind == "none" else scale
-            d = {g: jnp.broadcast_to(scale * jnp.eye(v.shape[-1], dtype=v.dtype), v.shape) for g, v in d.items()}
+            eye = lambda v: scale * jnp.eye(v.shape[-1], dtype=v.dtype)  # noqa: E731
+            d = {g: jnp.broadcast_to(eye(v), v.shape) for g, v in d.items()}
         if keep is not None:
             d = {g: v * jnp.asarray(keep[g], v.dtype)[..., None, None] for g, v in d.items()}
         step.d = d
@@ -500,6 +503,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
                 s.value = v
 
     def _step(self, *inputs):
+        payload = self._signal_payload()
         info = self.graph.module_info
         states, state_leaves = self._current_states()
         arg_leaves = jax.tree.leaves(inputs)
@@ -509,7 +513,6 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         new_traces["epoch"] = old["epoch"]
         reads_old = self.executor.reads_old
         old = jax.lax.stop_gradient(old)
-        payload = self._signal_payload()
         data = new_traces if payload is None else {**new_traces, _SIGNAL: payload}
         outs, new_state_leaves = self.executor.call(
             state_leaves, arg_leaves, data, step, (old, keep) if reads_old else None
@@ -668,7 +671,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             new_traces, relation_grads, factors = self._update_solve_factored(old, step, cts)
         else:
             new_traces, relation_grads = self._update_and_solve(old, step, cts)
-        if ex.reads_old and signal != "modulatory":  # paths h_(t-1) -> L_t that avoid h_t: the previous traces
+        if ex.reads_old and signal != "modulatory":  # paths h_(t-1) -> L_t avoiding h_t: the old traces
             relation_grads = add_relation_grads(
                 relation_grads,
                 self._solve(old, ex.group_cotangents(d_old, keep), step.weights, step.aux),
