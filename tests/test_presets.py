@@ -248,12 +248,23 @@ def test_compile_names_configs_and_classes(monkeypatch):
     with pytest.raises(TypeError, match="ETraceConfig"):
         braintrace.compile(Leaky(*wbg), 3, xs[0], batch_size=B)
 
+    # the influence-matrix algorithms from their names and their configs
+    snap = braintrace.compile(
+        Leaky(*wbg), ETraceConfig(recurrence_scope="sparse_n", sparse_n=3), xs[0], batch_size=B
+    )
+    assert type(snap) is braintrace.SnAp and snap.recurrence_scope == 3
+    full = ETraceConfig(recurrence_scope="full")
+    assert type(braintrace.compile(Leaky(*wbg), full, xs[0], batch_size=B)) is braintrace.RTRL
+    uoro = ETraceConfig(trace_factorization="random_projection", recurrence_scope="full")
+    assert type(braintrace.compile(Leaky(*wbg), uoro, xs[0], batch_size=B)) is braintrace.UORO
+    with pytest.raises(NotImplementedError, match="learning_signal='modulatory'"):
+        braintrace.compile(Leaky(*wbg), full.replace(learning_signal="modulatory"), xs[0], batch_size=B)
+
     # the influence-matrix names are looked up on the package when compiling
     class FullScope(braintrace.ParamDimVjpAlgorithm):
         _scopes = ("full",)
 
     monkeypatch.setattr(braintrace, "RTRL", FullScope, raising=False)
-    full = ETraceConfig(recurrence_scope="full")
     assert type(braintrace.compile(Leaky(*wbg), "rtrl", xs[0], batch_size=B)) is FullScope
     assert braintrace.compile(Leaky(*wbg), full, xs[0], batch_size=B).config == full
     for name in ("RTRL", "SnAp", "UORO"):

@@ -327,7 +327,7 @@ class ETraceConfig:
                     f"recursion, but temporal_recursion is {self.temporal_recursion!r}; use "
                     f"recurrence_scope='diagonal'."
                 )
-        if self.recurrence_scope in ("sparse_n", "full") and fact != "per_param":
+        if self.recurrence_scope in ("sparse_n", "full") and fact == "io_factorized":
             raise ValueError(
                 f"ETraceConfig: recurrence_scope={self.recurrence_scope!r} keeps an influence matrix per "
                 f"parameter and needs trace_factorization='per_param', got {fact!r}."

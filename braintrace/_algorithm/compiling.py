@@ -86,10 +86,25 @@ def resolve_algorithm(algorithm):
 
 
 def _config_options(cls, cfg: ETraceConfig, options: dict) -> dict:
-    """The constructor options for ``cls`` built from the config ``cfg``: the config itself, or,
-    for a class that takes no ``config``, the keywords that select the same coordinates."""
+    """The constructor options for ``cls`` built from the config ``cfg``: the config itself for an
+    engine that declares the config's scope (``_scopes``) and factorization (``_factorization``);
+    for the influence-matrix algorithms otherwise, the keywords that select the same coordinates
+    (``n`` for SnAp), the other axes at their defaults."""
     if "config" in options:
         raise TypeError("braintrace.compile: the config was given twice (as `algorithm` and as `config=`).")
+    declared = cfg.recurrence_scope in getattr(cls, "_scopes", ()) and cfg.trace_factorization == getattr(
+        cls, "_factorization", None
+    )
+    if cfg.recurrence_scope in ("full", "sparse_n") or cfg.trace_factorization == "random_projection":
+        if not declared:
+            default = ETraceConfig()
+            for axis in ("learning_signal", "trace_filter", "temporal_recursion", "update_schedule"):
+                if getattr(cfg, axis) != getattr(default, axis):
+                    raise NotImplementedError(
+                        f"braintrace.compile: {cls.__name__} computes its influence matrix with the "
+                        f"default {axis}; {axis}={getattr(cfg, axis)!r} is not provided with it."
+                    )
+            return {**options, "n": cfg.sparse_n} if cfg.recurrence_scope == "sparse_n" else dict(options)
     params = inspect.signature(cls.__init__).parameters
     if "config" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return {**options, "config": cfg}
