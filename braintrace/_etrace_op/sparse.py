@@ -120,11 +120,24 @@ def _unpack(args, has_bias):
     return args[0], args[1], bias, tuple(args[first_index:])
 
 
+#: Gathers and scatters by the index operands promise in-bounds indices: the indices are checked
+#: where they have values (see :func:`sparse_matmul`), and the default ``'fill'`` mode of ``jnp.take``
+#: would add a bounds test and a select to every gathered element of every step.
+_IN_BOUNDS = "promise_in_bounds"
+
+
+def _take(a, ids, axis, *, indices_are_sorted=False):
+    """``jnp.take(a, ids, axis)`` for in-bounds ``ids``."""
+    where = (Ellipsis, ids) if axis == -1 else (slice(None),) * axis + (ids,)
+    return a.at[where].get(mode=_IN_BOUNDS, indices_are_sorted=indices_are_sorted)
+
+
 def _sparse_impl(*args, sparse_mat, has_bias=False):
     x, data, bias, (row_ids, col_ids, *_) = _unpack(args, has_bias)
-    contrib = jnp.take(x, row_ids, axis=-1) * data  # (..., nnz)
+    rows_sorted = sparse_mat.format == "csr"  # row_ids expanded from indptr: non-decreasing
+    contrib = _take(x, row_ids, -1, indices_are_sorted=rows_sorted) * data  # (..., nnz)
     y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
-    y = y.at[..., col_ids].add(contrib)
+    y = y.at[..., col_ids].add(contrib, mode=_IN_BOUNDS, indices_are_sorted=sparse_mat.col_sorted)
     if has_bias:
         y = y + bias
     return y
@@ -173,7 +186,7 @@ def _sparse_yw_to_w(hidden_dim, trace, *, sparse_mat, has_bias=False, aux):
     ``hidden_dim``: ``(..., O)``; ``trace['weight']``: ``(..., nnz)``; ``trace['bias']``: ``(..., O)``.
     """
     col_ids = aux[1]
-    out = {"weight": trace["weight"] * jnp.take(hidden_dim, col_ids, axis=-1)}
+    out = {"weight": trace["weight"] * _take(hidden_dim, col_ids, -1)}
     if has_bias:
         out["bias"] = trace["bias"] * hidden_dim
     return out
@@ -181,7 +194,7 @@ def _sparse_yw_to_w(hidden_dim, trace, *, sparse_mat, has_bias=False, aux):
 
 def _csr_sddmm_reference(a, g, row_ids, col_ids):
     r"""``v[p] = sum_b a[b, r_p] g[b, c_p]``: ``a (B, I)``, ``g (B, O)`` -> ``(nnz,)`` (an SDDMM)."""
-    return jnp.sum(jnp.take(a, row_ids, axis=1) * jnp.take(g, col_ids, axis=1), axis=0)
+    return jnp.sum(_take(a, row_ids, 1) * _take(g, col_ids, 1), axis=0)
 
 
 def _csr_sddmm_kernel(a, g, row_ids, col_ids, *, interpret):
@@ -591,23 +604,21 @@ def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
     product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout.
     """
     acc = _arithmetic_dtype(trace.dtype)  # a bfloat16 trace is storage only, as in the kernel
-    d_p = jnp.take(d_t.astype(acc), col_ids, axis=0)  # (nnz, n, n, B)
+    d_p = _take(d_t.astype(acc), col_ids, 0)  # (nnz, n, n, B)
     tr = trace.astype(acc)
     # A loop over the small state axis: a broadcast (nnz, n, n, B) product summed over j is an
     # order of magnitude slower on a CPU.
     carried = d_p[:, :, 0, :] * tr[:, 0:1, :]
     for j in range(1, trace.shape[1]):
         carried = carried + d_p[:, :, j, :] * tr[:, j : j + 1, :]
-    inst = jnp.take(x_t.astype(acc), row_ids, axis=0)[:, None, :] * jnp.take(
-        df_t.astype(acc), col_ids, axis=0
-    )
+    inst = _take(x_t.astype(acc), row_ids, 0)[:, None, :] * _take(df_t.astype(acc), col_ids, 0)
     return (carried + inst).astype(trace.dtype)
 
 
 def _csr_solve_reference(trace, ct_t, row_ids, col_ids):
     r"""``dw[p] = sum_b sum_s trace[p,s,b] ct_t[c_p,s,b]`` (``yw_to_w`` of ``ct`` summed over b, s)."""
     acc = _arithmetic_dtype(trace.dtype)  # returned in it too: float32 for a bfloat16 trace
-    return jnp.sum(trace.astype(acc) * jnp.take(ct_t.astype(acc), col_ids, axis=0), axis=(1, 2))
+    return jnp.sum(trace.astype(acc) * _take(ct_t.astype(acc), col_ids, 0), axis=(1, 2))
 
 
 def _csr_update_kernel(trace, d_t, x_t, df_t, row_ids, col_ids, *, interpret):
