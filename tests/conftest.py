@@ -101,14 +101,18 @@ def _restore_backend():
         braintrace.set_backend("xla")
 
 
+#: Primitives registered on first use.
+LAZY_PRIMITIVES = ("etp_gmm", "etp_gmv", "etp_einsum", "etp_einsum_v", "etp_emb", "etp_emb_v")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _unregister_lazy_primitives():
-    """The grouped primitives register on first use: each test module leaves the registries as it
-    found them (the specification's notebook lists the registered primitives)."""
+    """The grouped, einsum and embedding primitives register on first use: each test module leaves
+    the registries as it found them (the specification's notebook lists the registered primitives)."""
     from braintrace._etrace_op import unregister_primitive
     from braintrace._etrace_op._registries import ETP_PRIMITIVES_BY_NAME
 
-    before = {n: ETP_PRIMITIVES_BY_NAME.get(n) for n in ("etp_gmm", "etp_gmv")}
+    before = {n: ETP_PRIMITIVES_BY_NAME.get(n) for n in LAZY_PRIMITIVES}
     yield
     for name, p in before.items():
         if p is None and name in ETP_PRIMITIVES_BY_NAME:

@@ -369,14 +369,14 @@ class CondModel(brainstate.nn.Module):
         return self.h.value
 
 
-def test_etp_op_inside_cond_is_refused():
+def test_etp_op_inside_cond_is_brought_to_the_top_level():
+    """Both branches are evaluated and selected (tests/test_control_flow.py checks the gradients)."""
     model = CondModel(etp_inside=True)
     brainstate.nn.init_all_states(model, batch_size=B)
-    with pytest.raises(NotSupportedError, match="cond"):
-        braintrace.compile_etrace_graph(model, jnp.zeros((B, I_)))
+    graph, _ = _compile(model, jnp.zeros((B, I_)))
+    assert _relations(graph) == [("etp_mm", {"weight": ("W",)}, ("h",))]
+    assert "cond" not in str(graph.module_info.jaxpr)
     assert issubclass(NotSupportedError, CompilationError)
-    with pytest.raises(NotSupportedError):
-        braintrace.D_RTRL(model).compile_graph(jnp.zeros((B, I_)))
 
 
 def test_cond_without_etp_op_is_fine():
