@@ -117,8 +117,8 @@ def test_the_two_forms_are_told_apart_and_their_options_checked():
     want, _ = _loop(jnp.ones(T))
     for k in want:
         assert om.rel_err(ours[k], want[k]) < 1e-12, k
-    with pytest.raises(ValueError, match="mask"):
-        alg.etrace_grad(xs, ys, step_fn=om.loss_fn, mask=jnp.ones(T))
+    with pytest.raises(ValueError, match="weights"):  # mask, lengths, resets, has_aux: both forms
+        alg.etrace_grad(xs, ys, step_fn=om.loss_fn, weights=alg.model.states(brainstate.ParamState))
     with pytest.raises(ValueError, match="chunk_size"):
         alg.etrace_grad(xs, ys, step_fn=lambda x, y: om.loss_fn(alg(x), y), window=2)
 

@@ -29,6 +29,28 @@ def add_param_grads(total: Dict, grads: Dict) -> Dict:
     return total
 
 
+def _set_rows(rows, now, value, name: str):
+    """``now`` with its batch rows ``rows`` (leading axis; a scalar: every row) replaced by ``value``."""
+    now = jnp.asarray(now)
+    if rows.ndim == 0:
+        return jnp.where(rows, jnp.asarray(value, now.dtype), now)
+    if now.ndim == 0 or now.shape[0] != rows.shape[0]:
+        raise ValueError(
+            f"`resets` has {rows.shape[0]} rows, but state {name!r} has shape {tuple(now.shape)}: resetting "
+            f"rows needs every state the step writes to carry the batch axis first "
+            f"(brainstate.nn.init_all_states(model, batch_size={rows.shape[0]}))."
+        )
+    return jnp.where(rows.reshape((-1,) + (1,) * (now.ndim - 1)), jnp.asarray(value, now.dtype), now)
+
+
+class DriverCache(dict):
+    """A dict of the sequence drivers' compiled loops and probes, keyed by tuples that hold functions.
+
+    Not a pytree node (a subclass of ``dict`` is a leaf to ``jax.tree_util``): brainstate's walk over
+    the algorithm's attributes (``alg.states()``) does not look into it, which would sort its keys and
+    fail on two functions."""
+
+
 class EligibilityTrace(brainstate.ShortTermState):
     """A ``brainstate`` state that holds eligibility traces (a dict of arrays)."""
 
@@ -80,12 +102,19 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self._build()
         self._initial_values = [s.value for s in self.graph.module_info.states]
         #: compile-time state values per input signature (``reset=True`` restores the matching one)
-        snapshots = self.__dict__.setdefault("_initial_by_inputs", {})
+        snapshots = self._driver_cache("_initial_by_inputs")
         snapshots[self._input_signature(inputs)] = self._initial_values
         self._bound_hidden = tuple(
             id(self.graph.module_info.states[h.state_index]) for h in self.graph.module_info.hidden_leaves
         )
         return self
+
+    def _driver_cache(self, name: str) -> "DriverCache":
+        """The dict ``name`` kept on the algorithm by its drivers (compiled loops, probes, snapshots)."""
+        cache = self.__dict__.get(name)
+        if cache is None:
+            cache = self.__dict__[name] = DriverCache()
+        return cache
 
     # subclasses -------------------------------------------------------------------------------
     def _build(self):  # pragma: no cover - abstract
@@ -260,11 +289,14 @@ class ETraceAlgorithm(brainstate.nn.Module):
         solve_every: int = 1,
         window: int = 1,
         mask=None,
+        lengths=None,
+        resets=None,
         chunk_size: Optional[int] = None,
         weights=None,
         reduction: Optional[str] = None,
         loss_output: str = "per_step",
         has_aux: bool = False,
+        aux_reduction: Optional[str] = None,
     ):
         r"""Run the model online over time-major ``sequences`` and sum the per-step gradients.
 
@@ -274,27 +306,71 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ``loss_t = step_fn(output_t, *others_t)``. In the form of the published 0.2 releases,
         ``step_fn(*slices_t)`` receives every sequence's slice, calls the learner itself (once) and
         returns the loss; the driver tells the forms apart by evaluating ``step_fn`` abstractly once
-        and counting its calls to the learner. That form takes ``mask`` (``(T,)`` loss weights),
-        ``reduction`` (``'mean'``, its default, divides by the total mask weight; ``'sum'``),
-        ``chunk_size`` (windows of the multi-step rule: ``step_fn`` gets ``(k, ...)`` slices and
-        returns ``(k,)`` losses), ``weights`` (the ``ParamState`` dict to differentiate),
-        ``loss_output`` (``'per_step'``, ``'masked'`` or ``'scalar'`` losses with
-        ``return_value``) and ``has_aux``; it does not reset the states unless ``reset=True``, and
-        returns ``grads``, ``(grads, losses)``, ``(grads, aux)`` or ``(grads, losses, aux)``.
-        The whole loop runs in one ``jit``-compiled ``scan``; memory does not grow with its length.
+        and counting its calls to the learner. The published form also takes ``chunk_size``
+        (windows of the multi-step rule: ``step_fn`` gets ``(k, ...)`` slices and returns ``(k,)``
+        or ``(k, B)`` losses) and ``weights`` (the ``ParamState`` dict to differentiate); it does
+        not reset the states unless ``reset=True``, and its ``reduction`` defaults to ``'mean'``.
+
+        **Losses, masks and reductions** (both forms). A step's loss :math:`\ell_t` is a scalar
+        (already reduced over the batch) or one loss per batch row, a vector ``(B,)``. Each entry
+        has a weight :math:`w_{t,b}`: from ``mask`` (``(T,)``, broadcast over the rows, or
+        ``(T, B)``), from ``lengths`` (``(B,)``: :math:`w_{t,b} = [t < \mathrm{lengths}_b]`, for
+        sequences padded at their end), or 1. Per-row weights need a per-row loss. The gradient
+        returned is that of :math:`\sum_{t,b} w_{t,b}\,\ell_{t,b}` (``reduction='sum'``) or of
+        that sum divided by :math:`\max(\sum_{t,b} w_{t,b}, 1)`, the number of entries that count
+        (``'mean'``). An entry of weight 0 contributes nothing to the gradient or the loss; the
+        model still runs over it (padding must be finite; zeros are fine), and with a batched
+        model the rows are independent, so the gradient of a padded batch equals the sum of the
+        gradients of its sequences run one by one, each with its own length.
+
+        **Resets.** ``resets`` ``(T, B)`` (or ``(T,)`` for every row) packs several episodes into
+        one stream: where ``resets[t, b]``, row ``b`` of every ``ShortTermState`` the step writes
+        (hidden states included) is set back to its value at compile time (the values
+        ``init_all_states`` gave) before step ``t``, and the row's traces restart. ``D_RTRL``
+        restarts the traces of those rows only, so each row's gradient equals its episodes run
+        separately. ``pp_prop`` / ``ES_D_RTRL`` (and ``D_RTRL`` with ``lora_factored=True`` or a
+        custom primitive's trace operations), whose trace leaves are shared by the rows or not
+        all propagated through ``D``, restart every row's traces at a step where any row resets:
+        the other rows lose the credit carried from before that step. Resets need single steps
+        (not ``window`` / ``chunk_size`` windows) and states that carry the batch axis first.
+
+        **Outputs.** With ``return_value``, ``loss_output`` selects the losses returned:
+        ``'per_step'`` as ``step_fn`` returned them, ``(T,)`` or ``(T, B)``; ``'masked'`` the same
+        times their weights; ``'scalar'`` the reduced objective. With ``has_aux``, ``step_fn``
+        returns ``(loss, aux)`` and the aux is returned stacked ``(T, ...)``, or, with
+        ``aux_reduction='sum'`` / ``'mean'``, summed or averaged over the entries that count
+        (per step and row for a leaf whose axis is the batch of a per-row loss, per step otherwise).
+        The result is ``grads``, ``(grads, losses)``, ``(grads, aux)`` or ``(grads, losses, aux)``.
+
+        The whole loop runs in one ``jit``-compiled ``scan``; with ``loss_output='scalar'`` (or no
+        ``return_value``) and reduced aux, its working memory does not grow with its length.
         Each step first takes :math:`\partial L_t/\partial h_t` and the parameters' within-step
         gradients, then updates every eligibility trace and solves it against
         :math:`\partial L_t/\partial h_t` in one operation (one pass over the trace; a fused kernel under
         ``set_backend('pallas')``). The result equals the per-step gradients of the algorithm called under
-        ``brainstate.transform.grad``, summed.
+        ``brainstate.transform.grad``, weighted and summed.
 
         Parameters
         ----------
         *sequences : arrays with a leading time axis
         step_fn : callable
-            ``(output, *targets) -> scalar loss`` of one step.
+            ``(output, *targets) -> loss`` of one step: a scalar, or a vector ``(B,)`` of per-row
+            losses (``(loss, aux)`` with ``has_aux``).
         return_value : bool
-            Also return the per-step losses, shape ``(T,)``.
+            Also return the losses (see ``loss_output``).
+        mask : array ``(T,)`` or ``(T, B)``, optional
+            Weights of the steps, or of each step's rows (bool or real).
+        lengths : int array ``(B,)``, optional
+            Valid steps per row; excludes ``mask``.
+        resets : bool array ``(T, B)`` or ``(T,)``, optional
+            Where a row starts anew (states back to their initial values, traces restarted).
+        reduction : ``'sum'`` or ``'mean'``, optional
+            ``'sum'`` by default in this package's form, ``'mean'`` in the published form.
+        loss_output : ``'per_step'``, ``'masked'`` or ``'scalar'``
+        has_aux : bool
+            ``step_fn`` returns ``(loss, aux)``.
+        aux_reduction : None, ``'sum'`` or ``'mean'``
+            Return the aux stacked over the steps (``None``) or reduced.
         reset : bool, optional
             Restore the model's non-parameter states to their values at compile time and zero the
             traces before the sequence (the default in this package's form; not in the published
@@ -323,7 +399,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
 
         Returns
         -------
-        dict of gradients keyed like ``model.states(brainstate.ParamState)`` (and the losses).
+        dict of gradients keyed like ``model.states(brainstate.ParamState)`` (and the losses, the aux).
 
         Examples
         --------
@@ -347,6 +423,15 @@ class ETraceAlgorithm(brainstate.nn.Module):
         >>> blocked = learner.etrace_grad(xs, ys, step_fn=loss, solve_every=4)  # blocks of 4, 4, 2
         >>> bool(jnp.allclose(blocked[('w',)], grads[('w',)], rtol=1e-5, atol=1e-6))
         True
+
+        Sequences of different lengths in one batch: a per-row loss and ``lengths``.
+
+        >>> row_loss = lambda out, y: jnp.mean((out - y) ** 2, axis=-1)  # (B,)
+        >>> lengths = jnp.array([10, 7, 3, 10])
+        >>> grads, loss = learner.etrace_grad(xs, ys, step_fn=row_loss, lengths=lengths,
+        ...                                   reduction='mean', return_value=True, loss_output='scalar')
+        >>> loss.shape
+        ()
         """
         from .driving import etrace_grad_driving, step_fn_runs_the_model
         from .learner import etrace_grad
@@ -360,7 +445,7 @@ class ETraceAlgorithm(brainstate.nn.Module):
             )
         # which form step_fn takes, probed once per step_fn and sequence shapes (an abstract trace)
         form_key = (step_fn, tuple((jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(sequences)))
-        forms = self.__dict__.setdefault("_step_fn_forms", {})
+        forms = self._driver_cache("_step_fn_forms")
         if form_key not in forms:
             forms[form_key] = step_fn_runs_the_model(self, step_fn, sequences)
         if forms[form_key]:
@@ -376,25 +461,23 @@ class ETraceAlgorithm(brainstate.nn.Module):
                 sequences,
                 step_fn,
                 mask=mask,
+                lengths=lengths,
+                resets=resets,
                 chunk_size=chunk_size,
                 weights=weights,
                 reduction="mean" if reduction is None else reduction,
                 loss_output=loss_output,
                 has_aux=has_aux,
+                aux_reduction=aux_reduction,
                 return_value=return_value,
             )
-        published_only = dict(mask=mask, chunk_size=chunk_size, weights=weights, has_aux=has_aux)
-        for name, value in published_only.items():
-            if value is not None and value is not False:
+        for name, value in dict(chunk_size=chunk_size, weights=weights).items():
+            if value is not None:
                 raise ValueError(
                     f"`{name}` applies to a step_fn that runs the learner itself (`step_fn(*slices)`); "
                     f"this step_fn takes the output, `step_fn(output, *targets)`."
                 )
-        if loss_output != "per_step":
-            raise ValueError("`loss_output` applies to a step_fn that runs the learner itself.")
-        if reduction not in (None, "sum", "mean"):
-            raise ValueError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
-        out = etrace_grad(
+        return etrace_grad(
             self,
             *sequences,
             step_fn=step_fn,
@@ -402,13 +485,14 @@ class ETraceAlgorithm(brainstate.nn.Module):
             reset=True if reset is None else reset,
             solve_every=solve_every,
             window=window,
+            mask=mask,
+            lengths=lengths,
+            resets=resets,
+            reduction=reduction,
+            loss_output=loss_output,
+            has_aux=has_aux,
+            aux_reduction=aux_reduction,
         )
-        if reduction == "mean":
-            length = jnp.shape(jax.tree.leaves(sequences)[0])[0]
-            grads = out[0] if return_value else out
-            grads = jax.tree.map(lambda g: g / length, grads)
-            out = (grads, out[1]) if return_value else grads
-        return out
 
     def etrace_train(
         self,
@@ -419,6 +503,10 @@ class ETraceAlgorithm(brainstate.nn.Module):
         update_every: int = 1,
         reset: bool = False,
         losses: str = "mean",
+        mask=None,
+        lengths=None,
+        resets=None,
+        reduction: str = "sum",
     ):
         r"""Learn while the model runs: apply the online gradient every ``update_every`` steps.
 
@@ -434,7 +522,8 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ----------
         *sequences : arrays with a leading time axis
         step_fn : callable
-            ``(output, *targets) -> scalar loss`` of one step.
+            ``(output, *targets) -> loss`` of one step: a scalar, or a vector ``(B,)`` of per-row
+            losses (needed by a per-row ``mask`` and by ``lengths``).
         optimizer : optax-style GradientTransformation
             Anything with ``init(params)`` and ``update(grads, state, params) -> (updates, state)``;
             the updates are added to the parameters.
@@ -446,7 +535,18 @@ class ETraceAlgorithm(brainstate.nn.Module):
         reset : bool
             Restore the compile-time states, zero the traces and drop an unfinished block first.
         losses : ``'mean'`` or ``'all'``
-            Return the mean loss of the call, or every step's loss ``(T,)``.
+            Return the mean loss of the call over the entries that count (a running sum: nothing
+            is stored per step), or every step's loss as ``step_fn`` returned it, ``(T,)`` or
+            ``(T, B)``.
+        mask, lengths, resets
+            As in :meth:`etrace_grad`: weights of the steps ``(T,)`` or of each row ``(T, B)``,
+            valid steps per row ``(B,)``, and where rows start anew ``(T, B)`` (states back to
+            their initial values, traces restarted: per row under ``D_RTRL``, every row under
+            ``pp_prop``).
+        reduction : ``'sum'`` or ``'mean'``
+            Each update applies the sum of the block's weighted gradients, or that sum divided by
+            the block's total weight (at least 1). A block in which nothing counts applies a zero
+            gradient (the optimizer's state still advances).
 
         Returns
         -------
@@ -474,6 +574,15 @@ class ETraceAlgorithm(brainstate.nn.Module):
         >>> state, later = learner.etrace_train(xs, ys, step_fn=loss, optimizer=SGD(), opt_state=state)
         >>> bool(later < first)
         True
+
+        A packed stream: episodes of different lengths back to back in each row.
+
+        >>> resets = jnp.zeros((50, 4), bool).at[jnp.array([0, 20, 35]), jnp.array([1, 2, 1])].set(True)
+        >>> row_loss = lambda out, y: jnp.mean((out - y) ** 2, axis=-1)
+        >>> state, loss = learner.etrace_train(xs, ys, step_fn=row_loss, optimizer=SGD(), resets=resets,
+        ...                                    reduction='mean')
+        >>> loss.shape
+        ()
         """
         from .training import etrace_train
 
@@ -486,6 +595,10 @@ class ETraceAlgorithm(brainstate.nn.Module):
             update_every=update_every,
             reset=reset,
             losses=losses,
+            mask=mask,
+            lengths=lengths,
+            resets=resets,
+            reduction=reduction,
         )
 
     def etrace_evolve(
@@ -539,6 +652,35 @@ class ETraceAlgorithm(brainstate.nn.Module):
         if reset:
             self._restore_initial_states()
         return etrace_evolve_driving(self, sequences, step_fn, chunk_size, return_outputs)
+
+    def _reset_rows(self, rows):
+        """Batch rows ``rows`` (bool ``(B,)``, or a scalar for every row) of every ``ShortTermState``
+        the step writes back to their compile-time values; the next step restarts their traces.
+
+        The algorithms notice the new values themselves (they compare the hidden states with the
+        values they last wrote, see ``ETraceVjpAlgorithm._restart_if_reset``); :meth:`_forget_rows`
+        makes that hold also where a row's state already had its initial value."""
+        info = self.graph.module_info
+        current = {tuple(map(str, p)): s for p, s in self.model.states().items()}
+        rows = jnp.asarray(rows).astype(bool)
+        for i, (state, initial) in enumerate(zip(info.states, self._initial_values)):
+            state = current.get(info.paths[i], state)
+            if not info.written[i] or not isinstance(state, brainstate.ShortTermState):
+                continue
+            name = info.path_of(i)
+            state.value = jax.tree.map(lambda now, v0: _set_rows(rows, now, v0, name), state.value, initial)
+        self._forget_rows(rows)
+
+    def _forget_rows(self, rows):
+        """Make the next step's restart check treat the hidden values of ``rows`` as changed.
+
+        An algorithm that keeps the hidden values it last wrote (``hidden_seen``) has them marked
+        as never written (NaN, which no state value equals) in those rows, so their traces restart
+        even where a state already held its initial value (a spiking unit reset to rest at the
+        step before); an algorithm without that record has nothing to forget."""
+        seen = getattr(self, "hidden_seen", None)
+        if isinstance(seen, brainstate.State):
+            seen.value = [_set_rows(rows, v, jnp.full_like(v, jnp.nan), "hidden_seen") for v in seen.value]
 
     def _restore_initial_states(self):
         """The model's written non-parameter states back to their compile-time values; traces zeroed."""

@@ -20,6 +20,18 @@ import jax.numpy as jnp
 
 from braintrace._input_data import MultiStepData, SingleStepData
 
+from .masking import (
+    add_totals,
+    check_aux_reduction,
+    check_reduction,
+    check_resets,
+    check_step_weights,
+    denominator,
+    reduced_aux,
+    weighted_loss,
+    zero_totals,
+)
+
 __all__ = ["step_fn_runs_the_model", "etrace_grad_driving", "etrace_evolve_driving"]
 
 
@@ -89,68 +101,120 @@ def etrace_grad_driving(
     sequences,
     step_fn: Callable,
     mask=None,
+    lengths=None,
+    resets=None,
     chunk_size: Optional[int] = None,
     weights=None,
     reduction: str = "mean",
     loss_output: str = "per_step",
     has_aux: bool = False,
+    aux_reduction: Optional[str] = None,
     return_value: bool = False,
 ):
     """``etrace_grad`` in the published form (see :meth:`ETraceAlgorithm.etrace_grad`)."""
     length = _lengths(sequences)
     k = _chunk(alg, chunk_size, length, need_multi_step=True)
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+    reduction = check_reduction(reduction, "mean")
     if loss_output not in ("per_step", "masked", "scalar"):
         raise ValueError(f"`loss_output` must be 'per_step', 'masked' or 'scalar', got {loss_output!r}.")
-    mask = jnp.ones((length,)) if mask is None else jnp.asarray(mask)
-    if mask.shape != (length,):
-        raise ValueError(f"`mask` must have shape ({length},), got {mask.shape}.")
+    aux_reduction = check_aux_reduction(aux_reduction, has_aux)
+    step_weights = check_step_weights(mask, lengths, length)
+    reset_kind = check_resets(resets, length)
+    if reset_kind is not None and k > 1:
+        raise ValueError(
+            "`resets` starts rows anew between single steps; with chunk_size windows, split the stream "
+            "at its episode boundaries instead."
+        )
     params = alg.model.states(brainstate.ParamState) if weights is None else weights
+    stacked = return_value and loss_output != "scalar"
     key = ("driving", step_fn, k, bool(has_aux), id(alg.graph), tuple(id(s) for s in params.values()))
-    key += (tuple(id(s) for s in alg._current_states()[0]),)
-    cache = alg.__dict__.setdefault("_etrace_grad_cache", {})
+    key += (tuple(id(s) for s in alg._current_states()[0]), step_weights, reset_kind, aux_reduction)
+    key += (bool(stacked), loss_output, reduction)
+    cache = alg._driver_cache("_etrace_grad_cache")
+    weight_value = mask if lengths is None else lengths
     if key not in cache:
+        lead = (k,) if k > 1 else ()
+        source = "mask" if step_weights is None else step_weights.source
 
-        def run(mask, *seqs):
-            zeros = jax.tree.map(jnp.zeros_like, {p: s.value for p, s in params.items()})
-
-            def body(acc, data):
-                m, slices = data
-
-                def objective():
-                    out = step_fn(*slices)
-                    loss, aux = out if has_aux else (out, None)
-                    if k > 1 and jnp.shape(loss) != (k,):
-                        raise ValueError(
-                            f"step_fn must return {k} per-step losses in a window, got {jnp.shape(loss)}."
-                        )
-                    if k == 1 and jnp.shape(loss) != ():
-                        raise ValueError(f"step_fn must return a scalar loss, got shape {jnp.shape(loss)}.")
-                    return jnp.sum(m * loss), (loss, aux)
-
-                grads, (loss, aux) = brainstate.transform.grad(objective, params, has_aux=True)()
-                return jax.tree.map(jnp.add, acc, grads), (loss, aux)
-
-            if k > 1:
-                data = (mask.reshape((-1, k)), _windows(seqs, k))
+        def objective(slices, w):
+            out = step_fn(*slices)
+            if has_aux:
+                if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                    raise TypeError(
+                        f"has_aux=True: step_fn must return a pair (loss, aux), got {type(out).__name__}."
+                    )
+                loss, aux = out
             else:
-                data = (mask, list(seqs))
-            grads, (losses, aux) = brainstate.transform.scan(body, zeros, data)
-            return grads, losses.reshape((-1,)), aux
+                loss, aux = out, None
+            total, rec = weighted_loss(loss, w, source, lead)
+            return total, (rec, aux)
+
+        shapes = _record_shapes(alg, objective, sequences, k, step_weights, weight_value)
+
+        def run(weight_value, reset_value, *seqs):
+            weight_value = None if step_weights is None else step_weights.cast(weight_value)
+            zeros = jax.tree.map(jnp.zeros_like, {p: s.value for p, s in params.items()})
+            totals = zero_totals(shapes[0], shapes[1], aux_reduction, n=len(lead))
+
+            def body(carry, data):
+                acc, t, totals = carry
+                slices, w_t, r_t = data
+                if reset_kind is not None:
+                    alg._reset_rows(r_t)
+                if step_weights is None:
+                    w = None
+                elif k > 1:
+                    w = step_weights.window_at(weight_value, w_t, t, k)
+                else:
+                    w = step_weights.at(weight_value, w_t, t)
+                grads, (rec, aux) = brainstate.transform.grad(objective, params, has_aux=True)(slices, w)
+                outs = (
+                    rec["loss"] if stacked else None,
+                    rec["masked"] if stacked else None,
+                    aux if aux_reduction is None else None,
+                )
+                carry = (jax.tree.map(jnp.add, acc, grads), t + k, add_totals(totals, rec, aux, n=len(lead)))
+                return carry, outs
+
+            scanned_w = weight_value if step_weights is not None and step_weights.scanned else None
+            if k > 1:
+                data = (_windows(seqs, k), _windows([scanned_w], k)[0], None)
+            else:
+                data = (list(seqs), scanned_w, reset_value)
+            init = (zeros, jnp.zeros((), jnp.int32), totals)
+            (acc, _, totals), (losses, masked, aux) = brainstate.transform.scan(body, init, data)
+            denom = denominator(totals["count"]) if reduction == "mean" else None
+            grads = acc if denom is None else jax.tree.map(lambda g: g / denom.astype(g.dtype), acc)
+            if loss_output == "scalar":
+                value = totals["loss"] if denom is None else totals["loss"] / denom
+            else:
+                value = losses if loss_output == "per_step" else masked
+                if value is not None and k > 1:
+                    value = value.reshape((-1,) + value.shape[2:])
+            if aux_reduction is not None:
+                aux = reduced_aux(totals, aux_reduction)
+            return grads, value, aux
 
         cache[key] = brainstate.transform.jit(run)
-    grads, losses, aux = cache[key](mask, *sequences)
-    denom = jnp.maximum(jnp.sum(mask), 1.0) if reduction == "mean" else 1.0
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    if loss_output == "per_step":
-        value = losses
-    elif loss_output == "masked":
-        value = losses * mask
-    else:
-        value = jnp.sum(losses * mask) / denom
+    grads, value, aux = cache[key](weight_value, resets, *sequences)
     out = (grads,) + ((value,) if return_value else ()) + ((aux,) if has_aux else ())
     return out[0] if len(out) == 1 else out
+
+
+def _record_shapes(alg, objective, sequences, k, step_weights, weight_value):
+    """``(record, aux)`` shapes of one step (or window) of ``objective``, from an abstract
+    evaluation of ``step_fn`` on the first slices (no state changes)."""
+    lead = (k,) if k > 1 else ()
+    slices = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + a.shape[1:], a.dtype), s) for s in sequences]
+    w = None
+    if step_weights is not None:
+        shape = tuple(jnp.shape(weight_value))
+        per_row = shape[1:] if step_weights.scanned else shape
+        if step_weights.kind == "steps":
+            per_row = ()
+        w = jax.ShapeDtypeStruct(lead + tuple(per_row), jnp.result_type(float))
+    _, (rec, aux) = brainstate.transform.eval_shape(objective, slices, w)
+    return rec, aux
 
 
 def etrace_evolve_driving(alg, sequences, step_fn=None, chunk_size=None, return_outputs=False):
@@ -159,7 +223,7 @@ def etrace_evolve_driving(alg, sequences, step_fn=None, chunk_size=None, return_
     k = _chunk(alg, chunk_size, length, need_multi_step=False)
     key = ("evolve", step_fn, k, bool(return_outputs), id(alg.graph))
     key += (tuple(id(s) for s in alg._current_states()[0]),)
-    cache = alg.__dict__.setdefault("_etrace_evolve_cache", {})
+    cache = alg._driver_cache("_etrace_evolve_cache")
     if key not in cache:
 
         def run(*seqs):

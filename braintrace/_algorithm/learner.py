@@ -13,9 +13,24 @@ from braintrace._compatible_imports import Var
 from braintrace._input_data import MultiStepData
 
 from .base import ETraceAlgorithm, add_param_grads
+from .masking import (
+    StepLoss,
+    add_totals,
+    check_aux_reduction,
+    check_reduction,
+    check_resets,
+    check_step_weights,
+    denominator,
+    output_avals,
+    record_shapes,
+    reduced_aux,
+    step_record,
+    zero_totals,
+)
 from .pp_prop import IODimVjpAlgorithm
 
 __all__ = ["etrace_grad"]
+
 
 def etrace_grad(
     self: ETraceAlgorithm,
@@ -25,18 +40,23 @@ def etrace_grad(
     reset: bool = True,
     solve_every: int = 1,
     window: int = 1,
+    mask=None,
+    lengths=None,
+    resets=None,
+    reduction: Optional[str] = None,
+    loss_output: str = "per_step",
+    has_aux: bool = False,
+    aux_reduction: Optional[str] = None,
 ):
     """The body of :meth:`ETraceAlgorithm.etrace_grad` (documented there)."""
     if not self.is_compiled:
         raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_grad`.")
     if step_fn is None or not callable(step_fn):
-        raise TypeError("`step_fn` must be a callable `(output, *targets) -> scalar loss`.")
+        raise TypeError("`step_fn` must be a callable `(output, *targets) -> loss`.")
     n_in = self._num_inputs
     if len(sequences) < n_in:
         raise ValueError(f"etrace_grad needs at least {n_in} input sequence(s), got {len(sequences)}.")
-    lengths = {jnp.shape(s)[0] for s in jax.tree.leaves(sequences)}
-    if len(lengths) != 1:
-        raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
+    length = sequence_length(sequences)
     if isinstance(solve_every, bool) or not isinstance(solve_every, int) or solve_every < 1:
         raise ValueError(f"`solve_every` must be an int >= 1, got {solve_every!r}.")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
@@ -54,109 +74,187 @@ def etrace_grad(
             f"stored factors (pp_prop / ES_D_RTRL); {type(self).__name__} solves its traces every "
             f"step. Use solve_every=1."
         )
+    weights = check_step_weights(mask, lengths, length)
+    reset_kind = check_resets(resets, length)
+    if reset_kind is not None and windowed:
+        raise ValueError(
+            "`resets` starts rows anew between single steps; the multi-step rule (window > 1 or "
+            "vjp_method='multi-step') runs windows of steps. Split the stream at its episode "
+            "boundaries, or use the single-step rule."
+        )
+    reduction = check_reduction(reduction, "sum")
+    if loss_output not in LOSS_OUTPUTS:
+        raise ValueError(f"`loss_output` must be one of {LOSS_OUTPUTS}, got {loss_output!r}.")
+    aux_reduction = check_aux_reduction(aux_reduction, has_aux)
     self.follow_shapes(*[jax.tree.map(lambda a: a[0], s) for s in sequences[:n_in]], reset=reset)
     params = self.model.states(brainstate.ParamState)
+    stacked = return_value and loss_output != "scalar"
     # brainstate's jit keeps the state objects it traced: a model re-initialised with
     # init_all_states (new state objects) needs a new compiled loop.
     key = (
         step_fn,
-        bool(return_value),
+        bool(stacked),
+        loss_output,
         bool(reset),
         tuple(id(s) for s in params.values()),
         tuple(id(s) for s in self._current_states()[0]),
         solve_every,
         window,
         id(self.graph),  # a graph compiled again (another batch size) has its own traces and program
+        weights,
+        reset_kind,
+        bool(has_aux),
+        aux_reduction,
+        reduction,
     )
-    cache = self.__dict__.setdefault("_etrace_grad_cache", {})
+    cache = self._driver_cache("_etrace_grad_cache")
     if key not in cache:
-        _warn_if_loss_ignores_output(self, step_fn, sequences, n_in)
+        _warn_if_loss_ignores_output(self, step_fn, sequences, n_in, has_aux)
+        record = step_record(step_fn, has_aux, weights)
+        shapes = record_shapes(self, record, sequences, n_in, weights, mask if lengths is None else lengths)
 
-        def run(*seqs):
+        def run(weight_value, reset_value, *seqs):
             if reset:
                 self._restore_initial_states()
-            inputs, targets = seqs[:n_in], seqs[n_in:]
-
-            zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in params.items()})
+            weight_value = None if weights is None else weights.cast(weight_value)
+            loop = _Loop(
+                self, record, params, weights, weight_value, reset_kind, shapes, aux_reduction, stacked
+            )
+            scanned = (
+                seqs[:n_in],
+                seqs[n_in:],
+                weight_value if weights is not None and weights.scanned else None,
+                reset_value,
+            )
             if windowed:
-                return _scan_windows(self, step_fn, params, zeros, (inputs, targets), window)
-            if solve_every == 1:
-
-                def body(acc, step_seqs):
-                    xs_t, ys_t = step_seqs
-                    grads, loss = self._step_grad(step_fn, params, xs_t, ys_t)
-                    return jax.tree.map(jnp.add, acc, grads), loss
-
-                return brainstate.transform.scan(body, zeros, (inputs, targets))
-            return _scan_in_blocks(self, step_fn, params, zeros, (inputs, targets), solve_every)
+                carry, outs = _scan_blocks(loop.window, loop.init(), scanned, window)
+            elif solve_every == 1:
+                carry, outs = brainstate.transform.scan(loop.step, loop.init(), scanned)
+            else:
+                carry, outs = _scan_blocks(loop.factored_block, loop.init(), scanned, solve_every)
+            return loop.finish(carry, outs, reduction, loss_output)
 
         cache[key] = brainstate.transform.jit(run)
-    grads, losses = cache[key](*sequences)
-    return (grads, losses) if return_value else grads
+    weight_value = mask if lengths is None else lengths
+    grads, value, aux = cache[key](weight_value, resets, *sequences)
+    out = (grads,) + ((value,) if return_value else ()) + ((aux,) if has_aux else ())
+    return out[0] if len(out) == 1 else out
 
 
-def _scan_in_blocks(alg, step_fn, params, zeros, seqs, k):
-    """The sequence loop with factored weight gradients formed once per block of ``k`` steps (the
-    last block holds the remainder): ``(gradients, per-step losses)``."""
-
-    def step(acc, step_seqs):
-        xs_t, ys_t = step_seqs
-        grads, factors, loss = alg._step_grad(step_fn, params, xs_t, ys_t, factored=True)
-        return add_param_grads(acc, grads), (factors, loss)
-
-    def block(acc, block_seqs):
-        acc, (factors, losses) = brainstate.transform.scan(step, acc, block_seqs)
-        return add_param_grads(acc, alg._factored_param_grads(params, factors)), losses
-
-    return _scan_blocks(block, zeros, seqs, k)
+#: What ``return_value=True`` returns: the losses as ``step_fn`` returned them ``(T,)`` / ``(T, B)``,
+#: the same times their weights, or the reduced objective (a scalar).
+LOSS_OUTPUTS = ("per_step", "masked", "scalar")
 
 
-def _scan_windows(alg, step_fn, params, zeros, seqs, k):
-    """The sequence loop of the multi-step rule: windows of ``k`` steps (the last holds the
-    remainder), each differentiated exactly inside and through the traces at its start."""
+def sequence_length(sequences) -> int:
+    lengths = {jnp.shape(s)[0] for s in jax.tree.leaves(sequences)}
+    if len(lengths) != 1:
+        raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
+    return lengths.pop()
 
-    def block(acc, block_seqs):
-        xs_w, ys_w = block_seqs
+
+class _Loop:
+    """The pieces of the sequence loop of this package's form: one step (or window, or block of
+    factored steps), the carry ``(gradient sums, step counter, running totals)`` and the end."""
+
+    def __init__(
+        self, alg, record, params, weights, weight_value, reset_kind, shapes, aux_reduction, stacked
+    ):
+        self.alg, self.record, self.params = alg, record, params
+        self.weights, self.weight_value, self.reset_kind = weights, weight_value, reset_kind
+        self.shapes, self.aux_reduction, self.stacked = shapes, aux_reduction, stacked
+        self.loss = StepLoss(record, shapes)
+
+    def init(self):
+        zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in self.params.items()})
+        totals = zero_totals(self.shapes[0], self.shapes[1], self.aux_reduction)
+        return zeros, jnp.zeros((), jnp.int32), totals
+
+    def _outputs(self, rec, aux):
+        return (
+            rec["loss"] if self.stacked else None,
+            rec["masked"] if self.stacked else None,
+            aux if self.aux_reduction is None else None,
+        )
+
+    def _one(self, carry, data, factored):
+        acc, t, totals = carry
+        xs_t, ys_t, w_t, r_t = data
+        if self.reset_kind is not None:
+            self.alg._reset_rows(r_t)
+        w = None if self.weights is None else self.weights.at(self.weight_value, w_t, t)
+        targets = (w, *ys_t)
+        if factored:
+            grads, factors, _ = self.alg._step_grad(self.loss, self.params, xs_t, targets, factored=True)
+        else:
+            grads, _ = self.alg._step_grad(self.loss, self.params, xs_t, targets)
+        rec, aux = self.loss.value
+        carry = (add_param_grads(acc, grads), t + 1, add_totals(totals, rec, aux))
+        outs = self._outputs(rec, aux)
+        return carry, ((factors, outs) if factored else outs)
+
+    def step(self, carry, data):
+        return self._one(carry, data, factored=False)
+
+    def factored_block(self, carry, data):
+        carry, (factors, outs) = brainstate.transform.scan(lambda c, d: self._one(c, d, True), carry, data)
+        acc, t, totals = carry
+        return (add_param_grads(acc, self.alg._factored_param_grads(self.params, factors)), t, totals), outs
+
+    def window(self, carry, data):
+        acc, t, totals = carry
+        xs_w, ys_w, w_w, _ = data
+        k = jnp.shape(jax.tree.leaves(xs_w)[0])[0]
+        w = None if self.weights is None else self.weights.window_at(self.weight_value, w_w, t, k)
 
         def window_loss():
-            outs = alg._window(tuple(MultiStepData(x) for x in xs_w), stacked=True)
-            losses = jax.vmap(step_fn)(outs, *ys_w)
-            return losses.sum(), losses
+            outs = self.alg._window(tuple(MultiStepData(x) for x in xs_w), stacked=True)
+            objective, rec, aux = jax.vmap(self.record)(outs, w, *ys_w)
+            return objective.sum(), (rec, aux)
 
-        grads, losses = brainstate.transform.grad(window_loss, params, has_aux=True)()
-        return add_param_grads(acc, grads), losses
+        grads, (rec, aux) = brainstate.transform.grad(window_loss, self.params, has_aux=True)()
+        carry = (add_param_grads(acc, grads), t + k, add_totals(totals, rec, aux, n=1))
+        return carry, self._outputs(rec, aux)
 
-    return _scan_blocks(block, zeros, seqs, k)
+    def finish(self, carry, outs, reduction, loss_output):
+        acc, _, totals = carry
+        denom = denominator(totals["count"]) if reduction == "mean" else None
+        grads = acc if denom is None else jax.tree.map(lambda g: g / denom.astype(g.dtype), acc)
+        losses, masked, aux = outs
+        if loss_output == "scalar":
+            value = totals["loss"] if denom is None else totals["loss"] / denom
+        else:
+            value = losses if loss_output == "per_step" else masked
+        if self.aux_reduction is not None:
+            aux = reduced_aux(totals, self.aux_reduction)
+        return grads, value, aux
 
 
-def _scan_blocks(block, acc, seqs, k):
-    """``block(acc, seqs_block)`` over consecutive blocks of ``k`` steps of ``seqs`` (a scan over
-    the whole blocks, then the remainder): ``(acc, per-step losses)``."""
+def _scan_blocks(block, carry, seqs, k):
+    """``block(carry, seqs_block)`` over consecutive blocks of ``k`` steps of ``seqs`` (a scan over
+    the whole blocks, then the remainder): ``(carry, per-step outputs)``."""
     length = jnp.shape(jax.tree.leaves(seqs)[0])[0]
     n_blocks, rest = divmod(length, k)
     parts = []
     if n_blocks:
         head = jax.tree.map(lambda s: s[: n_blocks * k].reshape((n_blocks, k) + s.shape[1:]), seqs)
-        acc, losses = brainstate.transform.scan(block, acc, head)
-        parts.append(losses.reshape((n_blocks * k,)))
+        carry, outs = brainstate.transform.scan(block, carry, head)
+        parts.append(jax.tree.map(lambda o: o.reshape((n_blocks * k,) + o.shape[2:]), outs))
     if rest:
-        acc, losses = block(acc, jax.tree.map(lambda s: s[n_blocks * k :], seqs))
-        parts.append(losses)
-    if not parts:
-        return acc, jnp.zeros((0,), jnp.float32)
-    return acc, jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        carry, outs = block(carry, jax.tree.map(lambda s: s[n_blocks * k :], seqs))
+        parts.append(outs)
+    if len(parts) == 1:
+        return carry, parts[0]
+    return carry, jax.tree.map(lambda *p: jnp.concatenate(p), *parts)
 
 
-def _warn_if_loss_ignores_output(alg, step_fn, sequences, n_in):
+def _warn_if_loss_ignores_output(alg, step_fn, sequences, n_in, has_aux=False):
     """Warn when ``step_fn``'s loss does not depend on the model output (its gradient is zero)."""
-    info = alg.graph.module_info
-    leaves = [
-        jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in info.jaxpr.outvars[: info.num_out_leaves]
-    ]
-    out_avals = jax.tree.unflatten(info.out_treedef, leaves)
+    out_avals = output_avals(alg)
     targets = [jax.ShapeDtypeStruct(jnp.shape(s)[1:], jnp.result_type(s)) for s in sequences[n_in:]]
+    loss = (lambda out, *ys: step_fn(out, *ys)[0]) if has_aux else step_fn
     try:
-        closed = jax.make_jaxpr(lambda out, *ys: step_fn(out, *ys))(out_avals, *targets)
+        closed = jax.make_jaxpr(lambda out, *ys: loss(out, *ys))(out_avals, *targets)
     except Exception:  # a loss that needs concrete values or units: skip the check
         return
     jaxpr = closed.jaxpr

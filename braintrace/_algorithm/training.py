@@ -20,6 +20,17 @@ import jax
 import jax.numpy as jnp
 
 from .base import add_param_grads
+from .masking import (
+    StepLoss,
+    add_totals,
+    check_reduction,
+    check_resets,
+    check_step_weights,
+    denominator,
+    record_shapes,
+    step_record,
+    zero_totals,
+)
 
 __all__ = ["etrace_train"]
 
@@ -41,88 +52,121 @@ def etrace_train(
     update_every: int = 1,
     reset: bool = False,
     losses: str = "mean",
+    mask=None,
+    lengths=None,
+    resets=None,
+    reduction: str = "sum",
 ):
     """The body of :meth:`ETraceAlgorithm.etrace_train` (documented there)."""
     if not alg.is_compiled:
         raise RuntimeError("Call `compile_graph` (or braintrace.compile) before `etrace_train`.")
     if step_fn is None or not callable(step_fn):
-        raise TypeError("`step_fn` must be a callable `(output, *targets) -> scalar loss`.")
+        raise TypeError("`step_fn` must be a callable `(output, *targets) -> loss`.")
     _check_optimizer(optimizer)
     if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
         raise ValueError(f"`update_every` must be an int >= 1, got {update_every!r}.")
     if losses not in ("mean", "all"):
         raise ValueError(f"`losses` must be 'mean' or 'all', got {losses!r}.")
+    reduction = check_reduction(reduction, "sum")
     n_in = alg._num_inputs
     if len(sequences) < n_in:
         raise ValueError(f"etrace_train needs at least {n_in} input sequence(s), got {len(sequences)}.")
-    lengths = {jnp.shape(s)[0] for s in jax.tree.leaves(sequences)}
-    if len(lengths) != 1:
-        raise ValueError(f"All sequences must share the leading time axis; got lengths {sorted(lengths)}.")
-    (length,) = lengths
+    lengths_seen = {jnp.shape(s)[0] for s in jax.tree.leaves(sequences)}
+    if len(lengths_seen) != 1:
+        raise ValueError(
+            f"All sequences must share the leading time axis; got lengths {sorted(lengths_seen)}."
+        )
+    (length,) = lengths_seen
+    weights = check_step_weights(mask, lengths, length)
+    reset_kind = check_resets(resets, length)
     alg.follow_shapes(*[jax.tree.map(lambda a: a[0], s) for s in sequences[:n_in]], reset=reset)
     params = alg.model.states(brainstate.ParamState)
     values = {k: v.value for k, v in params.items()}
     if opt_state is None:
         opt_state = optimizer.init(values)
     pending = alg.__dict__.get("_train_pending")
-    if reset or pending is None or pending[0] != update_every or pending[2] != id(alg.graph):
-        # no gradient of an unfinished block: (update_every, steps into the block, graph, its sum)
-        pending = (update_every, 0, id(alg.graph), jax.tree.map(jnp.zeros_like, values))
-    _, done, _, acc = pending
+    if reset or pending is None or pending[:2] != (update_every, reduction) or pending[3] != id(alg.graph):
+        # no gradient of an unfinished block:
+        # (update_every, reduction, steps into the block, graph, gradient sum, weight sum)
+        zero = jnp.zeros((), jnp.result_type(float))
+        pending = (update_every, reduction, 0, id(alg.graph), jax.tree.map(jnp.zeros_like, values), zero)
+    done, acc, block_count = pending[2], pending[4], pending[5]
     head = min(update_every - done, length) if done else 0
     n_blocks, rest = divmod(length - head, update_every)
 
     key = (step_fn, id(optimizer), update_every, done, length, bool(reset), losses, id(alg.graph))
     key += (tuple(id(s) for s in params.values()), tuple(id(s) for s in alg._current_states()[0]))
-    cache = alg.__dict__.setdefault("_etrace_train_cache", {})
+    key += (weights, reset_kind, reduction)
+    cache = alg._driver_cache("_etrace_train_cache")
+    weight_value = mask if lengths is None else lengths
     if key not in cache:
+        record = step_record(step_fn, False, weights)
+        shapes = record_shapes(alg, record, sequences, n_in, weights, weight_value)
 
-        def step(acc, step_seqs):
-            xs_t, ys_t = step_seqs
-            grads, loss = alg._step_grad(step_fn, params, xs_t, ys_t)
-            return add_param_grads(acc, grads), loss
-
-        def apply(acc, opt_state):
-            current = {k: v.value for k, v in params.items()}
-            updates, opt_state = optimizer.update(acc, opt_state, current)
-            for k, state in params.items():
-                state.value = jax.tree.map(jnp.add, current[k], updates[k])
-            return jax.tree.map(jnp.zeros_like, acc), opt_state
-
-        def block(carry, block_seqs):
-            acc, opt_state = carry
-            acc, block_losses = brainstate.transform.scan(step, acc, block_seqs)
-            acc, opt_state = apply(acc, opt_state)
-            return (acc, opt_state), block_losses
-
-        def run(acc, opt_state, *seqs):
+        def run(acc, block_count, opt_state, weight_value, reset_value, *seqs):
             if reset:
                 alg._restore_initial_states()
-            data = (seqs[:n_in], seqs[n_in:])
+            weight_value = None if weights is None else weights.cast(weight_value)
+            loss = StepLoss(record, shapes)
+
+            def at(tree, t):
+                # one step of the whole sequences, read in place (no copy of a block of steps)
+                return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, t, keepdims=False), tree)
+
+            def step(carry, _):
+                acc, block_count, opt_state, t, totals = carry
+                if reset_kind is not None:
+                    alg._reset_rows(at(reset_value, t))
+                w = None
+                if weights is not None:
+                    w = weights.at(weight_value, at(weight_value, t) if weights.scanned else None, t)
+                xs_t = at(seqs[:n_in], t)
+                grads, _ = alg._step_grad(loss, params, xs_t, (w, *at(seqs[n_in:], t)))
+                rec, _ = loss.value
+                totals = add_totals(totals, rec, None)
+                carry = (add_param_grads(acc, grads), block_count + rec["count"], opt_state, t + 1, totals)
+                return carry, rec["loss"] if losses == "all" else None
+
+            def apply(carry):
+                acc, block_count, opt_state, t, totals = carry
+                if reduction == "mean":
+                    scale = denominator(block_count)
+                    acc = jax.tree.map(lambda g: g / scale.astype(g.dtype), acc)
+                current = {k: v.value for k, v in params.items()}
+                updates, opt_state = optimizer.update(acc, opt_state, current)
+                for k, state in params.items():
+                    state.value = jax.tree.map(jnp.add, current[k], updates[k])
+                zero = jax.tree.map(jnp.zeros_like, acc)
+                return zero, jnp.zeros_like(block_count), opt_state, t, totals
+
+            def block(carry, _):
+                carry, part = brainstate.transform.scan(step, carry, None, length=update_every)
+                return apply(carry), part
+
+            totals = zero_totals(shapes[0], shapes[1], None)
+            carry = (acc, block_count, opt_state, jnp.zeros((), jnp.int32), totals)
             parts = []
             if head:
-                acc, part = brainstate.transform.scan(step, acc, jax.tree.map(lambda s: s[:head], data))
+                carry, part = brainstate.transform.scan(step, carry, None, length=head)
                 parts.append(part)
                 if done + head == update_every:
-                    acc, opt_state = apply(acc, opt_state)
+                    carry = apply(carry)
             if n_blocks:
-                body = jax.tree.map(
-                    lambda s: s[head : head + n_blocks * update_every].reshape(
-                        (n_blocks, update_every) + s.shape[1:]
-                    ),
-                    data,
-                )
-                (acc, opt_state), part = brainstate.transform.scan(block, (acc, opt_state), body)
-                parts.append(part.reshape((-1,)))
+                carry, part = brainstate.transform.scan(block, carry, None, length=n_blocks)
+                parts.append(None if part is None else part.reshape((-1,) + part.shape[2:]))
             if rest:
-                tail = jax.tree.map(lambda s: s[length - rest :], data)
-                acc, part = brainstate.transform.scan(step, acc, tail)
+                carry, part = brainstate.transform.scan(step, carry, None, length=rest)
                 parts.append(part)
-            all_losses = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-            return acc, opt_state, all_losses if losses == "all" else jnp.mean(all_losses)
+            acc, block_count, opt_state, _, totals = carry
+            if losses == "all":
+                out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+            else:
+                out = totals["loss"] / denominator(totals["count"])
+            return acc, block_count, opt_state, out
 
         cache[key] = brainstate.transform.jit(run)
-    acc, opt_state, out = cache[key](acc, opt_state, *sequences)
+    program = cache[key]
+    acc, block_count, opt_state, out = program(acc, block_count, opt_state, weight_value, resets, *sequences)
     steps_in_block = (done + length) % update_every
-    alg._train_pending = (update_every, steps_in_block, id(alg.graph), acc)
+    alg._train_pending = (update_every, reduction, steps_in_block, id(alg.graph), acc, block_count)
     return opt_state, out
