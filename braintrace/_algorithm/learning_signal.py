@@ -20,7 +20,7 @@ r"""The learning-signal axis: what the eligibility traces are contracted with.
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import brainstate
 import jax
@@ -198,13 +198,13 @@ def feedback_alignment_step(info, operands: Dict[int, Dict[str, object]], relati
     return fn
 
 
-def expand_modulator(modulator, shape, owner: str = "modulator"):
+def expand_modulator(modulator, shape, owner: str = "the modulator"):
     r"""``modulator`` as an array of ``shape`` = ``(*unit, n)``: broadcast from ``(*unit,)``
     (shared by the ``n`` states of a unit) or directly to ``(*unit, n)``. ``ValueError`` names both
     shapes when neither works."""
     m = jnp.asarray(u.get_mantissa(modulator))
     if not jnp.issubdtype(m.dtype, jnp.number) or jnp.issubdtype(m.dtype, jnp.complexfloating):
-        raise TypeError(f"`{owner}` must be a real number or array, got dtype {m.dtype}.")
+        raise TypeError(f"{owner} must be a real number or array, got dtype {m.dtype}.")
     unit = tuple(shape[:-1])
     try:
         if m.ndim <= len(unit):
@@ -212,16 +212,17 @@ def expand_modulator(modulator, shape, owner: str = "modulator"):
         return jnp.broadcast_to(m, tuple(shape))
     except ValueError:
         raise ValueError(
-            f"`{owner}` of shape {m.shape} broadcasts neither to a hidden group's unit shape {unit} "
+            f"{owner} of shape {m.shape} broadcasts neither to a hidden group's unit shape {unit} "
             f"nor to {tuple(shape)} (units and the group's {shape[-1]} state(s)); pass a scalar, one "
             f"value per unit, "
             f"or one per unit and state."
         ) from None
 
 
-def check_modulator(modulator, shapes, owner: str = "modulator") -> Optional[jax.Array]:
-    """``modulator`` checked against every hidden group's ``(*unit, n)`` in ``shapes`` (raises
-    for a shape that fits none); returns its mantissa as an array."""
-    for s in shapes:
-        expand_modulator(modulator, s, owner)
+def check_modulator(modulator, shapes, owner: str = "the modulator") -> jax.Array:
+    """``modulator`` checked against every hidden group's ``(*unit, n)`` in ``shapes`` (a dict
+    ``{description: shape}``; ``ValueError`` naming the group it does not fit); returns its
+    mantissa as an array."""
+    for what, s in shapes.items():
+        expand_modulator(modulator, s, f"{owner} (for {what})")
     return jnp.asarray(u.get_mantissa(modulator))

@@ -296,7 +296,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             raise ValueError(self._modulator_misuse())
         value = jnp.asarray(u.get_mantissa(value))
         if self.is_compiled:
-            check_modulator(value, self._signal_shapes(), f"{type(self).__name__}.modulator")
+            check_modulator(value, self._signal_shapes(), f"{type(self).__name__}: the modulator")
         st = self._modulator_state
         if st is not None and jnp.shape(st.value) == value.shape and st.value.dtype == value.dtype:
             st.value = value
@@ -311,7 +311,9 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         )
 
     def _signal_shapes(self):
-        return [(*g.shape, g.num_state) for g in self.graph.hidden_groups]
+        """``{group description: (*unit, n)}`` for every hidden group."""
+        groups = self.graph.hidden_groups
+        return {f"the hidden group {list(g.names)}": (*g.shape, g.num_state) for g in groups}
 
     def _signal_payload(self):
         """What the backward pass needs to form the learning signal besides the cotangents: the
@@ -324,7 +326,7 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
                 f"{type(self).__name__}: learning_signal='modulatory' needs a modulator: call "
                 f"`alg.update(x, modulator=m)` (or `alg(x, modulator=m)`), or set `alg.modulator = m`."
             )
-        return check_modulator(m, self._signal_shapes(), "modulator")
+        return check_modulator(m, self._signal_shapes(), f"{type(self).__name__}: the modulator")
 
     def _modulated(self, m, cts):
         """The cotangents ``cts`` replaced by the modulator ``m`` (broadcast per group)."""
