@@ -139,5 +139,5 @@ def test_compile_takes_the_published_keywords():
     model = _RNN()  # states not initialised: compile initialises them (unbatched)
     learner = braintrace.compile(model, "d_rtrl", jnp.zeros((I,)), seed=3, verbose=0)
     assert learner.is_compiled and model.h.value.shape == (H,)
-    with pytest.raises(NotImplementedError, match="vmap"):
-        braintrace.compile(_RNN(), "d_rtrl", jnp.zeros((I,)), vmap=True)
+    mapped = braintrace.compile(_RNN(), "d_rtrl", jnp.zeros((2, I)), vmap=True, batch_size=2)
+    assert isinstance(mapped, braintrace.ETraceVmap)  # tests/test_vmap_learner.py checks its gradients
