@@ -268,10 +268,10 @@ class OSTLRecurrent(ParamDimVjpAlgorithm):
     Parameters
     ----------
     model : brainstate.nn.Module
-    name, vjp_method, fast_solve, trace_dtype, chunked_trace, control_flow, config,
-    random_feedback_key, snap_max_jacobian_elements
-        As :class:`~braintrace.ParamDimVjpAlgorithm` (``config`` must have
-        ``recurrence_scope='diagonal'``).
+    name, vjp_method, fast_solve, trace_dtype, chunked_trace, control_flow, random_feedback_key
+        As :class:`~braintrace.ParamDimVjpAlgorithm`.
+    config : ETraceConfig, optional
+        As :class:`~braintrace.ParamDimVjpAlgorithm` (its ``recurrence_scope`` is ``'diagonal'``).
 
     Examples
     --------
