@@ -60,6 +60,7 @@ from braintrace._compiler.diagnostics import (
 )
 
 from .executor import StepValues
+from .influence_layouts import DenseInfluence, RankOneProjection
 from .influence_step import InfluenceGraphExecutor
 from .vjp_algorithm import ETraceVjpAlgorithm
 
@@ -135,81 +136,6 @@ def _nbytes(n: int) -> str:
     return f"{n} B"
 
 
-class _DenseInfluence:
-    """``M`` ``(R, N, P)``: ``M_t = mask ⊙ (J_t M_{t-1} + I_t)`` (no mask under the full scope)."""
-
-    def __init__(self, executor: InfluenceGraphExecutor, mask, normalize: bool, store_dtype):
-        self.ex, self.normalize, self.store_dtype = executor, normalize, store_dtype
-        self.mask = None if mask is None else jnp.asarray(mask, executor.dtype)
-
-    def init(self) -> Dict:
-        ex = self.ex
-        return {"influence": jnp.zeros((ex.rows, ex.num_hidden, ex.num_theta), self.store_dtype)}
-
-    def restart(self, traces, kept) -> Dict:
-        m = traces["influence"]
-        return {"influence": m * kept[..., None].astype(m.dtype)}
-
-    def update(self, traces, step: StepValues) -> Dict:
-        jac, imm = self.ex.jacobians(step)
-        if self.normalize:  # spectral norm per row, an upper bound of the spectral radius
-            jac = jac / jnp.maximum(1.0, jnp.linalg.norm(jac, ord=2, axis=(-2, -1)))[:, None, None]
-        m = jnp.einsum("rij,rjp->rip", jac, traces["influence"].astype(jac.dtype)) + imm
-        if self.mask is not None:
-            m = m * self.mask
-        return {"influence": m.astype(self.store_dtype)}
-
-    def solve(self, traces, cts) -> jax.Array:
-        m = traces["influence"].astype(self.ex.dtype)
-        return jnp.einsum("ri,rip->p", cts.astype(m.dtype), m)
-
-
-class _RankOneProjection:
-    """Per row, ``M ≈ h̃ θ̃ᵀ`` with ``h̃`` ``(R, N)``, ``θ̃`` ``(R, P)`` and the key (see the module
-    docstring)."""
-
-    def __init__(self, executor: InfluenceGraphExecutor, seed_state, eps: float, store_dtype):
-        self.ex, self.seed_state, self.eps, self.store_dtype = executor, seed_state, eps, store_dtype
-
-    def init(self) -> Dict:
-        ex = self.ex
-        return {
-            "h_tilde": jnp.zeros((ex.rows, ex.num_hidden), self.store_dtype),
-            "theta_tilde": jnp.zeros((ex.rows, ex.num_theta), self.store_dtype),
-            "key": self.seed_state.value,  # a state: a compiled loop's reset reads the current seed
-        }
-
-    def restart(self, traces, kept) -> Dict:
-        h = traces["h_tilde"]
-        row = jnp.any(kept != 0, axis=1, keepdims=True)  # a row with no element kept starts anew
-        return {
-            "h_tilde": h * kept.astype(h.dtype),
-            "theta_tilde": traces["theta_tilde"] * row.astype(h.dtype),
-            "key": traces["key"],
-        }
-
-    def update(self, traces, step: StepValues) -> Dict:
-        ex, eps, dt = self.ex, self.eps, self.ex.dtype
-        key, sub = jax.random.split(jax.random.wrap_key_data(traces["key"]))
-        nu = jax.random.rademacher(sub, (ex.rows, ex.num_hidden), dt)
-        h, th = traces["h_tilde"].astype(dt), traces["theta_tilde"].astype(dt)
-        jh = ex.jvp_hidden(step, h)
-        proj = ex.vjp_theta_rows(step, nu)
-        norm = lambda a: jnp.linalg.norm(a, axis=1, keepdims=True)
-        rho0 = jnp.sqrt((norm(th) + eps) / (norm(jh) + eps))
-        rho1 = jnp.sqrt((norm(proj) + eps) / (norm(nu) + eps))
-        return {
-            "h_tilde": (rho0 * jh + rho1 * nu).astype(self.store_dtype),
-            "theta_tilde": (th / rho0 + proj / rho1).astype(self.store_dtype),
-            "key": jax.random.key_data(key),
-        }
-
-    def solve(self, traces, cts) -> jax.Array:
-        dt = self.ex.dtype
-        h, th = traces["h_tilde"].astype(dt), traces["theta_tilde"].astype(dt)
-        return jnp.einsum("r,rp->p", jnp.sum(cts.astype(dt) * h, axis=1), th)
-
-
 class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
     r"""Online learning with the influence matrix ``M = dh/dθ``: RTRL, SnAp-n and UORO.
 
@@ -231,8 +157,6 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
         See :class:`~braintrace.ETraceVjpAlgorithm`. Under ``vjp_method='multi-step'`` a window's
         gradient is exact inside the window and the credit from before it is
         :math:`\partial L/\partial h_{t_0} M_{t_0}`.
-    normalize_matrix_spectrum : bool
-        Dense layout only: divide each row's ``J`` by ``max(1, ||J||_2)`` before it multiplies ``M``.
     max_influence_bytes : int
         Dense layout: the bytes ``M``, ``I`` and ``J`` may take together; compiling a larger model
         raises ``ValueError`` naming what it would need, before anything is allocated.
@@ -250,9 +174,9 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
     Raises
     ------
     ValueError
-        At construction for a combination that does not exist (SnAp-n with the projection layout,
-        the spectrum normalisation of ``J`` with no ``J``); at compile time when the dense layout
-        exceeds ``max_influence_bytes`` or ``snap_max_jacobian_elements``.
+        At construction for a combination that does not exist (SnAp-n with the projection layout);
+        at compile time when the dense layout exceeds ``max_influence_bytes`` or
+        ``snap_max_jacobian_elements``.
 
     Examples
     --------
@@ -281,7 +205,6 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
         name: Optional[str] = None,
         vjp_method: str = "single-step",
         fast_solve: bool = True,
-        normalize_matrix_spectrum: bool = False,
         mode=None,
         control_flow=None,
         config=None,
@@ -298,7 +221,6 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
             name=name,
             vjp_method=vjp_method,
             fast_solve=fast_solve,
-            normalize_matrix_spectrum=normalize_matrix_spectrum,
             mode=mode,
             control_flow=control_flow,
             config=config,
@@ -317,11 +239,6 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
                 f"`trace_layout='projection'` (UORO's rank-one estimate) needs recurrence_scope='full', "
                 f"got recurrence_scope={recurrence_scope!r}: a SnAp mask does not apply to a rank-one "
                 f"estimate. Use trace_layout='dense' for SnAp-n."
-            )
-        if trace_layout == "projection" and normalize_matrix_spectrum:
-            raise ValueError(
-                "`normalize_matrix_spectrum=True` rescales the Jacobian J, which the projection layout "
-                "never forms (it uses products J h only); use trace_layout='dense' or leave it False."
             )
         eps = projection_eps
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) >= 0.0:
@@ -414,7 +331,7 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
         store = self.trace_dtype or ex.dtype
         self._approximations = []
         if self.trace_layout == "projection":
-            self._layout = _RankOneProjection(ex, self._projection_seed, self.projection_eps, store)
+            self._layout = RankOneProjection(ex, self._projection_seed, self.projection_eps, store)
             why = (
                 "UORO keeps a random rank-one estimate of dh/dθ: unbiased (its mean over projection keys "
                 "is RTRL's gradient), not equal to it"
@@ -423,7 +340,7 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
         else:
             self._check_memory(ex)
             mask = None if self.recurrence_scope == "full" else self._snap_mask(ex)
-            self._layout = _DenseInfluence(ex, mask, self.normalize_matrix_spectrum, store)
+            self._layout = DenseInfluence(ex, mask, store)
         return self._layout.init()
 
     def _check_memory(self, ex: InfluenceGraphExecutor):
@@ -524,7 +441,7 @@ class RTRL(InfluenceVjpAlgorithm):
     Parameters
     ----------
     model : brainstate.nn.Module
-    name, vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, config, random_feedback_key
+    name, vjp_method, fast_solve, mode, control_flow, config, random_feedback_key
         See :class:`~braintrace.ETraceVjpAlgorithm`.
     max_influence_bytes, snap_max_jacobian_elements, trace_dtype
         See :class:`InfluenceVjpAlgorithm`.
@@ -564,7 +481,6 @@ class RTRL(InfluenceVjpAlgorithm):
         name: Optional[str] = None,
         vjp_method: str = "single-step",
         fast_solve: bool = True,
-        normalize_matrix_spectrum: bool = False,
         mode=None,
         control_flow=None,
         config=None,
@@ -581,7 +497,6 @@ class RTRL(InfluenceVjpAlgorithm):
             name=name,
             vjp_method=vjp_method,
             fast_solve=fast_solve,
-            normalize_matrix_spectrum=normalize_matrix_spectrum,
             mode=mode,
             control_flow=control_flow,
             config=config,
@@ -611,7 +526,7 @@ class SnAp(InfluenceVjpAlgorithm):
     model : brainstate.nn.Module
     n : int
         The number of steps, ``>= 1``.
-    name, vjp_method, fast_solve, normalize_matrix_spectrum, mode, control_flow, config, random_feedback_key
+    name, vjp_method, fast_solve, mode, control_flow, config, random_feedback_key
         See :class:`~braintrace.ETraceVjpAlgorithm`.
     snap_max_jacobian_elements, max_influence_bytes, trace_dtype
         See :class:`InfluenceVjpAlgorithm`.
@@ -648,7 +563,6 @@ class SnAp(InfluenceVjpAlgorithm):
         snap_max_jacobian_elements: int = DEFAULT_MAX_JACOBIAN_ELEMENTS,
         *,
         max_influence_bytes: int = DEFAULT_MAX_INFLUENCE_BYTES,
-        normalize_matrix_spectrum: bool = False,
         mode=None,
         control_flow=None,
         config=None,
@@ -666,7 +580,6 @@ class SnAp(InfluenceVjpAlgorithm):
             name=name,
             vjp_method=vjp_method,
             fast_solve=fast_solve,
-            normalize_matrix_spectrum=normalize_matrix_spectrum,
             mode=mode,
             control_flow=control_flow,
             config=config,
