@@ -118,6 +118,21 @@ def test_three_factor_with_dl_dh_is_d_rtrl_and_zero_gives_zero():
     np.testing.assert_allclose(scalar["w"], want_w, rtol=1e-12)
 
 
+def test_the_modulatory_signal_on_the_factored_layout():
+    """The learning-signal axis is the engines' own: pp_prop with ``learning_signal='modulatory'``
+    and the modulator ``dL_t/dh_t`` is pp_prop."""
+    wbg, xs, ys, dldh = problem(8)
+    want = as_np(
+        braintrace.compile(Leaky(*wbg), "pp_prop", xs[0], batch_size=B).etrace_grad(xs, ys, step_fn=mse)
+    )
+    cfg = ETraceConfig(trace_factorization="io_factorized", decay=0.9, learning_signal="modulatory")
+    learner = braintrace.compile(Leaky(*wbg), cfg, xs[0], batch_size=B)
+    step = lambda x, m, y: mse(learner(x, modulator=m), y)  # noqa: E731
+    got = as_np(learner.etrace_grad(xs, jnp.asarray(dldh), ys, step_fn=step, reduction="sum", reset=True))
+    for k in ("w", "b", "g"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-14)
+
+
 def test_three_factor_standing_modulator_is_read_at_every_call():
     wbg, xs, ys, _ = problem(2)
     learner = braintrace.ThreeFactor(Leaky(*wbg))
