@@ -361,7 +361,9 @@ def test_snap_equals_a_masked_influence_recursion():
             warnings.simplefilter("always")
             alg = braintrace.SnAp(model, n=n).compile_graph(xs[0])
         assert alg.dependency_depth == 3
-        np.testing.assert_array_equal(np.asarray(alg._layout.mask, bool), masks[n - 1])
+        np.testing.assert_array_equal(alg.snap_mask, masks[n - 1])
+        # stored at the mask's entries where that is smaller (n = 1: one entry per column)
+        assert alg.etrace.value["influence"].shape == ((B, 24, 1) if n == 1 else (B, 9, 24))
         assert_grads_equal(summed(alg, xs, ys), want, what=f"SnAp-{n}")
         # one record per parameter whose entries are dropped, one warning for the compile
         dropped = {r.subject for r in alg.graph.records if r.kind is DiagnosticKind.INFLUENCE_APPROXIMATION}
@@ -378,7 +380,7 @@ def test_snap_at_the_dependency_depth_equals_rtrl_and_records_nothing():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         snap = braintrace.SnAp(model, n=2).compile_graph(xs[0])
-    assert snap.dependency_depth == 2 and np.asarray(snap._layout.mask).all()
+    assert snap.dependency_depth == 2 and snap.snap_mask.all()
     assert not [r for r in snap.graph.records if r.kind is DiagnosticKind.INFLUENCE_APPROXIMATION]
     assert not [w for w in caught if issubclass(w.category, ETraceCompilationWarning)]
     assert_grads_equal(summed(snap, xs, ys), want)
@@ -442,6 +444,10 @@ def test_memory_limit_names_the_memory_needed_and_the_limit():
         braintrace.RTRL(model, max_influence_bytes=1000).compile_graph(jnp.zeros((B, 3)))
     # M: 2 rows x 4 hidden x 32 weights x 8 bytes
     assert "2 row(s) x 4 hidden elements x 32 weight elements) needs 2.0 KiB" in str(err.value)
+    with pytest.raises(
+        ValueError, match=r"SnAp: M at the mask's entries \(2 row\(s\) x 32 weight elements x 1 "
+    ):
+        braintrace.SnAp(model, n=1, max_influence_bytes=1000).compile_graph(jnp.zeros((B, 3)))
     with pytest.raises(ValueError, match=r"snap_max_jacobian_elements.=31"):
         braintrace.SnAp(model, n=1, snap_max_jacobian_elements=31).compile_graph(jnp.zeros((B, 3)))
     braintrace.RTRL(model, snap_max_jacobian_elements=32).compile_graph(jnp.zeros((B, 3)))  # 2 x 4 x 4

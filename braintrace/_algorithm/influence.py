@@ -60,7 +60,7 @@ from braintrace._compiler.diagnostics import (
 )
 
 from .executor import StepValues
-from .influence_layouts import DenseInfluence, RankOneProjection
+from .influence_layouts import CompressedInfluence, DenseInfluence, RankOneProjection
 from .influence_step import InfluenceGraphExecutor
 from .vjp_algorithm import ETraceVjpAlgorithm
 
@@ -127,6 +127,9 @@ def _key_data(projection_key) -> np.ndarray:
         f"`projection_key` must be an int seed, a jax.random.key, or raw uint32 key data; "
         f"got {projection_key!r}."
     )
+
+
+_ADVICE = "RTRL and SnAp are for small models; use UORO (memory R (N + P)) or D_RTRL, or raise the limit"
 
 
 def _nbytes(n: int) -> str:
@@ -259,8 +262,10 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
         self.projection_eps = float(eps)
         self.trace_dtype = trace_dtype
         self._approximations = []  # (parameter path, why): the records of the last compile
-        #: SnAp: the smallest ``n`` whose mask keeps every entry (set when the graph is compiled)
+        #: SnAp: the smallest ``n`` whose mask keeps every entry, and the mask ``(N, P)`` of the
+        #: entries kept (set when the graph is compiled)
         self.dependency_depth: Optional[int] = None
+        self.snap_mask: Optional[np.ndarray] = None
 
     @property
     def projection_key(self):
@@ -338,34 +343,50 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
             )
             self._approximations = [(p, why) for p in self._theta_paths(range(ex.num_theta))]
         else:
-            self._check_memory(ex)
-            mask = None if self.recurrence_scope == "full" else self._snap_mask(ex)
-            self._layout = DenseInfluence(ex, mask, store)
+            self._check_jacobian(ex)
+            self.snap_mask = None if self.recurrence_scope == "full" else self._snap_mask(ex)
+            self._layout = self._dense_layout(ex, store)
         return self._layout.init()
 
-    def _check_memory(self, ex: InfluenceGraphExecutor):
-        r, n, p = ex.rows, ex.num_hidden, ex.num_theta
-        item = np.dtype(self.trace_dtype or ex.dtype).itemsize
-        m, step_i, jac = r * n * p * item, r * n * p * ex.dtype.itemsize, r * n * n * ex.dtype.itemsize
-        what = (
-            f"{type(self).__name__}: the influence matrix M ({r} row(s) x {n} hidden elements x {p} weight "
-            f"elements) needs {_nbytes(m)}, and each step also forms I ({_nbytes(step_i)}) and J "
-            f"({r} x {n} x {n} = {r * n * n} elements, {_nbytes(jac)})"
-        )
-        advice = (
-            "RTRL and SnAp are for small models; use UORO (memory R (N + P)) or D_RTRL, or raise the limit"
-        )
+    def _check_jacobian(self, ex: InfluenceGraphExecutor):
+        r, n = ex.rows, ex.num_hidden
         if r * n * n > self.snap_max_jacobian_elements:
             raise ValueError(
-                f"{what}: J has more than `snap_max_jacobian_elements`={self.snap_max_jacobian_elements}. "
-                f"{advice}."
+                f"{type(self).__name__}: each step forms the Jacobian J ({r} row(s) x {n} x {n} = "
+                f"{r * n * n} elements), more than `snap_max_jacobian_elements`="
+                f"{self.snap_max_jacobian_elements}. {_ADVICE}."
             )
-        need = m + step_i + jac
+
+    def _dense_layout(self, ex: InfluenceGraphExecutor, store):
+        """``M`` dense, or (SnAp) at its mask's entries when that takes less memory; the memory of
+        either is checked against ``max_influence_bytes`` first."""
+        r, n, p = ex.rows, ex.num_hidden, ex.num_theta
+        item, step_item = np.dtype(store).itemsize, ex.dtype.itemsize
+        jac = r * n * n * step_item
+        dense = (r * n * p * item, r * n * p * step_item)  # M kept, I formed per step
+        k = None if self.snap_mask is None else max(1, int(self.snap_mask.sum(axis=0).max()))
+        if k is not None and r * p * k * (item + step_item * (k + 1)) < sum(dense):
+            kept, formed = r * p * k * item, r * p * k * (k + 1) * step_item
+            what = (
+                f"M at the mask's entries ({r} row(s) x {p} weight elements x {k} entries) needs "
+                f"{_nbytes(kept)}, and each step also forms J ({_nbytes(jac)}) and I and J at those "
+                f"entries ({_nbytes(formed)})"
+            )
+            layout = CompressedInfluence(ex, self.snap_mask, store)
+        else:
+            kept, formed = dense
+            what = (
+                f"the influence matrix M ({r} row(s) x {n} hidden elements x {p} weight elements) needs "
+                f"{_nbytes(kept)}, and each step also forms I ({_nbytes(formed)}) and J ({_nbytes(jac)})"
+            )
+            layout = DenseInfluence(ex, self.snap_mask, store)
+        need = kept + formed + jac
         if need > self.max_influence_bytes:
             raise ValueError(
-                f"{what}: {_nbytes(need)} in all, above `max_influence_bytes`={self.max_influence_bytes} "
-                f"({_nbytes(self.max_influence_bytes)}). {advice}."
+                f"{type(self).__name__}: {what}: {_nbytes(need)} in all, above `max_influence_bytes`="
+                f"{self.max_influence_bytes} ({_nbytes(self.max_influence_bytes)}). {_ADVICE}."
             )
+        return layout
 
     def _snap_mask(self, ex: InfluenceGraphExecutor) -> np.ndarray:
         """``mask_n`` ``(N, P)``; records the parameters whose entries it drops."""

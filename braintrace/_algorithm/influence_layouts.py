@@ -2,6 +2,8 @@ r"""The two trace layouts of the influence-matrix engine (see :mod:`.influence` 
 
 * :class:`DenseInfluence`: ``M`` itself, ``(R, N, P)``, updated with the step's ``J`` and ``I``
   (and SnAp's mask);
+* :class:`CompressedInfluence`: SnAp's ``M`` at its mask's entries only, ``(R, P, k)`` for ``k`` the
+  most entries a column of the mask keeps;
 * :class:`RankOneProjection`: UORO's ``h̃`` ``(R, N)``, ``θ̃`` ``(R, P)`` and the key of its sign
   stream, updated with one forward-mode product ``J h̃`` and one reverse-mode product ``νᵀ I`` per row.
 
@@ -15,11 +17,12 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .executor import StepValues
 from .influence_step import InfluenceGraphExecutor
 
-__all__ = ["DenseInfluence", "RankOneProjection"]
+__all__ = ["DenseInfluence", "CompressedInfluence", "RankOneProjection"]
 
 
 class DenseInfluence:
@@ -47,6 +50,43 @@ class DenseInfluence:
     def solve(self, traces, cts) -> jax.Array:
         m = traces["influence"].astype(self.ex.dtype)
         return jnp.einsum("ri,rip->p", cts.astype(m.dtype), m)
+
+
+class CompressedInfluence:
+    """SnAp's ``M`` stored at its mask's entries only: column ``j`` of ``M`` lives on the ``k_j``
+    hidden elements ``index[j, :k_j]`` of the mask's column (``k = max k_j``, shorter columns padded
+    and kept at zero), ``(R, P, k)`` values. Since ``M[:, j]`` is zero off those elements, the kept
+    entries follow ``M[i, j] ← Σ_{l ∈ index[j]} J[i, l] M[l, j] + I[i, j]`` exactly: ``J`` is gathered
+    per column, ``(R, P, k, k)``, and ``I`` is read at the kept entries only, ``(R, P, k)``."""
+
+    def __init__(self, executor: InfluenceGraphExecutor, mask: np.ndarray, store_dtype):
+        self.ex, self.store_dtype = executor, store_dtype
+        counts = mask.sum(axis=0)
+        self.k = max(1, int(counts.max()))
+        index = np.zeros((mask.shape[1], self.k), np.int32)
+        valid = np.zeros((mask.shape[1], self.k), bool)
+        for j in range(mask.shape[1]):
+            rows = np.flatnonzero(mask[:, j])
+            index[j, : len(rows)], valid[j, : len(rows)] = rows, True
+        self.index, self.valid = index, valid
+
+    def init(self) -> Dict:
+        ex = self.ex
+        return {"influence": jnp.zeros((ex.rows, ex.num_theta, self.k), self.store_dtype)}
+
+    def restart(self, traces, kept) -> Dict:
+        m = traces["influence"]
+        return {"influence": m * kept[:, self.index].astype(m.dtype)}
+
+    def update(self, traces, step: StepValues) -> Dict:
+        jac, imm = self.ex.jacobian_and_columns(step, self.index)
+        sub = jac[:, self.index[:, :, None], self.index[:, None, :]]  # (R, P, k, k)
+        m = jnp.einsum("rjab,rjb->rja", sub, traces["influence"].astype(jac.dtype)) + imm
+        return {"influence": (m * self.valid).astype(self.store_dtype)}
+
+    def solve(self, traces, cts) -> jax.Array:
+        m = traces["influence"].astype(self.ex.dtype)
+        return jnp.einsum("rja,rja->j", cts.astype(m.dtype)[:, self.index], m)
 
 
 class RankOneProjection:

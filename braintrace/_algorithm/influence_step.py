@@ -238,20 +238,42 @@ class InfluenceGraphExecutor(ETraceVjpGraphExecutor):
             vals.append(v if h.slot is None else v[..., h.slot])
         return self.flatten_hidden(vals)
 
-    def jacobians(self, step: StepValues) -> Tuple[jax.Array, jax.Array]:
-        """``(J (R, N, N), I (R, N, P))`` at the step: ``N`` forward-mode products for ``J`` (one basis
-        vector per hidden element, the same in every row) and ``P`` for ``I``, in chunks whose basis
-        is no larger than ``I``."""
+    def _linear_maps(self, step: StepValues):
+        """``(v -> J v, u -> I u)`` at the step (each a linearisation of the step)."""
         point = step.point
         h0, th0 = self.hidden_of(point[0]), self.theta_of(step.weights)
-        n, p, r = self.num_hidden, self.num_theta, self.rows
         _, lin_h = jax.linearize(lambda h: self.new_hidden(point, h, th0), h0)
         _, lin_th = jax.linearize(lambda th: self.new_hidden(point, h0, th), th0)
-        basis = jnp.broadcast_to(jnp.eye(n, dtype=self.dtype)[:, None, :], (n, r, n))
-        jac = jnp.transpose(jax.vmap(lin_h)(basis), (1, 2, 0))
+        return lin_h, lin_th
+
+    def _columns_of_i(self, lin_th, pick):
+        """``pick(j, I[:, :, j])`` for every column ``j`` of ``I``, stacked on a leading axis: ``P``
+        forward-mode products, in chunks whose basis is no larger than one column block of ``I``."""
+        p, chunk = self.num_theta, max(1, min(self.num_theta, self.rows * self.num_hidden))
         one_hot = lambda j: jax.nn.one_hot(j, p, dtype=self.dtype)
-        imm = jax.lax.map(lambda j: lin_th(one_hot(j)), jnp.arange(p), batch_size=max(1, min(p, r * n)))
-        return jac, jnp.transpose(imm, (1, 2, 0))
+        return jax.lax.map(lambda j: pick(j, lin_th(one_hot(j))), jnp.arange(p), batch_size=chunk)
+
+    def hidden_jacobian(self, step: StepValues, lin_h=None) -> jax.Array:
+        """``J`` ``(R, N, N)``: ``N`` forward-mode products, one basis vector per hidden element, the
+        same in every row."""
+        lin_h = self._linear_maps(step)[0] if lin_h is None else lin_h
+        n, r = self.num_hidden, self.rows
+        basis = jnp.broadcast_to(jnp.eye(n, dtype=self.dtype)[:, None, :], (n, r, n))
+        return jnp.transpose(jax.vmap(lin_h)(basis), (1, 2, 0))
+
+    def jacobians(self, step: StepValues) -> Tuple[jax.Array, jax.Array]:
+        """``(J (R, N, N), I (R, N, P))`` at the step."""
+        lin_h, lin_th = self._linear_maps(step)
+        imm = self._columns_of_i(lin_th, lambda j, col: col)
+        return self.hidden_jacobian(step, lin_h), jnp.transpose(imm, (1, 2, 0))
+
+    def jacobian_and_columns(self, step: StepValues, index) -> Tuple[jax.Array, jax.Array]:
+        """``(J (R, N, N), I[r, index[j, a], j] (R, P, k))``: ``I`` at ``k`` hidden elements per column
+        (``index`` ``(P, k)``), never formed whole."""
+        lin_h, lin_th = self._linear_maps(step)
+        index = jnp.asarray(index)
+        cols = self._columns_of_i(lin_th, lambda j, col: col[:, index[j]])
+        return self.hidden_jacobian(step, lin_h), jnp.transpose(cols, (1, 0, 2))
 
     def jvp_hidden(self, step: StepValues, tangent) -> jax.Array:
         """``J_t tangent`` ``(R, N)`` (one forward-mode product)."""
@@ -324,11 +346,16 @@ class InfluenceGraphExecutor(ETraceVjpGraphExecutor):
         zero) may hide an entry at a point, which the second draw makes unlikely."""
         pat_j = np.zeros((self.num_hidden, self.num_hidden), bool)
         pat_i = np.zeros((self.num_hidden, self.num_theta), bool)
-        fn = jax.jit(
-            lambda state, args: tuple(jnp.any(m != 0, axis=0) for m in self.jacobians(self._at(state, args)))
-        )
+
+        @jax.jit
+        def patterns(state, args):
+            step = self._at(state, args)
+            lin_h, lin_th = self._linear_maps(step)
+            jac = jnp.any(self.hidden_jacobian(step, lin_h) != 0, axis=0)
+            return jac, self._columns_of_i(lin_th, lambda j, col: jnp.any(col != 0, axis=0)).T
+
         for draw in range(draws):
-            j, i = fn(*self.random_point(seed + 10 + draw))
+            j, i = patterns(*self.random_point(seed + 10 + draw))
             pat_j |= np.asarray(j)
             pat_i |= np.asarray(i)
         return pat_j, pat_i
