@@ -27,7 +27,7 @@ import braintrace
 from braintrace import DiagnosticKind
 from braintrace._compiler.diagnostics import ETraceCompilationWarning
 
-B, T = 2, 5
+B, T = 2, 4
 
 
 @pytest.fixture(autouse=True)
