@@ -20,8 +20,9 @@ within the step). The engine has two independent choices:
   ``M_t = mask_n ⊙ (J_t M_{t-1} + I_t)`` with ``mask_n = pattern((|J| + Id)^{n-1} |I|)``, the
   patterns read off ``J`` and ``I`` at random states, weights and inputs when the graph is
   compiled (:meth:`InfluenceGraphExecutor.structural_patterns`);
-* **trace layout**: ``'dense'`` stores ``M`` (``R N P`` values; SnAp's mask is applied to a dense
-  ``M``, so its memory is RTRL's), ``'projection'`` stores a random rank-one estimate
+* **trace layout**: ``'dense'`` stores ``M`` (``R N P`` values; under SnAp, only the mask's entries
+  when that takes less memory: ``R P k`` values for ``k`` the most entries a column of the mask
+  keeps), ``'projection'`` stores a random rank-one estimate
   ``M ≈ h̃ θ̃ᵀ`` per row (UORO, ``R (N + P)`` values, full scope only): with Rademacher signs
   ``ν`` drawn from a key that advances every step,
 
@@ -540,7 +541,12 @@ class SnAp(InfluenceVjpAlgorithm):
     keeps every entry and equals :class:`RTRL`. Below it, the graph records each parameter whose
     entries are dropped, with one warning per compile.
 
-    ``M`` is stored densely with the mask applied, so memory and time are RTRL's (``R N P``).
+    Storage: the mask's entries only, ``(R, P, k)`` with ``k`` the most entries a column of the mask
+    keeps (1 for SnAp-1 on units fed by their own weights), whenever that takes less memory than
+    ``M`` itself; then each step forms ``J`` ``(R, N, N)``, ``J`` gathered per column
+    ``(R, P, k, k)`` and ``I`` at the kept entries ``(R, P, k)`` (``P`` forward-mode products of the
+    step). Otherwise ``M`` is dense with the mask applied, RTRL's memory and time (``R N P``). The
+    mask is :attr:`snap_mask` after compiling.
 
     Parameters
     ----------
