@@ -177,3 +177,7 @@ __all__ += [
 from ._algorithm import RTRL, UORO, InfluenceVjpAlgorithm, RandomProjectionVjpAlgorithm, SnAp  # noqa: E402
 
 __all__ += ["InfluenceVjpAlgorithm", "RTRL", "SnAp", "RandomProjectionVjpAlgorithm", "UORO"]
+
+from ._algorithm import DNI, SyntheticGradient, train_synthetic_gradient  # noqa: E402
+
+__all__ += ["DNI", "SyntheticGradient", "train_synthetic_gradient"]

@@ -4,6 +4,7 @@ from .axes import ETraceConfig
 from .base import EligibilityTrace, ETraceAlgorithm
 from .compiling import ALGORITHMS, compile
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from .dni import DNI, SyntheticGradient, train_synthetic_gradient
 from .executor import ETraceGraphExecutor, ETraceVjpGraphExecutor
 from .filters import KappaFilter
 from .influence import RTRL, UORO, InfluenceVjpAlgorithm, RandomProjectionVjpAlgorithm, SnAp
@@ -41,4 +42,7 @@ __all__ = [
     "SnAp",
     "RandomProjectionVjpAlgorithm",
     "UORO",
+    "DNI",
+    "SyntheticGradient",
+    "train_synthetic_gradient",
 ]

@@ -22,7 +22,9 @@ recurrence_scope       how much of :math:`\partial h_t/\partial h_{t-1}` the rec
 learning_signal        what the traces are contracted with: ``'symmetric'``
                        (:math:`\partial L_t/\partial h_t`), ``'random_feedback'`` (a fixed random
                        matrix in place of each trainable op's weight in the backward pass from the
-                       hidden states to the outputs), ``'modulatory'`` (a caller's modulator)
+                       hidden states to the outputs), ``'modulatory'`` (a caller's modulator),
+                       ``'bootstrapped'`` (:math:`\partial L/\partial h` of a window of steps, plus
+                       a learned synthetic gradient at its exit: DNI)
 trace_filter           ``'none'`` or ``'kappa'`` (e-prop's low-pass
                        :math:`\bar\epsilon_t = \kappa\bar\epsilon_{t-1} + \epsilon_t`)
 update_schedule        ``'per_step'`` (a gradient every step)
@@ -31,9 +33,9 @@ update_schedule        ``'per_step'`` (a gradient every step)
 The coefficients are ``decay`` (of ``'scalar_leak'`` and of the ``'io_factorized'`` sides),
 ``kappa`` (of ``'kappa'``), ``sparse_n`` (of ``'sparse_n'``) and ``window_size``.
 
-Coordinates recognised but provided by no engine of this package (``learning_signal=
-'bootstrapped'``, ``update_schedule='window'`` / ``'sequence_end'``) raise ``NotImplementedError``
-naming the field; an engine given a coordinate it does not compute raises in its constructor.
+Coordinates recognised but provided by no engine of this package (``update_schedule='window'`` /
+``'sequence_end'``) raise ``NotImplementedError`` naming the field; an engine given a coordinate it
+does not compute raises in its constructor.
 """
 
 from __future__ import annotations
@@ -58,7 +60,6 @@ VOCABULARY = {
 #: Values accepted by the vocabulary (for code written for the published releases) that no engine
 #: here computes: constructing a config with one raises ``NotImplementedError``.
 _NOT_PROVIDED = {
-    ("learning_signal", "bootstrapped"): "a learned synthetic gradient (DNI)",
     ("update_schedule", "window"): "a weight update every `window_size` steps",
     ("update_schedule", "sequence_end"): "a weight update at the end of the sequence",
 }
@@ -119,8 +120,9 @@ class ETraceConfig:
         :math:`R_t` = :math:`D_t` (``'jacobian'``), :math:`I` (``'scalar_leak'``) or 0 (``'none'``).
         A single value under ``'io_factorized'`` means ``('scalar_leak', value)``.
     recurrence_scope : ``'diagonal'``, ``'coupled'``, ``'sparse_n'`` or ``'full'``
-    learning_signal : ``'symmetric'``, ``'random_feedback'`` or ``'modulatory'``
-        (``'bootstrapped'`` is recognised and not provided.)
+    learning_signal : ``'symmetric'``, ``'random_feedback'``, ``'modulatory'`` or ``'bootstrapped'``
+        ``'bootstrapped'`` (:class:`~braintrace.DNI`) needs ``trace_factorization='per_param'`` and
+        ``recurrence_scope='diagonal'``.
     trace_filter : ``'none'`` or ``'kappa'``
     update_schedule : ``'per_step'``
         (``'window'`` and ``'sequence_end'`` are recognised and not provided.)
@@ -337,6 +339,13 @@ class ETraceConfig:
                 f"ETraceConfig: trace_factorization='random_projection' (UORO) projects the full "
                 f"influence matrix; recurrence_scope must be 'full' (or 'coupled'), got "
                 f"{self.recurrence_scope!r}."
+            )
+        bootstrapped = self.learning_signal == "bootstrapped"
+        if bootstrapped and (fact != "per_param" or self.recurrence_scope != "diagonal"):
+            raise ValueError(
+                f"ETraceConfig: learning_signal='bootstrapped' (DNI) adds a learned exit cotangent to the "
+                f"windows of the per-parameter engine; it needs trace_factorization='per_param' and "
+                f"recurrence_scope='diagonal', got {fact!r} and {self.recurrence_scope!r}."
             )
         if self.window_size is not None:
             if isinstance(self.window_size, bool) or not isinstance(self.window_size, numbers.Integral):

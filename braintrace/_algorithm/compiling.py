@@ -11,6 +11,7 @@ import brainstate
 from .axes import ETraceConfig
 from .base import ETraceAlgorithm
 from .d_rtrl import D_RTRL, ParamDimVjpAlgorithm
+from .dni import DNI
 from .pp_prop import IODimVjpAlgorithm
 from .presets import EProp, OSTLFeedforward, OSTLRecurrent, ThreeFactor
 
@@ -27,13 +28,14 @@ ALGORITHMS = {
     "three_factor": ThreeFactor,
     "ostl_recurrent": OSTLRecurrent,
     "ostl_feedforward": OSTLFeedforward,
+    "dni": DNI,
 }
 
 #: Names of the influence-matrix algorithms: ``braintrace.<class>`` looked up when compiling.
 _INFLUENCE = {"rtrl": "RTRL", "snap": "SnAp", "uoro": "UORO"}
 
 #: Names of the published releases that this package does not provide.
-_NOT_PROVIDED = {"dni": "DNI (a learned synthetic gradient)"}
+_NOT_PROVIDED = {}
 
 
 def _package_class(name: str, why: str):
@@ -60,6 +62,8 @@ def resolve_algorithm(algorithm):
             return _package_class("RTRL", "recurrence_scope='full'"), {"config": cfg}
         if cfg.recurrence_scope == "sparse_n":
             return _package_class("SnAp", "recurrence_scope='sparse_n'"), {"config": cfg}
+        if cfg.learning_signal == "bootstrapped":
+            return DNI, {"config": cfg}
         return ParamDimVjpAlgorithm, {"config": cfg}
     if isinstance(algorithm, str):
         key = algorithm.strip().lower()
@@ -132,11 +136,13 @@ def compile(
     algorithm : str, class, ETraceAlgorithm or ETraceConfig
         A name (case-insensitive): ``'d_rtrl'``; ``'pp_prop'`` / ``'es_d_rtrl'`` /
         ``'esd_rtrl'``; ``'eprop'`` / ``'e_prop'`` (:class:`~braintrace.EProp`);
-        ``'three_factor'``; ``'ostl_recurrent'``; ``'ostl_feedforward'``; ``'rtrl'``, ``'snap'``
+        ``'three_factor'``; ``'ostl_recurrent'``; ``'ostl_feedforward'``; ``'dni'``
+        (:class:`~braintrace.DNI`); ``'rtrl'``, ``'snap'``
         (``n=`` its order) and ``'uoro'`` (``braintrace.RTRL`` / ``SnAp`` / ``UORO``). An
         algorithm class, an uncompiled instance wrapping ``model``, or an
         :class:`~braintrace.ETraceConfig`, which selects the engine from its coordinates
-        (``'per_param'`` with the diagonal scope: :class:`~braintrace.ParamDimVjpAlgorithm`;
+        (``'per_param'`` with the diagonal scope: :class:`~braintrace.ParamDimVjpAlgorithm`, or
+        :class:`~braintrace.DNI` with ``learning_signal='bootstrapped'``;
         ``'io_factorized'``: :class:`~braintrace.IODimVjpAlgorithm`; the full or SnAp scope and
         the random projection: the influence-matrix algorithms) and is passed to it.
     *example_inputs
