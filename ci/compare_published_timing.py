@@ -364,12 +364,23 @@ def _is_zero(values) -> bool:
     return not np.any(np.asarray(values))
 
 
-def summarize(samples):
-    values = [x * 1e6 for x in samples]
-    return {"us_median": statistics.median(values), "us_min": min(values), "us_rounds": values}
+def summarize(result):
+    """Each row's µs per step (median and minimum over its rounds) and the ratios ours / published,
+    from the rounds measured so far (``s_per_step_rounds``)."""
+    for row in result["rows"]:
+        for who in ("ours", "published"):
+            rounds = [x * 1e6 for x in row[who].get("s_per_step_rounds", [])]
+            if rounds:
+                row[who].update(us_median=statistics.median(rounds), us_min=min(rounds), us_rounds=rounds)
+        if row["ours"].get("us_min") and row["published"].get("us_min"):
+            row["ratio_median"] = row["ours"]["us_median"] / row["published"]["us_median"]
+            row["ratio_min"] = row["ours"]["us_min"] / row["published"]["us_min"]
+    return result
 
 
-def run_comparison(args) -> dict:
+def run_comparison(args, save=lambda result: None) -> dict:
+    """The comparison's rows; ``save(result)`` is called whenever a part of it is done (a run cut
+    short by a timeout keeps what it measured)."""
     names = args.workloads
     specs = specs_of(args.scale, names)
     configs = [(w, a) for w in names for a in args.algorithms]
@@ -378,6 +389,9 @@ def run_comparison(args) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cwd = str(out_dir)  # outside the checkout: the published worker must not import it
     started = time.monotonic()
+
+    def over_budget():
+        return bool(args.budget_s) and time.monotonic() - started > args.budget_s
 
     def spawn(x64):
         suffix = "-x64" if x64 else ""
@@ -406,6 +420,9 @@ def run_comparison(args) -> dict:
         result["versions"] = {k: {kk: vv for kk, vv in v.items() if kk != "ok"} for k, v in info.items()}
         rows = {}
         for w, a in configs:
+            if over_budget():
+                result["skipped"].append(f"{w}/{a}: the {args.budget_s:.0f} s budget is spent")
+                continue
             row = {"workload": w, "algorithm": a, "label": specs[w]["label"], "T": args.T, **_sizes(specs[w])}
             for who, worker in workers.items():
                 hlo = str(pathlib.Path(args.hlo_dir) / f"{who}-{w}-{a}.hlo.txt") if args.hlo_dir else None
@@ -414,40 +431,35 @@ def run_comparison(args) -> dict:
                 r = worker.request("setup", key=f"{w}/{a}", spec=specs[w], algorithm=a, T=args.T, hlo=hlo)
                 row[who] = {k: v for k, v in r.items() if k != "ok"}
                 row[who]["status"] = "ok" if r.get("ok") else "error"
-                row[who]["samples"] = []
+                row[who]["s_per_step_rounds"] = []
             rows[(w, a)] = row
             result["rows"].append(row)
+            save(result)
         for rnd in range(args.rounds):
-            if args.budget_s and time.monotonic() - started > args.budget_s:
+            if over_budget():
                 result["skipped"].append(
                     f"rounds {rnd + 1}-{args.rounds}: the {args.budget_s:.0f} s budget is spent"
                 )
                 break
             order = ("ours", "published") if rnd % 2 == 0 else ("published", "ours")
-            for key in configs:
+            for key in rows:
                 for who in order:
                     entry = rows[key][who]
                     if entry["status"] != "ok":
                         continue
                     r = workers[who].request("time", key=f"{key[0]}/{key[1]}", reps=args.reps)
                     if r.get("ok"):
-                        entry["samples"].append(statistics.median(r["s_per_step"]))
+                        entry["s_per_step_rounds"].append(statistics.median(r["s_per_step"]))
                     else:
                         entry.update(status="error", error=r.get("error"), traceback=r.get("traceback"))
+            save(summarize(result))
     finally:
         for worker in workers.values():
             worker.close()
-    for row in result["rows"]:
-        for who in ("ours", "published"):
-            if row[who].get("samples"):
-                row[who].update(summarize(row[who].pop("samples")))
-        if row["ours"].get("us_min") and row["published"].get("us_min"):
-            row["ratio_median"] = row["ours"]["us_median"] / row["published"]["us_median"]
-            row["ratio_min"] = row["ours"]["us_min"] / row["published"]["us_min"]
-    if args.grad_T > 0:
-        _add_gradients(args, result, specs, configs, spawn)
+    if args.grad_T > 0 and not over_budget():
+        _add_gradients(args, result, specs, spawn)
     result["wall_s"] = time.monotonic() - started
-    return result
+    return summarize(result)
 
 
 def _sizes(spec):
@@ -455,10 +467,11 @@ def _sizes(spec):
     return {k: spec[k] for k in keys if spec.get(k)}
 
 
-def _add_gradients(args, result, specs, configs, spawn):
+def _add_gradients(args, result, specs, spawn):
     workers = spawn(True)
     try:
-        for row, (w, a) in zip(result["rows"], configs):
+        for row in result["rows"]:
+            w, a = row["workload"], row["algorithm"]
             got = {}
             for who, worker in workers.items():
                 r = worker.request("grads", spec=specs[w], algorithm=a, T=args.grad_T)
@@ -536,8 +549,7 @@ def main(argv=None) -> int:
         return serve()
     args.T = args.T or (500 if args.scale == "gpu" else 200)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the runner's own jax (the oracle) stays on the CPU
-    result = run_comparison(args)
-    result["meta"] = {
+    meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_text(),
         "command": "python3 ci/compare_published_timing.py "
@@ -548,10 +560,14 @@ def main(argv=None) -> int:
         "reps": args.reps,
         "grad_T": args.grad_T,
     }
-    text = json.dumps(result, indent=1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+
+    def save(result):
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({**result, "meta": meta}, indent=1) + "\n")
+
+    result = run_comparison(args, save)
+    save(result)
     for row in result["rows"]:
         o, p = row["ours"], row["published"]
         nan = float("nan")
