@@ -134,8 +134,7 @@ def _take(a, ids, axis, *, indices_are_sorted=False):
 
 def _sparse_impl(*args, sparse_mat, has_bias=False):
     x, data, bias, (row_ids, col_ids, *_) = _unpack(args, has_bias)
-    rows_sorted = sparse_mat.format == "csr"  # row_ids expanded from indptr: non-decreasing
-    contrib = _take(x, row_ids, -1, indices_are_sorted=rows_sorted) * data  # (..., nnz)
+    contrib = _take(x, row_ids, -1) * data  # (..., nnz)
     y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
     y = y.at[..., col_ids].add(contrib, mode=_IN_BOUNDS, indices_are_sorted=sparse_mat.col_sorted)
     if has_bias:
