@@ -90,7 +90,7 @@ BAD = [
     (dict(trace_factorization="io_factorized", decay=0.5, recurrence_scope="full"), ValueError, "per_param"),
     (dict(recurrence_scope="coupled", temporal_recursion="scalar_leak", decay=0.5), ValueError, "diagonal"),
     (dict(sparse_n=2), ValueError, "sparse_n=2"),
-    (dict(learning_signal="bootstrapped"), NotImplementedError, "learning_signal='bootstrapped'"),
+    (dict(learning_signal="bootstrapped", recurrence_scope="full"), ValueError, "bootstrapped"),
     (dict(update_schedule="window", window_size=4), NotImplementedError, "update_schedule='window'"),
     (dict(update_schedule="sequence_end"), NotImplementedError, "update_schedule='sequence_end'"),
 ]

@@ -15,6 +15,7 @@ import pytest
 
 import braintrace
 from braintrace import ETraceConfig
+from braintrace._algorithm.compiling import resolve_algorithm
 
 B, I, H, T, A = 2, 3, 4, 6, 0.8
 
@@ -256,8 +257,7 @@ def test_compile_names_configs_and_classes(monkeypatch):
         braintrace.compile(Leaky(*wbg), cfg, xs[0], batch_size=B, config=cfg)
     with pytest.raises(NotImplementedError, match="coupled"):
         braintrace.compile(Leaky(*wbg), ETraceConfig(recurrence_scope="coupled"), xs[0], batch_size=B)
-    with pytest.raises(NotImplementedError, match="DNI"):
-        braintrace.compile(Leaky(*wbg), "dni", xs[0], batch_size=B)
+    assert resolve_algorithm("dni")[0] is braintrace.DNI
     with pytest.raises(ValueError, match="unknown algorithm 'bptt'.*e_prop.*rtrl"):
         braintrace.compile(Leaky(*wbg), "bptt", xs[0], batch_size=B)
     with pytest.raises(TypeError, match="ETraceConfig"):
