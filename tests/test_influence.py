@@ -43,6 +43,11 @@ def _float64():
         jax.config.update("jax_enable_x64", old_x64)
 
 
+def randn(seed, *shape, scale=1.0):
+    """Standard normal values from numpy (no random-number program for XLA to compile)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale)
+
+
 def rel_err(a, b) -> float:
     a = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(a)])
     b = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree.leaves(b)])
@@ -84,11 +89,10 @@ class DenseRNN(brainstate.nn.Module):
 
     def __init__(self, n=4, i=3, o=2, seed=0):
         super().__init__()
-        k = jax.random.split(jax.random.PRNGKey(seed), 4)
-        self.w = brainstate.ParamState(jax.random.normal(k[0], (n, n)) * 0.7)
-        self.u = brainstate.ParamState(jax.random.normal(k[1], (i, n)) * 0.7)
-        self.b = brainstate.ParamState(jax.random.normal(k[2], (n,)) * 0.2)
-        self.v = brainstate.ParamState(jax.random.normal(k[3], (n, o)))
+        self.w = brainstate.ParamState(randn(seed, n, n, scale=0.7))
+        self.u = brainstate.ParamState(randn(seed + 1, i, n, scale=0.7))
+        self.b = brainstate.ParamState(randn(seed + 2, n, scale=0.2))
+        self.v = brainstate.ParamState(randn(seed + 3, n, o))
         self.n = n
 
     def init_state(self, batch_size=None, **kw):
@@ -125,9 +129,10 @@ def dense_bptt(model, xs, ys, resets=()):
 class GRUNet(brainstate.nn.Module):
     def __init__(self):
         super().__init__()
-        brainstate.random.seed(3)
-        self.cell = braintrace.nn.GRUCell(3, 4)
-        self.out = braintrace.nn.Linear(4, 2)
+        self.cell = braintrace.nn.GRUCell(3, 4, w_init=jnp.zeros((7, 4)))
+        for seed, gate in enumerate((self.cell.Wr, self.cell.Wz, self.cell.Wh)):
+            gate.weight.value = {"weight": randn(30 + seed, 7, 4, scale=0.6), "bias": randn(33 + seed, 4)}
+        self.out = braintrace.nn.Linear(4, 2, w_init=randn(36, 4, 2))
 
     def update(self, x):
         return self.out(self.cell(x))
@@ -139,9 +144,8 @@ class SpikingNet(brainstate.nn.Module):
     def __init__(self):
         super().__init__()
         brainstate.random.seed(4)
-        k1, k2 = jax.random.split(jax.random.PRNGKey(4))
-        self.inp = braintrace.nn.Linear(3, 4, w_init=jax.random.normal(k1, (3, 4)) * 1.5)
-        self.rec = braintrace.nn.Linear(4, 4, w_init=jax.random.normal(k2, (4, 4)))
+        self.inp = braintrace.nn.Linear(3, 4, w_init=randn(40, 3, 4, scale=1.5))
+        self.rec = braintrace.nn.Linear(4, 4, w_init=randn(41, 4, 4))
         self.lif = braintrace.nn.LIF(4, tau=3.0 * u.ms, V_th=0.6)
 
     def update(self, x):
@@ -163,8 +167,7 @@ def module_bptt(model, xs, ys):
 
 
 def data(i, o, seed=1, steps=T, scale=1.0):
-    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
-    return jax.random.normal(kx, (steps, B, i)) * scale, jax.random.normal(ky, (steps, B, o))
+    return randn(100 + seed, steps, B, i, scale=scale), randn(200 + seed, steps, B, o)
 
 
 def per_step_fn(alg):
@@ -238,9 +241,8 @@ class TwoStates(brainstate.nn.Module):
 
     def __init__(self):
         super().__init__()
-        k = jax.random.split(jax.random.PRNGKey(13), 2)
-        self.w = brainstate.ParamState(jax.random.normal(k[0], (3, 3)))
-        self.u = brainstate.ParamState(jax.random.normal(k[1], (3, 3)) * 0.5)
+        self.w = brainstate.ParamState(randn(13, 3, 3))
+        self.u = brainstate.ParamState(randn(14, 3, 3, scale=0.5))
 
     def init_state(self, batch_size=None, **kw):
         self.s = brainstate.HiddenGroupState(jnp.zeros((batch_size, 3, 2)))
@@ -302,10 +304,9 @@ class Chain(brainstate.nn.Module):
 
     def __init__(self, n=3, i=2, seed=6):
         super().__init__()
-        k = jax.random.split(jax.random.PRNGKey(seed), 3)
-        self.u1 = brainstate.ParamState(jax.random.normal(k[0], (i, n)))
-        self.u2 = brainstate.ParamState(jax.random.normal(k[1], (n, n)))
-        self.u3 = brainstate.ParamState(jax.random.normal(k[2], (n, n)))
+        self.u1 = brainstate.ParamState(randn(seed, i, n))
+        self.u2 = brainstate.ParamState(randn(seed + 1, n, n))
+        self.u3 = brainstate.ParamState(randn(seed + 2, n, n))
         self.n = n
 
     def init_state(self, batch_size=None, **kw):
@@ -427,9 +428,8 @@ def test_uoro_is_unbiased_for_rtrl_and_one_sample_is_not_rtrl():
     RTRL's gradient is BPTT's (tested above)."""
     rows, steps, keys = 16, 3, 300
     model = DenseRNN(n=3, i=2, seed=9)
-    kx, ky = jax.random.split(jax.random.PRNGKey(10))
-    xs = jnp.broadcast_to(jax.random.normal(kx, (steps, 1, 2)), (steps, rows, 2))
-    ys = jnp.broadcast_to(jax.random.normal(ky, (steps, 1, 2)), (steps, rows, 2))
+    xs = jnp.broadcast_to(randn(10, steps, 1, 2), (steps, rows, 2))
+    ys = jnp.broadcast_to(randn(11, steps, 1, 2), (steps, rows, 2))
     want = dense_bptt(model, xs, ys)
     brainstate.nn.init_all_states(model, batch_size=rows)
     with warnings.catch_warnings(record=True) as caught:
