@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from braintrace._compatible_imports import Literal, bind_equation
+from braintrace._compiler.diagnostics import CompilationError
 from braintrace._compiler.graph import ETraceGraph
 from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked
 from braintrace._compiler.perturbation import HiddenPerturbation, _slot_components
@@ -120,7 +121,12 @@ class InfluenceGraphExecutor(ETraceVjpGraphExecutor):
     rows, num_hidden, num_theta : int
         ``R``, ``N`` and ``P``.
     theta_vars : tuple
-        The step's variables that hold the relations' trainable operands, one slot each of ``θ``.
+        The step's variables that hold the traced weights (the relations' trainable operands and
+        those of :attr:`extra_ops`), one slot each of ``θ``.
+    extra_ops : list
+        ``(index, equation index, {key: variable}, parameter paths)`` of the ETP ops that are not
+        relations but move hidden states through other ETP ops; ``index`` continues the relations'
+        in the operand and gradient dicts.
     dtype : numpy dtype
         The dtype ``h``, ``θ`` and the influence are kept in (the result type of both).
     """
@@ -144,6 +150,11 @@ class InfluenceGraphExecutor(ETraceVjpGraphExecutor):
         self._theta_shapes = [tuple(v.aval.shape) for v in self.theta_vars]
         self._theta_sizes = [int(np.prod(s, dtype=np.int64)) for s in self._theta_shapes]
         self.num_theta = int(sum(self._theta_sizes))
+        if not self.num_theta:
+            raise CompilationError(
+                f"{type(info.model).__name__}: no ETP op that moves a hidden state has a trainable operand "
+                f"computed from parameters, so there is no influence to trace."
+            )
         self._hidden_shapes = [tuple(h.shape) for h in info.hidden_leaves]
         dtypes = [h.dtype for h in info.hidden_leaves] + [v.aval.dtype for v in self.theta_vars]
         self.dtype = np.dtype(jnp.result_type(*dtypes))
@@ -369,7 +380,8 @@ class InfluenceGraphExecutor(ETraceVjpGraphExecutor):
         theta = set(self.theta_vars)
         hidden_out = {self.state_out[h.leaf] for h in info.hidden_leaves}
         found = []
-        for si in self.graph.relation_param_states:
+        traced = {p for paths in self.theta_paths() for p in paths}
+        for si in (si for si in info.param_states if info.path_of(si) in traced):
             a, b = info.state_leaf_ranges[si]
             seeds = {in_vars[leaf] for leaf in range(a, b)} - theta
             if _reach(self.jaxpr, seeds, theta) & hidden_out:
