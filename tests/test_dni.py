@@ -87,24 +87,28 @@ def _named(grads):
 
 
 def _window_grad_fn(alg):
-    """``(xs_w, ys_w) -> gradients`` of one window's loss (``brainstate.transform.grad``), jitted."""
+    """``(xs_w, ys_w) -> (gradients, outputs)`` of one window's loss, jitted."""
     params = alg.model.states(brainstate.ParamState)
 
     def grads(xw, yw):
-        loss = lambda: jax.vmap(om.loss_fn)(alg(MultiStepData(xw)), yw).sum()  # noqa: E731
-        return brainstate.transform.grad(loss, params)()
+        def loss():
+            out = alg(MultiStepData(xw))
+            return jax.vmap(om.loss_fn)(out, yw).sum(), out
+
+        return brainstate.transform.grad(loss, params, has_aux=True)()
 
     return brainstate.transform.jit(grads)
 
 
 def _window_grads(alg, xs, ys, k):
-    """Gradients of every window's loss, one differentiation per window, summed."""
+    """Gradients of every window's loss, one differentiation per window, summed; and the outputs."""
     fn = _window_grad_fn(alg)
-    total = None
+    total, outs = None, []
     for s in range(0, xs.shape[0], k):
-        g = fn(xs[s : s + k], ys[s : s + k])
+        g, out = fn(xs[s : s + k], ys[s : s + k])
         total = g if total is None else {key: total[key] + g[key] for key in g}
-    return _named(total)
+        outs.append(out)
+    return _named(total), jnp.concatenate(outs)
 
 
 @jax.jit
@@ -152,25 +156,25 @@ def _cos(a, b):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_untrained_dni_is_d_rtrl_multi_step_bit_for_bit():
+def test_untrained_dni_is_d_rtrl_multi_step_bit_for_bit_and_etp_weights_ignore_the_synthesiser():
     p = _params(0)
     xs, ys = _data(1, 6, 2)
     dni = _learner(braintrace.DNI, p, 2, xs)
     ref = _learner(braintrace.D_RTRL, p, 2, xs)
     assert isinstance(dni.synthesizer, braintrace.SyntheticGradient)
     assert dni.synthesizer.weights[0].value.dtype == jnp.float64
-    got, want = _window_grads(dni, xs, ys, 2), _window_grads(ref, xs, ys, 2)
-    for name in want:
-        assert np.array_equal(got[name], want[name]), name
-    assert om.rel_err(want["u"], _bptt(p, xs, ys)["u"]) > 1e-3  # the truncation is visible
-    # the sequence driver, with a remainder window (4 + 2 steps)
-    dni = _learner(braintrace.DNI, p, 2, xs)
-    ref = _learner(braintrace.D_RTRL, p, 2, xs)
-    got = dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=4)
-    want = ref.etrace_grad(xs, ys, step_fn=om.loss_fn, window=4)
+    # windows of 4 and 2 steps: gradients and per-step losses (so outputs) bit for bit
+    got, got_loss = dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=4, return_value=True)
+    want, want_loss = ref.etrace_grad(xs, ys, step_fn=om.loss_fn, window=4, return_value=True)
+    assert np.array_equal(got_loss, want_loss)
     for key in want:
         assert np.array_equal(got[key], want[key]), key
-    assert np.array_equal(dni(MultiStepData(xs[:2])), ref(MultiStepData(xs[:2])))
+    assert om.rel_err(want[("u",)], _bptt(p, xs, ys)["u"]) > 1e-3  # the truncation is visible
+    # a live synthesiser: the ETP weight's gradient is still D-RTRL's, the plain ones move
+    dni.attach_synthesizer(braintrace.SyntheticGradient({0: (2, H, 1)}, scale=0.5, seed=3))
+    live, live_loss = dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=4, return_value=True)
+    assert np.array_equal(live[("w",)], want[("w",)]) and np.array_equal(live_loss, want_loss)
+    assert om.rel_err(live[("u",)], want[("u",)]) > 1e-3 and om.rel_err(live[("v",)], want[("v",)]) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,10 +182,9 @@ def test_untrained_dni_is_d_rtrl_multi_step_bit_for_bit():
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_the_true_future_cotangent_gives_bptt_for_plain_parameters(k):
+def test_the_true_future_cotangent_gives_bptt_for_plain_parameters():
     p = _params(2)
-    steps = 6
+    steps, k = 6, 2
     xs, ys = _data(3, steps, 1)  # one row: the synthesiser's bias is the prediction
     dni = _learner(braintrace.DNI, p, 1, xs)
     synth = dni.synthesizer
@@ -191,26 +194,27 @@ def test_the_true_future_cotangent_gives_bptt_for_plain_parameters(k):
         g = _future_cotangent(p, xs, ys, s + k)  # (1, H): the true exit cotangent
         synth.weights[0].value = jnp.zeros_like(synth.weights[0].value)
         synth.biases[0].value = g.reshape(-1)
-        grads = fn(xs[s : s + k], ys[s : s + k])
+        grads, _ = fn(xs[s : s + k], ys[s : s + k])
         total = grads if total is None else {key: total[key] + grads[key] for key in grads}
     got, bptt = _named(total), _bptt(p, xs, ys)
     assert om.rel_err(got["u"], bptt["u"]) < 1e-12 and om.rel_err(got["v"], bptt["v"]) < 1e-12
     # the ETP weight keeps D-RTRL's multi-step gradient (its future arrives through the traces)
-    ref = _window_grads(_learner(braintrace.D_RTRL, p, 1, xs), xs, ys, k)
+    ref, _ = _window_grads(_learner(braintrace.D_RTRL, p, 1, xs), xs, ys, k)
     assert np.array_equal(got["w"], ref["w"])
     assert om.rel_err(ref["u"], bptt["u"]) > 1e-3 and om.rel_err(ref["v"], bptt["v"]) > 1e-3
 
 
-def test_etp_parameters_ignore_the_synthesiser():
-    p = _params(4)
-    xs, ys = _data(5, 6, 3)
-    live = braintrace.SyntheticGradient({0: (3, H, 1)}, scale=0.5, seed=3)
-    dni = _learner(braintrace.DNI, p, 3, xs, synthesizer=live)
-    ref = _learner(braintrace.D_RTRL, p, 3, xs)
-    got = dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=2)
-    want = ref.etrace_grad(xs, ys, step_fn=om.loss_fn, window=2)
-    assert np.array_equal(got[("w",)], want[("w",)])
-    assert om.rel_err(got[("u",)], want[("u",)]) > 1e-3 and om.rel_err(got[("v",)], want[("v",)]) > 1e-3
+def _window_oracle(p, xs, ys, start, stop):
+    """``h_start -> (sum_{start <= t < stop} L_t, h_stop)`` through the plain recursion."""
+
+    def window(h):
+        acc = 0.0
+        for t in range(start, stop):
+            h = _step(p, h, xs[t])
+            acc = acc + om.loss_fn(h, ys[t])
+        return acc, h
+
+    return window
 
 
 def test_the_entry_cotangent_is_the_bootstrapped_target():
@@ -218,31 +222,22 @@ def test_the_entry_cotangent_is_the_bootstrapped_target():
     xs, ys = _data(7, 4, 3)
     live = braintrace.SyntheticGradient({0: (3, H, 1)}, scale=0.4, seed=1)
     dni = _learner(braintrace.DNI, p, 3, xs, synthesizer=live)
-    dni(MultiStepData(xs[:2]))  # the first window moves the state to h_2
     hidden = dni.model.states(brainstate.HiddenState)
 
     def entry_cotangent(xw, yw):
-        return brainstate.transform.grad(
-            lambda: jax.vmap(om.loss_fn)(dni(MultiStepData(xw)), yw).sum(), hidden
-        )()
+        loss = lambda: jax.vmap(om.loss_fn)(dni(MultiStepData(xw)), yw).sum()  # noqa: E731
+        return brainstate.transform.grad(loss, hidden)()
 
-    (got,) = brainstate.transform.jit(entry_cotangent)(xs[2:], ys[2:]).values()
-
+    fn = brainstate.transform.jit(entry_cotangent)
+    fn(xs[:2], ys[:2])  # the first window moves the state to h_2
+    (got,) = fn(xs[2:], ys[2:]).values()
     a, b = live.weights[0].value, live.biases[0].value
-
-    def window_fn(h):
-        acc = 0.0
-        for t in (2, 3):
-            h = _step(p, h, xs[t])
-            acc = acc + om.loss_fn(h, ys[t])
-        return acc, h
-
+    window = _window_oracle(p, xs, ys, 2, 4)
     h_entry = _hidden_path(p, xs)[2]
-    (_, h_exit), vjp = jax.vjp(window_fn, h_entry)
-    estimate = h_exit @ a + b  # M(h_exit), one row per batch element
-    (want,) = vjp((1.0, estimate))
+    (_, h_exit), vjp = jax.vjp(window, h_entry)
+    (want,) = vjp((1.0, h_exit @ a + b))  # M(h_exit) = h_exit A + b, one row per batch element
     assert om.rel_err(got, want) < 1e-12
-    assert om.rel_err(got, jax.grad(lambda h: window_fn(h)[0])(h_entry)) > 1e-3
+    assert om.rel_err(got, jax.grad(lambda h: window(h)[0])(h_entry)) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -250,30 +245,38 @@ def test_the_entry_cotangent_is_the_bootstrapped_target():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_training_lowers_the_regression_error_and_moves_plain_gradients_to_bptt():
+def test_training_fits_the_bootstrapped_targets_and_moves_plain_gradients_to_bptt():
     p = _params(8)
-    p["u"] = p["u"] * 0.5
-    xs, ys = _data(9, 12, 16)
-    k = 2
-    dni = _learner(braintrace.DNI, p, 16, xs)
+    steps, batch, k, epochs = 8, 16, 2, 20
+    xs, _ = _data(9, steps, batch)
+    ys = jnp.zeros((steps, batch, H))
+    dni = _learner(braintrace.DNI, p, batch, xs)
     untrained = _named(dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=k))
     errors = braintrace.train_synthetic_gradient(
-        dni,
-        xs,
-        chunk_size=k,
-        loss_fn=lambda out, y: jax.vmap(om.loss_fn)(out, y).sum(),
-        targets=ys,
-        lr=0.1,
-        epochs=40,
+        dni, xs, chunk_size=k, loss_fn=om.loss_fn, targets=ys, lr=0.1, epochs=epochs
     )
-    assert len(errors) == 40 and all(np.isfinite(errors))
-    assert errors[-1] < 0.9 * errors[0], errors
-    assert np.array_equal(dni.model.w.value, p["w"]) and np.array_equal(dni.model.u.value, p["u"])
+    assert len(errors) == epochs and all(np.isfinite(errors))
+    assert all(np.array_equal(dni.model.states()[(n,)].value, p[n]) for n in p)  # the model is unchanged
+    # the regression error against the bootstrapped targets of the trained M, written out here,
+    # and against the same targets with M = 0
+    a, b = dni.synthesizer.weights[0].value, dni.synthesizer.biases[0].value
+    m = lambda h: h @ a + b  # noqa: E731
+    hs = _hidden_path(p, xs)
+    err_m, err_0 = [], []
+    for s in range(0, steps, k):
+        (_, h_exit), vjp = jax.vjp(_window_oracle(p, xs, ys, s, s + k), hs[s])
+        (target,) = vjp((1.0, m(h_exit)))
+        err_m.append(float(jnp.mean((m(hs[s]) - target) ** 2)))
+        err_0.append(float(jnp.mean(target**2)))
+    err_m.append(float(jnp.mean(m(hs[steps]) ** 2)))  # the final state's target is 0
+    err_0.append(0.0)
+    assert np.mean(err_m) < 0.9 * np.mean(err_0), (err_m, err_0)
+    assert abs(errors[-1] - np.mean(err_m)) < 0.05 * np.mean(err_m)  # converged: the last epoch's error
     trained = _named(dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=k))
     bptt = _bptt(p, xs, ys)
     for name in ("u", "v"):
         before, after = _cos(untrained[name], bptt[name]), _cos(trained[name], bptt[name])
-        assert after > before + 0.02 and after > 0.95, (name, before, after)
+        assert after > before + 0.02, (name, before, after)
     assert np.array_equal(trained["w"], untrained["w"])
 
 
@@ -303,7 +306,7 @@ class _StatefulSGD:
 
 def test_optimizer_forms_give_the_sgd_result():
     p = _params(10)
-    xs, _ = _data(11, 6, 2)
+    xs, _ = _data(11, 4, 2)
     results = []
     for form in ("sgd", "optax", "stateful"):
         dni = _learner(braintrace.DNI, p, 2, xs)
@@ -311,7 +314,7 @@ def test_optimizer_forms_give_the_sgd_result():
         opt = {"sgd": None, "optax": _OptaxSGD(0.05), "stateful": _StatefulSGD(synth.states_dict(), 0.05)}[
             form
         ]
-        errors = braintrace.train_synthetic_gradient(dni, xs, chunk_size=3, optimizer=opt, lr=0.05, epochs=2)
+        errors = braintrace.train_synthetic_gradient(dni, xs, chunk_size=2, optimizer=opt, lr=0.05, epochs=2)
         results.append((errors, synth.param_values()))
     for errors, values in results[1:]:
         assert np.allclose(errors, results[0][0], rtol=1e-12, atol=0)
@@ -339,19 +342,19 @@ def test_etrace_train_runs_one_step_windows():
 
 def test_synthesiser_equals_its_formula():
     rng = np.random.default_rng(14)
-    h = jnp.asarray(rng.standard_normal((5, 2, 3, 2)))  # lead (5, 2), H = 3, n = 2
+    h = rng.standard_normal((5, 2, 3, 2))  # lead (5, 2), H = 3, n = 2
     affine = braintrace.SyntheticGradient({1: (5, 2, 3, 2)}, scale=0.7, seed=2)
-    assert affine.weights[1].value.shape == (6, 6) and float(jnp.std(affine.weights[1].value)) > 0.2
-    values = {k: jnp.asarray(rng.standard_normal(np.shape(v))) for k, v in affine.param_values().items()}
-    got = affine.apply(values, {1: h})[1]
+    assert affine.weights[1].value.shape == (6, 6) and float(np.std(affine.weights[1].value)) > 0.2
+    values = {k: rng.standard_normal(np.shape(v)) for k, v in affine.param_values().items()}
+    got = affine.apply(values, {1: jnp.asarray(h)})[1]
     want = (h.reshape(5, 2, 6) @ values[("weights", 1)] + values[("biases", 1)]).reshape(h.shape)
     assert om.rel_err(got, want) < 1e-14
     mlp = braintrace.SyntheticGradient({1: (5, 2, 3, 2)}, hidden_width=7, seed=2)
-    assert float(jnp.abs(mlp(({1: h}))[1]).max()) == 0.0  # the last layer starts at zero
-    values = {k: jnp.asarray(rng.standard_normal(np.shape(v))) for k, v in mlp.param_values().items()}
-    hidden = jax.nn.relu(h.reshape(5, 2, 6) @ values[("hidden_weights", 1)] + values[("hidden_biases", 1)])
+    assert float(np.abs(mlp({1: jnp.asarray(h)})[1]).max()) == 0.0  # the last layer starts at zero
+    values = {k: rng.standard_normal(np.shape(v)) for k, v in mlp.param_values().items()}
+    hidden = np.maximum(h.reshape(5, 2, 6) @ values[("hidden_weights", 1)] + values[("hidden_biases", 1)], 0)
     want = (hidden @ values[("weights", 1)] + values[("biases", 1)]).reshape(h.shape)
-    assert om.rel_err(mlp.apply(values, {1: h})[1], want) < 1e-14
+    assert om.rel_err(mlp.apply(values, {1: jnp.asarray(h)})[1], want) < 1e-14
 
 
 def test_compile_names_and_configs_select_dni():

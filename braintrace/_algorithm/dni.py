@@ -19,6 +19,7 @@ h_b` and injects its prediction at the exit of every window, on the paths the tr
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -27,6 +28,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import brainstate
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from braintrace._compatible_imports import bind_equation
 from braintrace._input_data import MultiStepData, split_window
@@ -38,7 +40,12 @@ from .d_rtrl import ParamDimVjpAlgorithm
 __all__ = ["SyntheticGradient", "DNI", "train_synthetic_gradient"]
 
 #: The compiled loops of the drivers: they hold the state objects they traced.
-_LOOP_CACHES = ("_etrace_grad_cache", "_etrace_train_cache", "_etrace_evolve_cache")
+_LOOP_CACHES = (
+    "_etrace_grad_cache",
+    "_etrace_train_cache",
+    "_etrace_evolve_cache",
+    "_synthetic_gradient_cache",
+)
 
 
 def _int_at_least(value, name: str, low: int, where: str) -> int:
@@ -93,7 +100,7 @@ class SyntheticGradient(brainstate.nn.Module):
         Standard deviation of the initial :math:`A_g` (the last layer); ``0.0`` makes the untrained
         synthesiser predict zero.
     seed : int
-        Seed of the draws (``jax.random.PRNGKey(seed)``).
+        Seed of the draws (``numpy.random.default_rng(seed)``).
     dtype : dtype, optional
         Of the parameters; ``brainstate.environ.dftype()`` by default.
 
@@ -152,19 +159,18 @@ class SyntheticGradient(brainstate.nn.Module):
         self.scale = float(scale)
         self.weights, self.biases = {}, {}
         self.hidden_weights, self.hidden_biases = {}, {}
-        key = jax.random.PRNGKey(seed)
+        rng = np.random.default_rng(seed)  # host draws: no device program per parameter
         for gid in sorted(shapes):
             width = math.prod(_features(shapes[gid]))
-            key, k_in, k_out = jax.random.split(key, 3)
             fan_in = width
             if hidden_width is not None:
-                c = jax.random.normal(k_in, (width, hidden_width), dtype) / math.sqrt(width)
-                self.hidden_weights[gid] = brainstate.ParamState(c)
-                self.hidden_biases[gid] = brainstate.ParamState(jnp.zeros((hidden_width,), dtype))
+                c = rng.standard_normal((width, hidden_width)) / math.sqrt(width)
+                self.hidden_weights[gid] = brainstate.ParamState(jnp.asarray(c, dtype))
+                self.hidden_biases[gid] = brainstate.ParamState(jnp.asarray(np.zeros(hidden_width), dtype))
                 fan_in = hidden_width
-            a = jax.random.normal(k_out, (fan_in, width), dtype) * jnp.asarray(scale, dtype)
-            self.weights[gid] = brainstate.ParamState(a)
-            self.biases[gid] = brainstate.ParamState(jnp.zeros((width,), dtype))
+            a = scale * rng.standard_normal((fan_in, width))
+            self.weights[gid] = brainstate.ParamState(jnp.asarray(a, dtype))
+            self.biases[gid] = brainstate.ParamState(jnp.asarray(np.zeros(width), dtype))
 
     def states_dict(self) -> Dict[Tuple[str, int], brainstate.ParamState]:
         """The parameters, keyed ``(kind, group index)`` (kinds ``'weights'``, ``'biases'`` and,
@@ -504,6 +510,14 @@ def _optimizer_kind(optimizer) -> str:
     )
 
 
+def _sum_of_squares(out):
+    return sum(jnp.sum(o**2) for o in jax.tree.leaves(out))
+
+
+def _sum_of_squared_errors(out, target):
+    return sum(jnp.sum((o - t) ** 2) for o, t in zip(jax.tree.leaves(out), jax.tree.leaves(target)))
+
+
 def train_synthetic_gradient(
     learner: DNI,
     inputs,
@@ -550,9 +564,9 @@ def train_synthetic_gradient(
         Default: the sum of squares of the output (of ``output - target`` with ``targets``).
     optimizer : optional
         ``None``: plain SGD with step ``lr``. An optax-style ``GradientTransformation``
-        (``init``/``update(grads, state, params)``), or an object with ``update(grads)`` that
-        updates the synthesiser's states itself (registered against
-        ``learner.synthesizer.states_dict()``); the gradients are keyed as that dict.
+        (``init``/``update(grads, state, params)``; its state starts anew at each call), or an
+        object with ``update(grads)`` that updates the synthesiser's states itself (registered
+        against ``learner.synthesizer.states_dict()``); the gradients are keyed as that dict.
     lr : float
         The SGD step (``optimizer=None`` only).
     epochs : int
@@ -570,7 +584,10 @@ def train_synthetic_gradient(
     -------
     list of float
         Per epoch, the mean of :math:`E_k` over the windows and the final state, each taken before
-        its optimizer step.
+        its optimizer step. The targets move with :math:`M` (they contain its estimate at the
+        exits): while :math:`M` picks up the future, the targets grow and so may this error; what
+        falls is the error against the targets of the current :math:`M` relative to that of
+        :math:`M = 0`.
 
     Raises
     ------
@@ -598,8 +615,12 @@ def train_synthetic_gradient(
     >>> learner = braintrace.compile(Leaky(), 'dni', jnp.zeros((8, 2)), batch_size=8)
     >>> xs = jax.random.normal(jax.random.PRNGKey(2), (12, 8, 2))
     >>> errors = braintrace.train_synthetic_gradient(learner, xs, chunk_size=3, lr=0.05, epochs=5)
-    >>> len(errors), errors[-1] < errors[0]
+    >>> len(errors), bool(jnp.any(learner.synthesizer.weights[0].value != 0))
     (5, True)
+    >>> loss = lambda out: jnp.sum(out**2)  # the loss and the windows the synthesiser was fitted for
+    >>> grads = learner.etrace_grad(xs, step_fn=loss, window=3)
+    >>> grads[('u',)].shape
+    (4, 4)
     """
     where = "train_synthetic_gradient"
     if not isinstance(learner, DNI):
@@ -632,12 +653,7 @@ def train_synthetic_gradient(
             f"steps or pick another chunk_size."
         )
     if loss_fn is None:
-        if targets is None:
-            loss_fn = lambda out: sum(jnp.sum(o**2) for o in jax.tree.leaves(out))  # noqa: E731
-        else:
-            loss_fn = lambda out, y: sum(  # noqa: E731
-                jnp.sum((o - t) ** 2) for o, t in zip(jax.tree.leaves(out), jax.tree.leaves(y))
-            )
+        loss_fn = _sum_of_squares if targets is None else _sum_of_squared_errors
     elif not callable(loss_fn):
         raise TypeError(f"{where}: `loss_fn` must be callable, got {loss_fn!r}.")
     kind = _optimizer_kind(optimizer)
@@ -678,7 +694,7 @@ def train_synthetic_gradient(
             optimizer.update(grads)
         return err, opt_state
 
-    def epoch(opt_state, windows, window_targets, restore):
+    def epoch(opt_state, windows, window_targets, *, restore):
         if restore:
             learner._restore_initial_states()
         elif reset:
@@ -720,16 +736,30 @@ def train_synthetic_gradient(
         last, opt_state = fit(final, {g: jnp.zeros_like(v) for g, v in final.items()}, opt_state)
         return opt_state, jnp.mean(jnp.concatenate([errs, last[None]]))
 
-    compiled = {}
+    # one compiled pass per configuration, kept with the learner: a loop alternating the
+    # synthesiser's fit and the model's training does not compile every call
+    compiled = learner._driver_cache("_synthetic_gradient_cache")
     history = []
     for _ in range(epochs):
         restore = reset and batch_size is None
         if reset and batch_size is not None:
             brainstate.nn.init_all_states(learner.model, batch_size=batch_size)
             learner.follow_shapes(*jax.tree.map(lambda a: a[0], args))
-        key = (id(learner.graph), tuple(id(s) for s in learner._current_states()[0]))
+        key = (
+            loss_fn,
+            kind,
+            id(optimizer),
+            float(lr),
+            k,
+            reset,
+            restore,
+            targets is None,
+            id(learner.graph),
+            tuple(id(s) for s in learner._current_states()[0]),
+            tuple(id(s) for s in synth_states.values()),
+        )
         if key not in compiled:
-            compiled[key] = brainstate.transform.jit(epoch, static_argnums=(3,))
-        opt_state, err = compiled[key](opt_state, windows, window_targets, restore)
+            compiled[key] = brainstate.transform.jit(functools.partial(epoch, restore=restore))
+        opt_state, err = compiled[key](opt_state, windows, window_targets)
         history.append(float(err))
     return history
