@@ -195,10 +195,14 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
     ...         self.h.value = jnp.tanh(braintrace.matmul(self.h.value, self.w.value) + x)
     ...         return self.h.value
     >>> model = RNN(); _ = brainstate.nn.init_all_states(model, batch_size=2)
-    >>> alg = braintrace.InfluenceVjpAlgorithm(model, recurrence_scope=1, trace_layout='dense')
-    >>> _ = alg.compile_graph(jnp.zeros((2, 3)))
-    >>> alg.etrace.value['influence'].shape  # (rows, hidden elements, weight elements)
+    >>> rtrl = braintrace.InfluenceVjpAlgorithm(model, recurrence_scope='full', trace_layout='dense')
+    >>> _ = rtrl.compile_graph(jnp.zeros((2, 3)))
+    >>> rtrl.etrace.value['influence'].shape  # (rows, hidden elements, weight elements)
     (2, 3, 9)
+    >>> snap1 = braintrace.InfluenceVjpAlgorithm(model, recurrence_scope=1)
+    >>> _ = snap1.compile_graph(jnp.zeros((2, 3)))  # warns: SnAp-1 drops entries of this model
+    >>> snap1.etrace.value['influence'].shape  # (rows, weight elements, entries kept per weight)
+    (2, 9, 1)
     """
 
     def __init__(
