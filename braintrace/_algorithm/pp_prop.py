@@ -39,7 +39,7 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
-from braintrace._etrace_op._registries import BATCHED_PRIMITIVES, ETP_X_INVAR_INDICES, get_rule
+from braintrace._etrace_op._registries import BATCHED_PRIMITIVES, ETP_PP_X_REPR, ETP_X_INVAR_INDICES, get_rule
 from braintrace._etrace_op._trace_ops import rule_kwargs
 
 from .axes import ETraceConfig
@@ -211,11 +211,27 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
     def _needs_x(self, r):
         return r.x_var is not None and len(_exact_keys(r)) < len(r.trainable_vars)
 
+    @staticmethod
+    def _x_filtered(r, x, weights):
+        """What the input trace filters for relation ``r``: its input ``x``, or the real-valued
+        representation its primitive declares (:data:`ETP_PP_X_REPR`: an embedding's one-hot rows),
+        in a floating dtype (a decayed sum of integer indices or boolean spikes kept in their own
+        dtype would be truncated)."""
+        repr_fn = ETP_PP_X_REPR.get(r.primitive)
+        x = repr_fn(x, weights) if repr_fn is not None else x
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(r.y_var.aval.dtype)
+        return x
+
     def _init_trace_values(self) -> Dict:
         vals = {}
         for r in self.graph.hidden_param_op_relations:
             if self._needs_x(r):
-                vals[f"x{r.index}"] = jnp.zeros(r.x_var.aval.shape, r.x_var.aval.dtype)
+                aval = lambda v: jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)  # noqa: E731
+                w = {k: aval(v) for k, v in r.trainable_vars.items()}
+                shape = jax.eval_shape(lambda x, w: self._x_filtered(r, x, w), aval(r.x_var), w)
+                vals[f"x{r.index}"] = jnp.zeros(shape.shape, shape.dtype)
         for r, gi, g in self._relation_groups():
             n = g.num_state
             if self._needs_x(r):
@@ -235,7 +251,8 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         for r in self.graph.hidden_param_op_relations:
             if self._needs_x(r):
                 k = f"x{r.index}"
-                new[k] = (lam_x * traces[k] + step.xs[r.index]).astype(traces[k].dtype)
+                x = self._x_filtered(r, step.xs[r.index], step.weights[r.index])
+                new[k] = (lam_x * traces[k] + x).astype(traces[k].dtype)
         for r, gi, g in self._relation_groups():
             d, df = step.d[g.index], step.df[(r.index, gi)]
             if self._needs_x(r):
