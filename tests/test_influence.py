@@ -512,3 +512,16 @@ def test_combinations_that_do_not_exist_fail_at_construction():
         braintrace.UORO(model, projection_key="seed")
     with pytest.raises(ValueError, match="projection_eps"):
         braintrace.UORO(model, projection_eps=-1.0)
+
+
+def test_the_presets_are_points_on_the_learning_rule_axes():
+    model = DenseRNN()
+    cfg = braintrace.ETraceConfig
+    assert braintrace.RTRL(model).config == cfg(recurrence_scope="full")
+    assert braintrace.SnAp(model, n=3).config == cfg(recurrence_scope="sparse_n", sparse_n=3)
+    assert braintrace.SnAp(model, n=1).config.recurrence_scope == "coupled"  # the per-unit block of J
+    assert braintrace.UORO(model).config == cfg(
+        trace_factorization="random_projection", recurrence_scope="full"
+    )
+    with pytest.raises(ValueError, match="not this algorithm's coordinates"):
+        braintrace.RTRL(model, config=cfg(recurrence_scope="sparse_n", sparse_n=2))

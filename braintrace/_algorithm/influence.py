@@ -60,6 +60,7 @@ from braintrace._compiler.diagnostics import (
     ETraceCompilationWarning,
 )
 
+from .axes import ETraceConfig
 from .executor import StepValues
 from .influence_layouts import CompressedInfluence, DenseInfluence, RankOneProjection
 from .influence_step import InfluenceGraphExecutor
@@ -224,16 +225,6 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
         projection_eps: float = 1e-12,
         trace_dtype=None,
     ):
-        super().__init__(
-            model,
-            name=name,
-            vjp_method=vjp_method,
-            fast_solve=fast_solve,
-            mode=mode,
-            control_flow=control_flow,
-            config=config,
-            random_feedback_key=random_feedback_key,
-        )
         if recurrence_scope != "full":
             if isinstance(recurrence_scope, str):
                 raise ValueError(
@@ -248,6 +239,19 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
                 f"got recurrence_scope={recurrence_scope!r}: a SnAp mask does not apply to a rank-one "
                 f"estimate. Use trace_layout='dense' for SnAp-n."
             )
+        # the engine's coordinates, read by the base class's config check
+        self.recurrence_scope = recurrence_scope
+        self.trace_layout = trace_layout
+        super().__init__(
+            model,
+            name=name,
+            vjp_method=vjp_method,
+            fast_solve=fast_solve,
+            mode=mode,
+            control_flow=control_flow,
+            config=config,
+            random_feedback_key=random_feedback_key,
+        )
         eps = projection_eps
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) >= 0.0:
             raise ValueError(f"`projection_eps` must be a float >= 0, got {projection_eps!r}.")
@@ -256,8 +260,6 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
             if not jnp.issubdtype(dt, jnp.floating):
                 raise TypeError(f"`trace_dtype` must be a floating dtype, got {trace_dtype!r}.")
             trace_dtype = dt
-        self.recurrence_scope = recurrence_scope
-        self.trace_layout = trace_layout
         self.max_influence_bytes = _positive_int(max_influence_bytes, "max_influence_bytes")
         self.snap_max_jacobian_elements = _positive_int(
             snap_max_jacobian_elements, "snap_max_jacobian_elements"
@@ -332,8 +334,32 @@ class InfluenceVjpAlgorithm(ETraceVjpAlgorithm):
             )
         return self
 
+    def _default_config(self) -> ETraceConfig:
+        """The coordinates of this engine: the per-parameter factorization (dense layout) or the
+        random projection, with the full scope or SnAp's (``sparse_n``; SnAp-1 is ``'coupled'``)."""
+        factorization = "random_projection" if self.trace_layout == "projection" else "per_param"
+        if self.recurrence_scope == "full":
+            return ETraceConfig(trace_factorization=factorization, recurrence_scope="full")
+        return ETraceConfig(
+            trace_factorization=factorization, recurrence_scope="sparse_n", sparse_n=self.recurrence_scope
+        )
+
+    def _check_config(self, config):
+        """A ``config`` passed in must be this engine's coordinates (the other axes at their
+        defaults: the influence is contracted with the exact ``∂L_t/∂h_t``, unfiltered)."""
+        if not isinstance(config, ETraceConfig):
+            raise TypeError(
+                f"{type(self).__name__}: `config` must be a braintrace.ETraceConfig, got {config!r}."
+            )
+        want = self._default_config()
+        if config != want:
+            raise ValueError(
+                f"{type(self).__name__}: `config` ({config.describe()}) is not this algorithm's coordinates "
+                f"({want.describe()}); braintrace.compile(model, config, x0) picks the engine for a config."
+            )
+
     def _make_executor(self) -> InfluenceGraphExecutor:
-        return InfluenceGraphExecutor(self.graph, self._solve)
+        return InfluenceGraphExecutor(self.graph, self._signal_solve)
 
     def _init_trace_values(self) -> Dict:
         """Check the memory, choose the layout (SnAp's mask is derived here), return zero traces."""
