@@ -252,8 +252,8 @@ def test_training_fits_the_bootstrapped_targets_and_moves_plain_gradients_to_bpt
     ys = jnp.zeros((steps, batch, H))
     dni = _learner(braintrace.DNI, p, batch, xs)
     untrained = _named(dni.etrace_grad(xs, ys, step_fn=om.loss_fn, window=k))
-    errors = braintrace.train_synthetic_gradient(
-        dni, xs, chunk_size=k, loss_fn=om.loss_fn, targets=ys, lr=0.1, epochs=epochs
+    errors = braintrace.train_synthetic_gradient(  # every pass from fresh (zero) states of this batch
+        dni, xs, chunk_size=k, loss_fn=om.loss_fn, targets=ys, lr=0.1, epochs=epochs, batch_size=batch
     )
     assert len(errors) == epochs and all(np.isfinite(errors))
     assert all(np.array_equal(dni.model.states()[(n,)].value, p[n]) for n in p)  # the model is unchanged
@@ -311,9 +311,7 @@ def test_optimizer_forms_give_the_sgd_result():
     for form in ("sgd", "optax", "stateful"):
         dni = _learner(braintrace.DNI, p, 2, xs)
         synth = dni.synthesizer
-        opt = {"sgd": None, "optax": _OptaxSGD(0.05), "stateful": _StatefulSGD(synth.states_dict(), 0.05)}[
-            form
-        ]
+        opt = {"optax": _OptaxSGD(0.05), "stateful": _StatefulSGD(synth.states_dict(), 0.05)}.get(form)
         errors = braintrace.train_synthetic_gradient(dni, xs, chunk_size=2, optimizer=opt, lr=0.05, epochs=2)
         results.append((errors, synth.param_values()))
     for errors, values in results[1:]:

@@ -19,7 +19,6 @@ h_b` and injects its prediction at the exit of every window, on the paths the tr
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import operator
@@ -132,7 +131,11 @@ class SyntheticGradient(brainstate.nn.Module):
             )
         shapes = {}
         for gid, shape in group_shapes.items():
-            gid = _int_at_least(gid, "group_shapes", 0, f"{where}: a key of")
+            if isinstance(gid, bool) or not isinstance(gid, numbers.Integral) or gid < 0:
+                raise TypeError(
+                    f"{where}: the keys of `group_shapes` are group indices (ints >= 0), got {gid!r}."
+                )
+            gid = int(gid)
             try:
                 shape = tuple(_int_at_least(d, "group_shapes", 1, where) for d in shape)
             except TypeError:
@@ -198,7 +201,7 @@ class SyntheticGradient(brainstate.nn.Module):
         for gid, h in group_hiddens.items():
             feat = _features(self.group_shapes[gid])
             h = jnp.asarray(h)
-            if tuple(h.shape[h.ndim - len(feat) :]) != feat or h.ndim < len(feat):
+            if h.ndim < len(feat) or tuple(h.shape[h.ndim - len(feat) :]) != feat:
                 raise ValueError(
                     f"SyntheticGradient: `group_hiddens[{gid}]` must end with the axes {feat} (the last "
                     f"unit axis and the states of group_shapes[{gid}]={self.group_shapes[gid]}), got "
@@ -279,9 +282,10 @@ class DNI(ParamDimVjpAlgorithm):
         The estimator :math:`M`. By default a zero-initialised affine :class:`SyntheticGradient`
         (in the hidden states' dtype) is created when the graph is compiled; an untrained DNI
         computes the plain multi-step rule.
-    name, fast_solve, trace_dtype, chunked_trace, control_flow, snap_max_jacobian_elements,
-    normalize_matrix_spectrum, mode, lora_factored, decay_or_rank
+    name, fast_solve, trace_dtype, chunked_trace, control_flow, snap_max_jacobian_elements
         As :class:`~braintrace.ParamDimVjpAlgorithm`.
+    normalize_matrix_spectrum, mode, lora_factored, decay_or_rank
+        As :class:`~braintrace.ParamDimVjpAlgorithm` (keyword-only here).
     vjp_method : ``'multi-step'``
         The only value: the estimate is injected at a window's exit.
     config : ETraceConfig, optional
@@ -572,11 +576,12 @@ def train_synthetic_gradient(
     epochs : int
         Passes over the sequence.
     reset : bool
-        Before each pass, restore the model's states to their compile-time values and zero the
-        traces (with ``batch_size``: ``brainstate.nn.init_all_states(model, batch_size=...)``).
+        Start every pass from the same states, the traces zeroed: the model's compile-time values
+        (for inputs of this shape), or, with ``batch_size``, the values
+        ``brainstate.nn.init_all_states(model, batch_size=...)`` gives once, before the first pass.
+        ``False``: each pass continues from the states the previous one left.
     batch_size : int, optional
-        The batch size the states are initialised with when ``reset``; by default the states'
-        compile-time values are restored (no new states).
+        See ``reset`` (the learner compiles its graph again when the batch size changes).
     targets : array or pytree, optional
         ``(T, ...)``: per-step targets, passed to ``loss_fn`` window by window.
 
@@ -694,10 +699,9 @@ def train_synthetic_gradient(
             optimizer.update(grads)
         return err, opt_state
 
-    def epoch(opt_state, windows, window_targets, *, restore):
-        if restore:
-            learner._restore_initial_states()
-        elif reset:
+    def epoch(opt_state, windows, window_targets, start):
+        if start is not None:  # the states' values at the start of every pass, traces zeroed
+            learner._write_values(start)
             learner._reset_traces()
         states, _ = learner._current_states()
         info = learner.graph.module_info
@@ -739,27 +743,28 @@ def train_synthetic_gradient(
     # one compiled pass per configuration, kept with the learner: a loop alternating the
     # synthesiser's fit and the model's training does not compile every call
     compiled = learner._driver_cache("_synthetic_gradient_cache")
+    start = None
+    if reset and batch_size is not None:
+        brainstate.nn.init_all_states(learner.model, batch_size=batch_size)
+        learner.follow_shapes(*jax.tree.map(lambda a: a[0], args))
+        start = [s.value for s in learner._current_states()[0]]
+    elif reset:
+        learner.follow_shapes(*jax.tree.map(lambda a: a[0], args), reset=True)
+        start = learner._initial_values
+    key = (
+        loss_fn,
+        kind,
+        id(optimizer),
+        float(lr),
+        k,
+        id(learner.graph),
+        tuple(id(s) for s in learner._current_states()[0]),
+        tuple(id(s) for s in synth_states.values()),
+    )
+    if key not in compiled:
+        compiled[key] = brainstate.transform.jit(epoch)
     history = []
     for _ in range(epochs):
-        restore = reset and batch_size is None
-        if reset and batch_size is not None:
-            brainstate.nn.init_all_states(learner.model, batch_size=batch_size)
-            learner.follow_shapes(*jax.tree.map(lambda a: a[0], args))
-        key = (
-            loss_fn,
-            kind,
-            id(optimizer),
-            float(lr),
-            k,
-            reset,
-            restore,
-            targets is None,
-            id(learner.graph),
-            tuple(id(s) for s in learner._current_states()[0]),
-            tuple(id(s) for s in synth_states.values()),
-        )
-        if key not in compiled:
-            compiled[key] = brainstate.transform.jit(functools.partial(epoch, restore=restore))
-        opt_state, err = compiled[key](opt_state, windows, window_targets)
+        opt_state, err = compiled[key](opt_state, windows, window_targets, start)
         history.append(float(err))
     return history
