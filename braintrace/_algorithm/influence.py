@@ -737,10 +737,11 @@ class UORO(RandomProjectionVjpAlgorithm):
     Parameters
     ----------
     model : brainstate.nn.Module
-    name, vjp_method, fast_solve, control_flow, projection_key, projection_eps, random_feedback_key,
-    snap_max_jacobian_elements, mode, trace_dtype
+    name, vjp_method, fast_solve, control_flow, random_feedback_key, mode
         See :class:`RandomProjectionVjpAlgorithm` (``vjp_method`` defaults to ``'single-step'``
         here, ``'multi-step'`` in the published releases).
+    projection_key, projection_eps, snap_max_jacobian_elements, trace_dtype
+        See :class:`RandomProjectionVjpAlgorithm`.
 
     Examples
     --------
