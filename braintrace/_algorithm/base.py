@@ -18,6 +18,8 @@ from braintrace._input_data import (
     window_length,
 )
 
+from .sequence import SequenceDriverMixin
+
 __all__ = ["EligibilityTrace", "ETraceAlgorithm", "add_param_grads"]
 
 
@@ -55,7 +57,7 @@ class EligibilityTrace(brainstate.ShortTermState):
     """A ``brainstate`` state that holds eligibility traces (a dict of arrays)."""
 
 
-class ETraceAlgorithm(brainstate.nn.Module):
+class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     """An online-learning algorithm wrapped around a model.
 
     Call :meth:`compile_graph` once with example inputs, then call the algorithm like the model:
@@ -95,7 +97,10 @@ class ETraceAlgorithm(brainstate.nn.Module):
         ``inputs`` may hold :class:`~braintrace.MultiStepData` (its first step is used) and
         :class:`~braintrace.SingleStepData`."""
         inputs = get_single_step_data(*inputs)
-        self.graph = compile_etrace_graph(self.model, *inputs, include_hidden_perturb=False)
+        policy = getattr(self, "control_flow", None)
+        self.graph = compile_etrace_graph(
+            self.model, *inputs, include_hidden_perturb=False, control_flow=policy
+        )
         self._input_avals = [(jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(inputs)]
         self._input_tree = jax.tree.structure(inputs)
         self._num_inputs = len(inputs)
@@ -672,15 +677,9 @@ class ETraceAlgorithm(brainstate.nn.Module):
         self._forget_rows(rows)
 
     def _forget_rows(self, rows):
-        """Make the next step's restart check treat the hidden values of ``rows`` as changed.
-
-        An algorithm that keeps the hidden values it last wrote (``hidden_seen``) has them marked
-        as never written (NaN, which no state value equals) in those rows, so their traces restart
-        even where a state already held its initial value (a spiking unit reset to rest at the
-        step before); an algorithm without that record has nothing to forget."""
-        seen = getattr(self, "hidden_seen", None)
-        if isinstance(seen, brainstate.State):
-            seen.value = [_set_rows(rows, v, jnp.full_like(v, jnp.nan), "hidden_seen") for v in seen.value]
+        """Make the next step's restart check treat the hidden values of ``rows`` as changed (an
+        algorithm that keeps a record of the values it last wrote overrides this; without one
+        there is nothing to forget)."""
 
     def _restore_initial_states(self):
         """The model's written non-parameter states back to their compile-time values; traces zeroed."""

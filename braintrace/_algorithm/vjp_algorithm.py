@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import saiunit as u
 
 from braintrace._compatible_imports import Literal
+from braintrace._compiler.control_flow_policy import check_control_flow_policy
 from braintrace._compiler.diagnostics import CompilationError
 from braintrace._etrace_op._registries import ETP_X_INVAR_INDICES
 from braintrace._input_data import (
@@ -23,7 +24,7 @@ from braintrace._input_data import (
 )
 
 from .axes import ETraceConfig
-from .base import EligibilityTrace, ETraceAlgorithm, add_param_grads
+from .base import EligibilityTrace, ETraceAlgorithm, _set_rows, add_param_grads
 from .executor import ETraceVjpGraphExecutor, StepValues, _zero_cotangent, add_relation_grads
 from .learning_signal import (
     as_prng_key,
@@ -153,9 +154,10 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         where :math:`\rho(D) > 1`.
     mode : brainstate.mixin.Mode, optional
         Accepted for code written for the 0.2 releases (``brainstate.mixin.Batching()``).
-    control_flow : None
-        A keyword of newer published releases (a control-flow policy); ``None`` is accepted,
-        anything else raises ``NotImplementedError``: control flow is analysed through its bodies.
+    control_flow : ControlFlowPolicy, optional
+        How the compiler treats control flow inside one step (see :class:`~braintrace.ControlFlowPolicy`;
+        ``None``: its defaults). Values this compiler does not provide raise ``NotImplementedError``
+        naming the field.
     config : ETraceConfig, optional
         The rule's coordinates on the learning-rule axes (see :class:`~braintrace.ETraceConfig`);
         by default the engine's own (symmetric signal, no filter). Its ``trace_factorization``
@@ -195,12 +197,9 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         random_feedback_key=None,
     ):
         super().__init__(model, name=name, mode=mode)
-        if control_flow is not None:
-            raise NotImplementedError(
-                f"{type(self).__name__}: `control_flow={control_flow!r}` selects a control-flow policy of "
-                f"newer published releases; this compiler analyses control flow through its bodies. Leave it "
-                f"None."
-            )
+        check_control_flow_policy(control_flow)
+        #: The :class:`~braintrace.ControlFlowPolicy` the graph is compiled under (``None``: defaults).
+        self.control_flow = control_flow
         if vjp_method not in ("single-step", "multi-step"):
             raise ValueError(f"`vjp_method` must be 'single-step' or 'multi-step', got {vjp_method!r}.")
         for key, value in (
@@ -406,6 +405,13 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         self.random_feedback = ops
         relation_eqns = [r.eqn_index for r in self.graph.hidden_param_op_relations]
         self._feedback_step = feedback_alignment_step(info, ops, relation_eqns)
+
+    def _forget_rows(self, rows):
+        """The hidden values last written are marked as never written (NaN, which no state value
+        equals) in ``rows``, so the next step restarts those rows' traces even where a state already
+        held its initial value (a spiking unit reset to rest at the step before)."""
+        forget = lambda v: _set_rows(rows, v, jnp.full_like(v, jnp.nan), "hidden_seen")  # noqa: E731
+        self.hidden_seen.value = [forget(v) for v in self.hidden_seen.value]
 
     def _restart_if_reset(self, traces, state_leaves, step: Optional[StepValues] = None):
         """``(traces, keep)`` at the start of a step, where the hidden states may differ from the
