@@ -141,3 +141,35 @@ def test_compile_takes_the_published_keywords():
     assert learner.is_compiled and model.h.value.shape == (H,)
     mapped = braintrace.compile(_RNN(), "d_rtrl", jnp.zeros((2, I)), vmap=True, batch_size=2)
     assert isinstance(mapped, braintrace.ETraceVmap)  # tests/test_vmap_learner.py checks its gradients
+
+
+def test_a_parameter_the_step_does_not_read_gets_a_zero_gradient():
+    """Both driver forms and etrace_train: an unused ParamState (a layer switched off, a parameter
+    read only by evaluation code) gets zeros, the others their gradient."""
+    optax = pytest.importorskip("optax")
+
+    class Net(brainstate.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = brainstate.ParamState(jnp.full((3, 3), 0.1))
+            self.unused = brainstate.ParamState(jnp.ones((2,)))
+
+        def init_state(self, batch_size=None, **kw):
+            self.h = brainstate.HiddenState(jnp.zeros((batch_size, 3)))
+
+        def update(self, x):
+            self.h.value = jnp.tanh(braintrace.matmul(self.h.value, self.w.value) + x)
+            return self.h.value
+
+    model = Net()
+    brainstate.nn.init_all_states(model, batch_size=2)
+    learner = braintrace.D_RTRL(model)
+    learner.compile_graph(jnp.zeros((2, 3)))
+    xs = jnp.ones((4, 2, 3))
+    ours = learner.etrace_grad(xs, xs, step_fn=lambda out, y: jnp.sum((out - y) ** 2))
+    theirs = learner.etrace_grad(xs, xs, step_fn=lambda x, y: jnp.sum((learner(x) - y) ** 2), reset=True)
+    for grads in (ours, theirs):
+        assert np.all(np.asarray(grads[("unused",)]) == 0.0)
+        assert np.abs(np.asarray(grads[("w",)])).sum() > 0
+    learner.etrace_train(xs, xs, step_fn=lambda out, y: jnp.sum((out - y) ** 2), optimizer=optax.sgd(0.1))
+    assert np.all(np.asarray(model.unused.value) == 1.0)

@@ -689,4 +689,4 @@ class ETraceAlgorithm(SequenceDriverMixin, brainstate.nn.Module):
     def _step_grad(self, step_fn, params, inputs, targets):
         """One step of the sequence driver: ``(gradients keyed like params, loss)``."""
         loss = lambda: step_fn(self(*inputs), *targets)
-        return brainstate.transform.grad(loss, params, return_value=True)()
+        return brainstate.transform.grad(loss, params, return_value=True, check_states=False)()

@@ -212,7 +212,8 @@ class _Loop:
             objective, rec, aux = jax.vmap(self.record)(outs, w, *ys_w)
             return objective.sum(), (rec, aux)
 
-        grads, (rec, aux) = brainstate.transform.grad(window_loss, self.params, has_aux=True)()
+        grad_fn = brainstate.transform.grad(window_loss, self.params, has_aux=True, check_states=False)
+        grads, (rec, aux) = grad_fn()
         carry = (add_param_grads(acc, grads), t + k, add_totals(totals, rec, aux, n=1))
         return carry, self._outputs(rec, aux)
 

@@ -160,7 +160,7 @@ class SequenceDriverMixin:
                 raise ValueError(f"step_fn must return a loss of shape {want}, got {jnp.shape(loss)}.")
             return jnp.sum(m * loss), (loss, aux)
 
-        grad_fn = brainstate.transform.grad(objective, params, has_aux=True)
+        grad_fn = brainstate.transform.grad(objective, params, has_aux=True, check_states=False)
 
         def body(acc, data):
             slices, m = data

@@ -661,7 +661,9 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
             loss = step_fn(jax.tree.unflatten(info.out_treedef, outs), *targets)
             return loss, (step.as_tuple(), [jax.lax.stop_gradient(v) for v in state_leaves])
 
-        grad_fn = brainstate.transform.grad(loss_fn, params, argnums=0, has_aux=True, return_value=True)
+        grad_fn = brainstate.transform.grad(
+            loss_fn, params, argnums=0, has_aux=True, return_value=True, check_states=False
+        )
         zeros_old = ex.perturbation.zeros() if ex.reads_old else None
         perturbations = (ex.perturbation.zeros(), zeros_old)
         if signal == "random_feedback":
