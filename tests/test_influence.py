@@ -470,17 +470,18 @@ def test_uoro_is_unbiased_for_rtrl_and_one_sample_is_not_rtrl():
 
 def test_memory_limit_names_the_memory_needed_and_the_limit():
     model = DenseRNN()
-    brainstate.nn.init_all_states(model, batch_size=B)
+    brainstate.nn.init_all_states(model, batch_size=1)  # one row (and no row probe to compile)
+    x = jnp.zeros((1, 3))
     with pytest.raises(ValueError, match=r"max_influence_bytes.=1000 .*UORO") as err:
-        braintrace.RTRL(model, max_influence_bytes=1000).compile_graph(jnp.zeros((B, 3)))
-    # M: 2 rows x 4 hidden x 32 weights x 8 bytes
-    assert "2 row(s) x 4 hidden elements x 32 weight elements) needs 2.0 KiB" in str(err.value)
+        braintrace.RTRL(model, max_influence_bytes=1000).compile_graph(x)
+    # M: 1 row x 4 hidden x 32 weights x 8 bytes
+    assert "1 row(s) x 4 hidden elements x 32 weight elements) needs 1.0 KiB" in str(err.value)
     with pytest.raises(
-        ValueError, match=r"SnAp: M at the mask's entries \(2 row\(s\) x 32 weight elements x 1 "
+        ValueError, match=r"SnAp: M at the mask's entries \(1 row\(s\) x 32 weight elements x 1 "
     ):
-        braintrace.SnAp(model, n=1, max_influence_bytes=1000).compile_graph(jnp.zeros((B, 3)))
-    with pytest.raises(ValueError, match=r"J \(2 row\(s\) x 4 x 4 = 32 elements\), more than .*=31"):
-        braintrace.RTRL(model, snap_max_jacobian_elements=31).compile_graph(jnp.zeros((B, 3)))
+        braintrace.SnAp(model, n=1, max_influence_bytes=500).compile_graph(x)
+    with pytest.raises(ValueError, match=r"J \(1 row\(s\) x 4 x 4 = 16 elements\), more than .*=15"):
+        braintrace.RTRL(model, snap_max_jacobian_elements=15).compile_graph(x)
 
 
 @pytest.mark.parametrize(
