@@ -334,3 +334,33 @@ def test_kappa_filter():
         braintrace.KappaFilter(jnp.zeros(3), kappa=1.0)
     with pytest.raises(TypeError, match="kappa"):
         braintrace.KappaFilter(jnp.zeros(3), kappa=None)
+
+
+@pytest.mark.parametrize(
+    "name,options,expected",
+    [
+        ("d_rtrl", {}, None),
+        ("three_factor", {}, "modulator"),
+        ("ostl_feedforward", {}, "temporal term"),
+        ("e_prop", {"feedback": "random", "random_feedback_key": jax.random.PRNGKey(0)}, "random feedback"),
+    ],
+)
+def test_a_rule_that_differs_from_bptt_by_definition_is_recorded(name, options, expected):
+    """Clarification of the record policy: one record per traced parameter and one warning."""
+    rng = np.random.default_rng(0)
+    if name == "e_prop":  # random feedback replaces a trainable op that reads the hidden states
+        model = Recurrent(rng.normal(size=(I, H)), 0.5 * rng.normal(size=(H, H)))
+        traced = [("w_in",), ("w_rec",)]
+    else:
+        model, traced = Leaky(rng.normal(size=(I, H)), np.zeros(H), np.ones(H)), [("b",), ("w",)]
+    brainstate.nn.init_all_states(model, batch_size=B)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learner = braintrace.compile(model, name, jnp.zeros((B, I)), **options)
+    recs = [r for r in learner.graph.records if r.kind.value == "learning_rule_approximation"]
+    if expected is None:
+        assert not recs
+        return
+    assert sorted(r.subject for r in recs) == traced
+    assert all(expected in r.message for r in recs)
+    assert sum(expected in str(w.message) for w in caught) == 1

@@ -363,3 +363,8 @@ class OSTLFeedforward(IODimVjpAlgorithm):
 
     def __init__(self, model, decay_or_rank=1e-6, name: Optional[str] = None, **kwargs):
         super().__init__(model, decay_or_rank=decay_or_rank, name=name, **kwargs)
+
+    def _rule_approximations(self):
+        return super()._rule_approximations() + [
+            "the temporal term of the traces is dropped (the within-step gradient, for units with memory)"
+        ]

@@ -4,6 +4,7 @@ of the sequence driver); D-RTRL and pp_prop define their trace layouts on top of
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Tuple
 
 import brainstate
@@ -13,7 +14,13 @@ import saiunit as u
 
 from braintrace._compatible_imports import Literal
 from braintrace._compiler.control_flow_policy import check_control_flow_policy
-from braintrace._compiler.diagnostics import CompilationError
+from braintrace._compiler.diagnostics import (
+    CompilationError,
+    CompilationRecord,
+    DiagnosticKind,
+    DiagnosticLevel,
+    ETraceCompilationWarning,
+)
 from braintrace._etrace_op._registries import ETP_X_INVAR_INDICES
 from braintrace._input_data import (
     MultiStepData,
@@ -357,7 +364,47 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         state_cts = [_zero_cotangent(n) for n in news] if state_cts is None else list(state_cts)
         return vjp((out_cts, state_cts))
 
+    def _rule_approximations(self):
+        """Why this rule's gradient differs from BPTT by its definition, whatever the model: a list
+        of reasons (empty for the exact learning signal without a filter). Each becomes one
+        ``LEARNING_RULE_APPROXIMATION`` record per traced parameter when the graph is compiled."""
+        why = []
+        if self.learning_signal == "random_feedback":
+            why.append("the learning signal is fixed random feedback in place of dL_t/dh_t")
+        elif self.learning_signal == "modulatory":
+            why.append("the learning signal is the caller's modulator in place of dL_t/dh_t")
+        if self.config.trace_filter == "kappa":
+            why.append(f"the eligibility traces are low-pass filtered (kappa={self.config.kappa})")
+        return why
+
+    def _record_rule_approximations(self):
+        why = self._rule_approximations()
+        if not why:
+            return
+        paths = sorted(
+            {p for r in self.graph.hidden_param_op_relations for ps in r.param_paths.values() for p in ps}
+        )
+        reason = "; ".join(why)
+        for path in paths:
+            self.graph.records.append(
+                CompilationRecord(
+                    DiagnosticKind.LEARNING_RULE_APPROXIMATION,
+                    DiagnosticLevel.WARNING,
+                    f"{type(self).__name__}: the gradient of {path!r} is not BPTT's by this rule's "
+                    f"definition: {reason}.",
+                    (path,),
+                    weight_path=(path,),
+                )
+            )
+        warnings.warn(
+            f"{type(self).__name__}: the online gradient of {paths} is not BPTT's by this rule's definition: "
+            f"{reason}. One record per parameter in `graph.records`.",
+            ETraceCompilationWarning,
+            stacklevel=3,
+        )
+
     def _build(self):
+        self._record_rule_approximations()
         self.executor = self._make_executor()
         if self.learning_signal == "random_feedback":
             self._build_random_feedback()

@@ -71,6 +71,10 @@ class DiagnosticKind(enum.Enum):
     #: An influence-matrix algorithm keeps part of dh/dθ by its definition (SnAp-n drops the entries
     #: reached in more than n steps, UORO keeps a random rank-one estimate): not BPTT's gradient.
     INFLUENCE_APPROXIMATION = "influence_approximation"
+    #: A preset's learning signal, trace filter or dropped temporal term differs from the exact
+    #: ``dL_t/dh_t`` contraction by its definition (e-prop's random feedback and kappa filter, a
+    #: three-factor modulator, OSTLFeedforward without the temporal term): not BPTT's gradient.
+    LEARNING_RULE_APPROXIMATION = "learning_rule_approximation"
 
 
 @dataclasses.dataclass(frozen=True)
