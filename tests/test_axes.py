@@ -226,3 +226,12 @@ def test_engines_check_the_config(x64):
         )
     assert braintrace.D_RTRL(Leaky(*wbg)).config == ETraceConfig()
     assert braintrace.pp_prop(Leaky(*wbg), 3).config.decay == (0.5, 0.5)
+
+
+def test_a_bootstrapped_config_is_refused_by_the_trace_engines_and_routed_to_dni():
+    cfg = ETraceConfig(learning_signal="bootstrapped")
+    model = Leaky(np.ones((I, H)), np.zeros(H), np.ones(H))
+    brainstate.nn.init_all_states(model, batch_size=B)
+    with pytest.raises(ValueError, match="braintrace.DNI"):
+        braintrace.D_RTRL(model, config=cfg)
+    assert isinstance(braintrace.compile(model, cfg, jnp.zeros((B, I))), braintrace.DNI)

@@ -263,6 +263,11 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
                 f"{self._factorization!r} traces; braintrace.compile(model, config, x0) picks the engine "
                 f"for a config."
             )
+        if config.learning_signal == "bootstrapped":
+            raise ValueError(
+                f"{name}: config.learning_signal='bootstrapped' (a learned synthetic gradient) is computed "
+                f"by braintrace.DNI; braintrace.compile(model, config, x0) picks it."
+            )
         if config.recurrence_scope in self._scopes:
             return
         if config.recurrence_scope == "coupled":
