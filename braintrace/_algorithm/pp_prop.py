@@ -21,10 +21,12 @@ side's operator: :math:`D_t` (``'jacobian'``), :math:`I` (``'scalar_leak'``) or 
 the exact keys then follow :math:`\epsilon \leftarrow D_t\epsilon + df_t`,
 :math:`\lambda_f\epsilon + df_t` or :math:`df_t`).
 
-The bias correction :math:`1-\lambda^{t+1}` is not formed from a power of :math:`\lambda`: each
-output trace carries its normaliser :math:`c \leftarrow \lambda\,c + (1-\lambda)` (a scalar, in the
-trace's dtype, with the same arithmetic as :math:`\epsilon_f`), which equals
-:math:`1-\lambda^{t+1}` in exact arithmetic, and the solve divides by it. The ratio
+The bias correction :math:`1-\lambda^{t+1}` is not formed from a power of :math:`\lambda`: the
+output traces carry their normaliser :math:`c \leftarrow \lambda\,c + (1-\lambda)` (a scalar, in the
+traces' dtype, with the same arithmetic as :math:`\epsilon_f`), which equals
+:math:`1-\lambda^{t+1}` in exact arithmetic, and the solve divides by it. Its value depends only on
+:math:`\lambda` and the steps since the last restart, and every trace restarts together (one
+scalar ``keep``), so the output traces of one dtype share one. The ratio
 :math:`\epsilon_f / c` is then exact to rounding for every :math:`\lambda`: ``1 - lam ** t`` loses
 all its digits to cancellation when :math:`\lambda` is within a few ulps of 1 (``0.99999999`` is
 ``1.0`` in float32: an infinite gradient). A :math:`\lambda` the trace dtype rounds to 1 acts as
@@ -87,6 +89,16 @@ def _decay_pair(decay_or_rank):
 def _contract(d, e):
     """``(D e)[..., s] = sum_j D[..., s, j] e[..., j]``."""
     return jnp.einsum("...sj,...j->...s", d, e)
+
+
+def _norm_key(dtype) -> str:
+    """The key of the normaliser ``c`` of the output traces of ``dtype``: it depends only on
+    ``lambda_f``, the dtype and the steps since the last restart, so those traces share it."""
+    return f"c_{jnp.dtype(dtype).name}"
+
+
+def _is_norm_key(key: str) -> bool:
+    return key.startswith("c_")
 
 
 def _exact_keys(relation):
@@ -224,6 +236,11 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             x = x.astype(r.y_var.aval.dtype)
         return x
 
+    def _restarts_per_unit(self) -> bool:
+        """Every trace restarts together: the input traces are per batch row, not per unit, and the
+        output traces share their normaliser ``c``."""
+        return False
+
     def _init_trace_values(self) -> Dict:
         vals = {}
         for r in self.graph.hidden_param_op_relations:
@@ -238,7 +255,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                 init_pp = get_rule(r.primitive, "init_pp")
                 f = init_pp(r.x_var, r.y_var, dict(r.trainable_vars), n)
                 vals[f"f{r.index}_g{gi}"] = jnp.zeros((*g.shape, n), f.dtype)
-                vals[f"c{r.index}_g{gi}"] = jnp.zeros((), f.dtype)  # the normaliser 1 - lambda^t
+                vals[_norm_key(f.dtype)] = jnp.zeros((), f.dtype)  # the normaliser 1 - lambda^t
             for k in _exact_keys(r):
                 vals[f"e{r.index}_g{gi}_{k}"] = jnp.zeros((*g.shape, n), r.y_var.aval.dtype)
         return vals
@@ -258,11 +275,12 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             if self._needs_x(r):
                 k = f"f{r.index}_g{gi}"
                 new[k] = (lam * _contract(d, traces[k]) + (1 - lam) * df).astype(traces[k].dtype)
-                c = f"c{r.index}_g{gi}"  # the same arithmetic as the trace: eps_f / c is exact
-                new[c] = (lam * traces[c] + (1 - lam)).astype(traces[c].dtype)
             for key in _exact_keys(r):
                 k = f"e{r.index}_g{gi}_{key}"
                 new[k] = (exact_scale * _contract(d, traces[k]) + df).astype(traces[k].dtype)
+        for k in traces:  # the normalisers, with the same arithmetic as eps_f: eps_f / c is exact
+            if _is_norm_key(k):
+                new[k] = (lam * traces[k] + (1 - lam)).astype(traces[k].dtype)
         return new
 
     def _solve(self, traces, cts, weights, aux):
@@ -273,6 +291,12 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         ``x``-dependent keys is returned as the factor pair ``(epsilon_x, g)`` of
         ``xy_to_dw(epsilon_x, g)`` instead (see :meth:`_solve_factors`)."""
         grads, factors = {}, {}
+        # 1 - lambda^t, accumulated like eps_f (steps taken, this one included); 0 only for traces
+        # that have seen no step (all zero, e.g. the previous step's at the first step), which
+        # contribute nothing
+        correction = {
+            k: jnp.where(c == 0, jnp.ones_like(c), c) for k, c in traces.items() if _is_norm_key(k)
+        }
         for r, gi, g in self._relation_groups():
             ct = cts[(r.index, gi)]
             kwargs = rule_kwargs(r.params, aux[r.index])
@@ -280,12 +304,8 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             x_tr = traces[f"x{r.index}"] if self._needs_x(r) else None
             part = {}
             if self._needs_x(r):
-                # 1 - lambda^t, accumulated like eps_f (steps taken, this one included); 0 only for
-                # traces that have seen no step (all zero, e.g. the previous step's at the first step),
-                # which contribute nothing
-                c = traces[f"c{r.index}_g{gi}"]
-                correction = jnp.where(c == 0, jnp.ones_like(c), c)
-                gsig = (ct * traces[f"f{r.index}_g{gi}"]).sum(-1) / correction
+                f = traces[f"f{r.index}_g{gi}"]
+                gsig = (ct * f).sum(-1) / correction[_norm_key(f.dtype)]
                 if r.index in factored:
                     # xy_to_dw is linear in its cotangent: the groups' cotangents add up.
                     prev = factors.get(r.index)

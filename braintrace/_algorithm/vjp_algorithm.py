@@ -4,6 +4,7 @@ of the sequence driver); D-RTRL and pp_prop define their trace layouts on top of
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -465,6 +466,29 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         forget = lambda v: _set_rows(rows, v, jnp.full_like(v, jnp.nan), "hidden_seen")  # noqa: E731
         self.hidden_seen.value = [forget(v) for v in self.hidden_seen.value]
 
+    #: The restart of the current step when the caller determined it (:meth:`_restart_given`);
+    #: ``None``: each step compares the hidden states with the values last written.
+    _given_restart = None
+
+    @contextlib.contextmanager
+    def _restart_given(self, keep):
+        """Within: the steps take ``keep`` (a ``keep`` of :meth:`_restart_if_reset`) as their restart
+        instead of comparing the hidden states with the values last written, and leave
+        :attr:`hidden_seen` to the caller.
+
+        For a loop whose steps nothing else writes the states between: it checks once before the
+        loop (``_restart_if_reset`` without ``step``), passes that ``keep`` to the first step and ones
+        to the others, and calls :meth:`_remember_hidden` after the loop. The per-step comparison
+        (a few reductions per hidden state) and the copy of the hidden values are then gone from
+        the loop's body.
+        """
+        previous = self._given_restart
+        self._given_restart = keep
+        try:
+            yield
+        finally:
+            self._given_restart = previous
+
     def _restart_if_reset(self, traces, state_leaves, step: Optional[StepValues] = None):
         """``(traces, keep)`` at the start of a step, where the hidden states may differ from the
         values the previous step wrote (a reset, values set by hand): such a state no longer depends
@@ -478,7 +502,15 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         :meth:`_restart_undecayed` (with the scalar). Without ``step`` (a window's start), the caller
         scales its first step's ``D`` and masks the cotangents it contracts with the traces
         (``executor.group_cotangents(..., keep)``).
+
+        Under :meth:`_restart_given`, ``keep`` is the given one and the traces are returned as they
+        are (the caller restarted them before its loop).
         """
+        if self._given_restart is not None:
+            keep = self._given_restart
+            if step is not None:
+                self._prepare_jacobians(step, keep)
+            return traces, keep
         stale = jnp.zeros((), bool)
         if self._epoch:  # the model's states were re-created since the traces were last written
             stale = traces["epoch"] != self._epoch
@@ -532,6 +564,8 @@ class ETraceVjpAlgorithm(ETraceAlgorithm):
         return _scaled(traces, keep)
 
     def _remember_hidden(self, new_state_leaves):
+        if self._given_restart is not None:  # the caller remembers them after its loop
+            return
         self.hidden_seen.value = [jax.lax.stop_gradient(new_state_leaves[i]) for i in self._hidden_leaf_ids]
 
     def _reset_traces(self):
