@@ -157,14 +157,13 @@ def sequence_length(sequences) -> int:
 
 class _Loop:
     """The pieces of the sequence loop of this package's form: one step (or window, or block of
-    factored steps), the carry ``(gradient sums, step counter, running totals, restart)`` and the end.
+    factored steps), the carry ``(gradient sums, step counter, running totals)`` and the end.
 
     Nothing but the steps writes the model's states inside the loop, so where the loop resets no
     rows itself (``resets=None``), the hidden states can differ from the values the algorithm last
     wrote only before the first step: an :class:`ETraceVjpAlgorithm` checks them once in
-    :meth:`init`, and the carry's ``restart`` (the first step's ``keep``, ones after it) replaces
-    its per-step check (see :meth:`ETraceVjpAlgorithm._restart_given`). With ``resets``, each
-    step checks.
+    :meth:`init`, and its steps take that restart at step 0 and none after it, in place of their
+    own check (see :meth:`ETraceVjpAlgorithm._restart_given`). With ``resets``, each step checks.
     """
 
     def __init__(
@@ -179,23 +178,20 @@ class _Loop:
     def init(self):
         zeros = jax.tree.map(jnp.zeros_like, {k: v.value for k, v in self.params.items()})
         totals = zero_totals(self.shapes[0], self.shapes[1], self.aux_reduction)
-        keep = None
         if self.checks_once:
             alg = self.alg
-            traces, keep = alg._restart_if_reset(alg.etrace.value, alg._current_states()[1])
+            traces, self.first_keep = alg._restart_if_reset(alg.etrace.value, alg._current_states()[1])
             alg.etrace.value = traces
-        return zeros, jnp.zeros((), jnp.int32), totals, keep
+        return zeros, jnp.zeros((), jnp.int32), totals
 
-    def _restart(self, keep):
-        """The context of a step (or window) that starts with the restart ``keep``."""
-        if keep is None:
+    def _restart(self, t):
+        """The context of the step (or window) starting at step ``t``: the restart found before
+        the loop at ``t = 0``, none after it (a select in the step's use of ``keep``, not a value
+        carried from step to step)."""
+        if not self.checks_once:
             return contextlib.nullcontext()
+        keep = jax.tree.map(lambda k: jnp.where(t == 0, k, jnp.ones_like(k)), self.first_keep)
         return self.alg._restart_given(keep)
-
-    @staticmethod
-    def _after(keep):
-        """The restart of the steps after the first: none."""
-        return None if keep is None else jax.tree.map(jnp.ones_like, keep)
 
     def _outputs(self, rec, aux):
         return (
@@ -205,13 +201,13 @@ class _Loop:
         )
 
     def _one(self, carry, data, factored):
-        acc, t, totals, keep = carry
+        acc, t, totals = carry
         xs_t, ys_t, w_t, r_t = data
         if self.reset_kind is not None:
             self.alg._reset_rows(r_t)
         w = None if self.weights is None else self.weights.at(self.weight_value, w_t, t)
         targets = (w, *ys_t)
-        with self._restart(keep):
+        with self._restart(t):
             if factored:
                 grads, factors, _ = self.alg._step_grad(
                     self.loss, self.params, xs_t, targets, factored=True
@@ -219,7 +215,7 @@ class _Loop:
             else:
                 grads, _ = self.alg._step_grad(self.loss, self.params, xs_t, targets)
         rec, aux = self.loss.value
-        carry = (add_param_grads(acc, grads), t + 1, add_totals(totals, rec, aux), self._after(keep))
+        carry = (add_param_grads(acc, grads), t + 1, add_totals(totals, rec, aux))
         outs = self._outputs(rec, aux)
         return carry, ((factors, outs) if factored else outs)
 
@@ -228,12 +224,12 @@ class _Loop:
 
     def factored_block(self, carry, data):
         carry, (factors, outs) = brainstate.transform.scan(lambda c, d: self._one(c, d, True), carry, data)
-        acc, t, totals, keep = carry
+        acc, t, totals = carry
         acc = add_param_grads(acc, self.alg._factored_param_grads(self.params, factors))
-        return (acc, t, totals, keep), outs
+        return (acc, t, totals), outs
 
     def window(self, carry, data):
-        acc, t, totals, keep = carry
+        acc, t, totals = carry
         xs_w, ys_w, w_w, _ = data
         k = jnp.shape(jax.tree.leaves(xs_w)[0])[0]
         w = None if self.weights is None else self.weights.window_at(self.weight_value, w_w, t, k)
@@ -244,13 +240,13 @@ class _Loop:
             return objective.sum(), (rec, aux)
 
         grad_fn = brainstate.transform.grad(window_loss, self.params, has_aux=True, check_states=False)
-        with self._restart(keep):
+        with self._restart(t):
             grads, (rec, aux) = grad_fn()
-        carry = (add_param_grads(acc, grads), t + k, add_totals(totals, rec, aux, n=1), self._after(keep))
+        carry = (add_param_grads(acc, grads), t + k, add_totals(totals, rec, aux, n=1))
         return carry, self._outputs(rec, aux)
 
     def finish(self, carry, outs, reduction, loss_output):
-        acc, _, totals, _ = carry
+        acc, _, totals = carry
         if self.checks_once:  # the steps left the hidden values they wrote to the end of the loop
             self.alg._remember_hidden(self.alg._current_states()[1])
         denom = denominator(totals["count"]) if reduction == "mean" else None
