@@ -9,23 +9,46 @@ to the reference with one warning.
 The choice is read when a function is *lowered*. JAX caches compiled functions, so every switch
 clears JAX's caches (``jax.clear_caches()``): nothing compiled under one backend is reused under
 the other.
+
+A kernel installed with a :class:`~braintrace._batch_sharding.BatchLayout` runs once per batch shard
+when the program spans several devices (``braintrace/_batch_sharding.py``); on one device its call
+is the same as without a layout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator
+import weakref
+from typing import Iterator, Optional
 
 import jax
 
+from braintrace._batch_sharding import (
+    BatchLayout,
+    batch_partitioned,
+    devices_needed_when_lowering,
+    one_frame_locations,
+    partitions_over_devices,
+)
 from braintrace._compatible_imports import mlir
 
-__all__ = ["set_backend", "get_backend", "backend", "kernel_mode", "install_kernel_lowerings", "BACKENDS"]
+__all__ = [
+    "set_backend",
+    "get_backend",
+    "backend",
+    "kernel_mode",
+    "install_kernel_lowerings",
+    "declare_batch_layout",
+    "BACKENDS",
+]
 
 BACKENDS = ("xla", "pallas")
 
 _state = {"name": "xla", "interpret": False, "warned": False}
+
+#: Primitives with a kernel that declared where it keeps the batch axis.
+_BATCH_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _has_gpu() -> bool:
@@ -81,6 +104,8 @@ def set_backend(name: str, *, interpret: bool = False) -> None:
             stacklevel=2,
         )
     if changed:
+        for primitive in list(_BATCH_LAYOUTS):
+            devices_needed_when_lowering(primitive, name == "pallas")
         jax.clear_caches()
 
 
@@ -134,12 +159,48 @@ def _dispatching_lowering(primitive, platform: str):
             def fn(*a, **p):
                 return kernel_fn(*a, interpret=(mode == "interpret"), **p)
 
+            layout = _BATCH_LAYOUTS.get(primitive)
+            if layout is not None and partitions_over_devices(ctx):
+                return _lower_per_batch_shard(ctx, fn, layout, multiple, args, params)
+
         return mlir.lower_fun(fn, multiple_results=multiple)(ctx, *args, **params)
 
     return rule
 
 
-def install_kernel_lowerings(primitive) -> None:
-    """Give ``primitive`` lowerings that pick ``kernel_fn`` or ``impl_fn`` from the backend."""
+def _lower_per_batch_shard(ctx, fn, layout, multiple, args, params):
+    """Lower ``fn`` as a call that XLA's partitioner runs once per batch shard."""
+
+    def whole(*a):
+        out = fn(*a, **params)
+        return tuple(out) if multiple else (out,)
+
+    call = batch_partitioned(whole, layout, ctx.avals_in, ctx.avals_out)
+
+    def lowered(*a):
+        out = call(*a)
+        return list(out) if multiple else out[0]
+
+    with one_frame_locations():
+        return mlir.lower_fun(lowered, multiple_results=multiple)(ctx, *args)
+
+
+def install_kernel_lowerings(primitive, batch_layout: Optional[BatchLayout] = None) -> None:
+    """Give ``primitive`` lowerings that pick ``kernel_fn`` or ``impl_fn`` from the backend.
+
+    With ``batch_layout``, the kernel runs once per batch shard on a program that spans several
+    devices (see :class:`~braintrace._batch_sharding.BatchLayout`); without one, XLA gathers its
+    operands to every device and runs it whole.
+    """
     for platform in ("cuda", "cpu"):
         mlir.register_lowering(primitive, _dispatching_lowering(primitive, platform), platform=platform)
+    if batch_layout is not None:
+        declare_batch_layout(primitive, batch_layout)
+
+
+def declare_batch_layout(primitive, layout: BatchLayout) -> None:
+    """Record where ``primitive``'s kernel keeps the batch axis (read when it is lowered)."""
+    if not isinstance(layout, BatchLayout):
+        raise TypeError(f"layout must be a BatchLayout, got {type(layout).__name__}.")
+    _BATCH_LAYOUTS[primitive] = layout
+    devices_needed_when_lowering(primitive, _state["name"] == "pallas")

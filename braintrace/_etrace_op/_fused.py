@@ -5,12 +5,16 @@ primitive whose default lowering is its reference implementation (composed from 
 rules) and whose lowering under ``set_backend('pallas')`` is a Pallas kernel. Both compute the same
 function, so they can be compared element by element. The traces they act on are never
 differentiated (the algorithms stop gradients at them), so the primitives define no JVP.
+
+A fused operation states where its operands and results keep the batch axis (``batch_layout``):
+on a program whose batch is sharded over several devices, its kernel then runs once per batch shard
+(``braintrace/_batch_sharding.py``) instead of on arrays gathered to every device.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 
@@ -20,11 +24,18 @@ __all__ = ["fused_op"]
 
 
 def fused_op(
-    name: str, reference: Callable, kernel: Callable, *, multiple_results: bool = False
+    name: str,
+    reference: Callable,
+    kernel: Callable,
+    *,
+    multiple_results: bool = False,
+    batch_layout: Optional["BatchLayout"] = None,  # noqa: F821 - braintrace._batch_sharding
 ) -> Primitive:
     """A primitive computing ``reference(*arrays, **params)``, lowered to ``kernel`` under 'pallas'.
 
-    ``kernel(*arrays, interpret: bool, **params)`` must compute the same function.
+    ``kernel(*arrays, interpret: bool, **params)`` must compute the same function. ``batch_layout``
+    (a :class:`braintrace._batch_sharding.BatchLayout`) says which operand and result axes are the
+    batch, and which results sum over it, so that the kernel can run per batch shard.
     """
     from braintrace._backend import install_kernel_lowerings
 
@@ -42,7 +53,7 @@ def fused_op(
 
     p.def_abstract_eval(abstract)
     mlir.register_lowering(p, mlir.lower_fun(reference, multiple_results=multiple_results))
-    install_kernel_lowerings(p)
+    install_kernel_lowerings(p, batch_layout=batch_layout)
 
     def batch_rule(args, dims, **params):
         out = jax.vmap(partial(reference, **params), in_axes=tuple(dims))(*args)
