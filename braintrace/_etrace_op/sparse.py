@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import saiunit as u
 
+from braintrace._batch_sharding import BATCH_SUM, BatchLayout
+
 from ._batching import make_x_batching_rule
 from ._fused import fused_op
 from ._registries import BATCHED_PRIMITIVES
@@ -207,7 +209,9 @@ def _csr_sddmm_kernel(a, g, row_ids, col_ids, *, interpret):
 
 #: The weight gradient of a sparse layer, ``v[p] = sum_b a[b, r_p] g[b, c_p]`` (the ``xy_to_dw`` rule,
 #: hence the pp_prop solve of a sparse layer); a Pallas kernel under ``'pallas'``.
-csr_sddmm_p = fused_op("csr_sddmm", _csr_sddmm_reference, _csr_sddmm_kernel)
+csr_sddmm_p = fused_op(
+    "csr_sddmm", _csr_sddmm_reference, _csr_sddmm_kernel, batch_layout=BatchLayout({0: 0, 1: 0}, (BATCH_SUM,))
+)
 
 
 def _sparse_xy_to_dw(x, hidden_dim, weights, *, sparse_mat, has_bias=False, aux):
@@ -264,6 +268,17 @@ etp_sp_mm_p = register_primitive_spec(
         remat_jvp=True,
     )
 )
+
+
+def _sparse_product_per_batch_shard():
+    """The batched product's kernel runs per batch shard: ``x`` and ``y`` are ``(B, ...)``, the
+    non-zeros, bias and index arrays are shared."""
+    from braintrace._backend import declare_batch_layout
+
+    declare_batch_layout(etp_sp_mm_p, BatchLayout({0: 0}, (0,)))
+
+
+_sparse_product_per_batch_shard()
 
 etp_sp_mv_p = register_primitive_spec(
     ETPPrimitiveSpec(
@@ -648,13 +663,29 @@ def _csr_update_solve_kernel(trace, d_t, x_t, df_t, ct_t, row_ids, col_ids, *, i
     return new, dw.astype(_arithmetic_dtype(trace.dtype))
 
 
+# Batch-minor layout: the batch is the last axis of the trace and of every per-unit operand; the
+# index arrays are shared; the solves sum over the batch.
 #: Fused CSR D-RTRL trace update over the non-zeros (kernel layout ``(nnz, n, B)``).
-csr_trace_update_p = fused_op("csr_trace_update", _csr_update_reference, _csr_update_kernel)
+csr_trace_update_p = fused_op(
+    "csr_trace_update",
+    _csr_update_reference,
+    _csr_update_kernel,
+    batch_layout=BatchLayout({0: -1, 1: -1, 2: -1, 3: -1}, (-1,)),
+)
 #: CSR gradient solve ``dw_p = sum_b sum_s eps_p ct[c_p]``.
-csr_trace_solve_p = fused_op("csr_trace_solve", _csr_solve_reference, _csr_solve_kernel)
+csr_trace_solve_p = fused_op(
+    "csr_trace_solve",
+    _csr_solve_reference,
+    _csr_solve_kernel,
+    batch_layout=BatchLayout({0: -1, 1: -1}, (BATCH_SUM,)),
+)
 #: The CSR update and the solve of the new trace in one pass over the non-zeros: ``(new, dw)``.
 csr_trace_update_solve_p = fused_op(
-    "csr_trace_update_solve", _csr_update_solve_reference, _csr_update_solve_kernel, multiple_results=True
+    "csr_trace_update_solve",
+    _csr_update_solve_reference,
+    _csr_update_solve_kernel,
+    multiple_results=True,
+    batch_layout=BatchLayout({0: -1, 1: -1, 2: -1, 3: -1, 4: -1}, (-1, BATCH_SUM)),
 )
 
 
