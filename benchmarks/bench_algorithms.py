@@ -5,7 +5,8 @@ Each benchmark trains the task's network with the algorithm (one optimizer step 
 records, in ``extra_info``, the held-out accuracy, the gradient cosine to BPTT at initialisation, the
 compiled temporary memory of a training sequence and the time per step; the timed call is one
 training iteration. The smoke run (no ``--gpu``) trains the tiny sizes for two iterations with one
-seed: it checks that every algorithm runs on both tasks and that the figures are well formed. The
+seed, every algorithm on the GRU task, without the held-out evaluation: it checks that every
+algorithm trains and that its figures are well formed (``--gpu`` runs every pair at the CPU sizes). The
 table of ``docs/algorithms.md`` comes from ``python ci/compare_algorithms.py`` (CPU sizes, three
 seeds, hundreds of iterations).
 """
@@ -14,23 +15,28 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from . import _algorithm_tasks as A
 from ._config import scale_of
 
-CASES = [(task, alg) for task in A.TASKS for alg in A.ALGORITHMS]
+ALL = [(task, alg) for task in A.TASKS for alg in A.ALGORITHMS]
+SMOKE = [("recall_gru", alg) for alg in A.ALGORITHMS]
 
 
-@pytest.mark.parametrize("task,algorithm", CASES, ids=[f"{t}-{a}" for t, a in CASES])
+def pytest_generate_tests(metafunc):
+    if metafunc.function.__name__ == "test_algorithm_row":
+        cases = ALL if scale_of(metafunc.config) == "gpu" else SMOKE
+        metafunc.parametrize("task,algorithm", cases, ids=[f"{t}-{a}" for t, a in cases])
+
+
 def test_algorithm_row(benchmark, request, task, algorithm):
     size = "cpu" if scale_of(request.config) == "gpu" else "tiny"
     cfg = A.SIZES[size][task]
     seeds = (0, 1, 2) if size == "cpu" else (0,)
     benchmark.group = "algorithms"
     benchmark.name = f"{algorithm}[{task}]"
-    row = benchmark.pedantic(lambda: A.run_row(cfg, algorithm, seeds=seeds), rounds=1, iterations=1)
-    assert 0.0 <= row["accuracy_mean"] <= 1.0
+    evaluate = size == "cpu"
+    row = benchmark.pedantic(lambda: A.run_row(cfg, algorithm, seeds, evaluate), rounds=1, iterations=1)
+    assert (0.0 <= row["accuracy_mean"] <= 1.0) if evaluate else math.isnan(row["accuracy_mean"])
     cosine = row["grad_cosine_to_bptt"]
     assert math.isfinite(cosine) and -1.0 - 1e-6 <= cosine <= 1.0 + 1e-6
     assert row["temp_bytes"] >= 0 and row["us_per_step"] > 0

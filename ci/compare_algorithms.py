@@ -101,7 +101,7 @@ def render_table(data: dict) -> str:
             f" ({cfg['n_hidden']} hidden units, T = {cfg['t_steps']}, batch {cfg['batch']}, "
             f"{cfg['iterations']} Adam steps, {len(rows[0].get('seeds', []))} seeds)" if cfg else ""))
         lines.append("")
-        lines.append("| algorithm | accuracy (mean ± spread) | gradient cosine to BPTT | "
+        lines.append("| algorithm | accuracy (mean ± half-range) | gradient cosine to BPTT | "
                      "compiled memory of a sequence | µs per step |")
         lines.append("|---|---|---|---|---|")
         for row in rows:
