@@ -28,7 +28,7 @@ from braintrace._batch_sharding import (
     BatchLayout,
     batch_partitioned,
     devices_needed_when_lowering,
-    one_frame_locations,
+    frameless,
     partitions_over_devices,
 )
 from braintrace._compatible_imports import mlir
@@ -181,7 +181,7 @@ def _lower_per_batch_shard(ctx, fn, layout, multiple, args, params):
         out = call(*a)
         return list(out) if multiple else out[0]
 
-    with one_frame_locations():
+    with frameless():
         return mlir.lower_fun(lowered, multiple_results=multiple)(ctx, *args)
 
 

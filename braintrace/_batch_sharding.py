@@ -18,8 +18,10 @@ is a factor that must stay replicated. With one device nothing is wrapped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Callable, Mapping, Sequence, Union
 
@@ -33,7 +35,7 @@ __all__ = [
     "batch_partitioned",
     "partitions_over_devices",
     "devices_needed_when_lowering",
-    "one_frame_locations",
+    "frameless",
 ]
 
 #: A result that is a sum over the batch rows: each device sums its rows, then one ``psum``.
@@ -146,22 +148,30 @@ def partitions_over_devices(ctx) -> bool:
     )
 
 
-def one_frame_locations():
-    """A context in which lowered operations carry one source frame instead of the full Python stack.
+@functools.lru_cache(maxsize=None)
+def _traceback_without_user_frames():
+    """A Python traceback holding only standard-library frames (captured on a fresh thread)."""
+    from jax._src.lib import xla_client
 
-    The partitioner replaces the ``custom_partitioning`` call by the per-shard program and XLA's
-    while-loop simplifier then inlines that program's short loops (a kernel's loops run once per
-    shard when the shard holds one batch row), prefixing every inlined instruction with the call's
-    stack. With the full stack (JAX's default, up to 100 frames) the CPU compile of a scanned step
-    of the dense benchmark RNN did not finish in 10 minutes (jax 0.10.2, Shardy); with one frame it
-    takes about a second. The option is JAX's own ``include_full_tracebacks_in_locations``, set
-    for this lowering only.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(xla_client.Traceback.get_traceback).result()
+
+
+def frameless():
+    """A context in which the operations JAX traces carry no source location.
+
+    XLA's partitioner replaces the ``custom_partitioning`` call by the per-shard program, and its
+    while-loop simplifier then inlines that program's short loops (a kernel's loops run once when a
+    shard holds one batch row), merging the call's stack frames into every inlined instruction. With
+    Python stacks in the locations (JAX's default) of the call or of the per-shard program, the CPU
+    compile of a scanned step of the dense benchmark RNN did not finish in 10 minutes (jax 0.10.2,
+    Shardy); without them it takes about a second. The call and the per-shard program are traced in
+    this context: their operations point at no Python line.
     """
     try:
-        from jax._src import config as jax_config
+        from jax._src import source_info_util
 
-        option = jax_config.include_full_tracebacks_in_locations
-        return option(False)
+        return source_info_util.user_context(_traceback_without_user_frames())
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - internal layout changed
         return contextlib.nullcontext()
 
@@ -238,10 +248,11 @@ def batch_partitioned(fn: Callable, layout: BatchLayout, avals_in, avals_out) ->
         operands, results = shardings(mesh, batch)
 
         def per_shard(*args):
-            outs = tuple(fn(*args))
-            if batch is None:
-                return outs
-            return tuple(jax.lax.psum(o, batch) if s else o for o, s in zip(outs, summed))
+            with frameless():
+                outs = tuple(fn(*args))
+                if batch is None:
+                    return outs
+                return tuple(jax.lax.psum(o, batch) if s else o for o, s in zip(outs, summed))
 
         return mesh, per_shard, results, operands
 
