@@ -21,8 +21,6 @@ ETP rules (``g = \partial h/\partial y`` for one hidden state, shape of ``y``):
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +28,7 @@ import saiunit as u
 
 from braintrace._batch_sharding import BATCH_SUM, BatchLayout
 
-from . import _trace_ops
+from . import _cpu_sums, _trace_ops
 from ._batching import make_x_batching_rule
 from ._fused import fused_op
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
@@ -261,26 +259,24 @@ def _dense_solve_reference(trace, ct):
     def reduction(trace, ct):  # GPU: XLA fuses it with the update into one pass over the trace
         return ops.solve({"weight": trace}, ct, {}, {"has_bias": False}, 1)["weight"]
 
-    def cpu(trace, ct):
-        # XLA:CPU hands a reduction of a few thousand elements or more to its YNNPACK fusion, 2-10x
-        # slower here than either form below (jax 0.10.2, a D-RTRL step in a scan). Up to
-        # CPU_UNROLLED_SOLVE_BATCH rows, a sum of the rows' products (one loop fusion with the update);
-        # above, where that many strided rows thrash the cache, a dot.
-        if trace.shape[0] > CPU_UNROLLED_SOLVE_BATCH:
-            return jnp.einsum("bios,bos->io", trace, ct)
-        rows = trace * ct[:, None]
-        return functools.reduce(jnp.add, [rows[b] for b in range(rows.shape[0])]).sum(-1)
+    def cpu(trace, ct):  # see _cpu_sums: XLA:CPU's YNNPACK fusion of a large reduction is slow
+        if _cpu_sums.unrolls(trace.shape, (0, 3), CPU_UNROLLED_SOLVE_TERMS):
+            return _cpu_sums.unrolled_sum(trace * ct[:, None], (0, 3))
+        if trace.size < _cpu_sums.MIN_ELEMENTS:  # a loop fusion
+            return reduction(trace, ct)
+        return jnp.einsum("bios,bos->io", trace, ct)  # many (row, state) terms: a dot
 
     # resolved when lowering: a program for one platform holds one of the two, no conditional
     return jax.lax.platform_dependent(trace, ct, cpu=cpu, default=reduction)
 
 
-#: Batch size up to which the CPU lowering of the dense solve sums the rows' products unrolled (see
-#: :func:`_dense_solve_reference`). Measured on a 2-core AMD EPYC, update and solve of one trace
-#: ``(B, I, O, 1)`` per step of a scan, unrolled against the dot: 32 x 64 x 64, 19 against 145 us;
-#: 64 x 128 x 128, 360 against 1700 us; 256 x 64 x 64, 3000 against 1100 us. The LoRA RNN's D-RTRL
-#: step of ``ci/compare_published_timing.py`` (B = 4): 10.4 against 11.5 us.
-CPU_UNROLLED_SOLVE_BATCH = 64
+#: Batch rows times states up to which the CPU lowering of the dense solve sums the products unrolled
+#: (see :func:`_dense_solve_reference`), above which it is a dot. Measured on a 2-core AMD EPYC,
+#: update and solve of one trace ``(B, I, O, 1)`` per step of a scan, unrolled against the dot:
+#: 32 x 64 x 64, 19 against 145 us; 64 x 128 x 128, 360 against 1700 us; 256 x 64 x 64, 3000 against
+#: 1100 us. The LoRA RNN's D-RTRL step of ``ci/compare_published_timing.py`` (B = 4): 10.4 against
+#: 11.5 us.
+CPU_UNROLLED_SOLVE_TERMS = 64
 
 
 #: Number of hidden states per unit from which the dense kernels replace XLA's fusion. Measured on
