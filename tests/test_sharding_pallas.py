@@ -294,8 +294,9 @@ def _cuda_row(program, lowered, mesh):
         triton_lines = [x for x in text.splitlines() if "xla.gpu.triton" in x]
         names = [c.name for c in triton_calls(text)]
         triton = [[n, _TYPE.findall(x.rsplit(" : ", 1)[1])] for n, x in zip(names, triton_lines)]
+        per_device = _TYPE.findall(signature)
         calls.append(
-            {"global": operand_types, "batch_axes": axes, "per_device": _TYPE.findall(signature), "triton": triton}
+            {"global": operand_types, "batch_axes": axes, "per_device": per_device, "triton": triton}
         )
     print(json.dumps({"kind": "cuda", "program": program, "calls": calls}), flush=True)
 
