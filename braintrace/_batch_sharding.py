@@ -150,11 +150,11 @@ def partitions_over_devices(ctx) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _traceback_without_user_frames():
-    """A Python traceback holding only standard-library frames (captured on a fresh thread)."""
-    from jax._src.lib import xla_client
+    """A traceback of a fresh thread: only standard-library and JAX frames, none of the caller's."""
+    from jax._src import source_info_util
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(xla_client.Traceback.get_traceback).result()
+        return pool.submit(source_info_util.current).result().traceback
 
 
 def frameless():

@@ -38,6 +38,7 @@ import pytest
 import braintrace
 from braintrace import _backend
 from braintrace._batch_sharding import BATCH_SUM, BatchLayout
+from braintrace._compatible_imports import Primitive, ShapedArray
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8
@@ -134,7 +135,7 @@ def test_cuda_kernels_get_per_device_shapes(rows):
 
 def test_batch_layout_normalises_and_checks_axes():
     layout = BatchLayout({2: -1, 0: 0}, (-1, BATCH_SUM))
-    avals = [jax.core.ShapedArray(s, jnp.float32) for s in [(4, 3), (7,), (5, 4)]]
+    avals = [ShapedArray(s, jnp.float32) for s in [(4, 3), (7,), (5, 4)]]
     assert layout.operands == ((0, 0), (2, -1))
     assert layout.operand_axes(avals) == [0, None, 1]
     assert layout.result_axes(avals[2:] + avals[:1]) == [1, None]
@@ -147,7 +148,7 @@ def test_batch_layout_normalises_and_checks_axes():
     with pytest.raises(ValueError, match="2 results"):
         layout.result_axes(avals[:1])
     with pytest.raises(TypeError, match="BatchLayout"):
-        _backend.declare_batch_layout(jax.extend.core.Primitive("unused"), {0: 0})
+        _backend.declare_batch_layout(Primitive("unused"), {0: 0})
 
 
 def test_one_device_keeps_the_plain_kernel_call():
