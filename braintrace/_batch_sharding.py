@@ -14,6 +14,11 @@ in ``jax.experimental.custom_partitioning`` so that each device runs the kernel 
 
 Under Shardy the sharding rule says the same: the batch axes share one factor, every other dimension
 is a factor that must stay replicated. With one device nothing is wrapped.
+
+This module imports nothing from ``braintrace``: the primitive layer names its kernels' layouts with
+:class:`BatchLayout`, the backend (``braintrace/_backend.py``) lowers with the rest. The JAX internals
+it reaches (the set of primitives whose lowering sees the devices, the source-info context) are
+looked up when used, and their absence leaves the kernels unpartitioned.
 """
 
 from __future__ import annotations
