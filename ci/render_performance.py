@@ -450,8 +450,11 @@ def main(argv=None) -> int:
     out = pathlib.Path(opts.out)
     plot_rel = None
     if opts.plot:
-        plot(rows, opts.plot, machine)
-        plot_rel = os.path.relpath(pathlib.Path(opts.plot).resolve(), out.resolve().parent)
+        try:
+            plot(rows, opts.plot, machine)
+            plot_rel = os.path.relpath(pathlib.Path(opts.plot).resolve(), out.resolve().parent)
+        except ImportError as err:  # matplotlib is in the `examples` extra: the tables are written alone
+            print(f"no plot: {err}", file=sys.stderr)
     block = render(machine, rows, opts.json, plot_rel)
     text = out.read_text() if out.exists() else "# Performance\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -459,7 +462,7 @@ def main(argv=None) -> int:
     counts = defaultdict(int)
     for r in rows:
         counts[r["kind"]] += 1
-    print(f"wrote {out} ({dict(counts)})" + (f" and {opts.plot}" if opts.plot else ""))
+    print(f"wrote {out} ({dict(counts)})" + (f" and {opts.plot}" if plot_rel else ""))
     return 0
 
 

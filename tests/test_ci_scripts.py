@@ -266,7 +266,12 @@ def test_published_comparison_renders_a_table_and_a_plot(tmp_path):
     assert "kept text" in text and "<!-- published:start -->" in text
     cells = "| (b) CSR RNN | pp_prop | 12.0 / 9.00 | 10.0 / 8.00 | **1.25** | 1.50 / 1.50 | 2.00 / 2.00 |"
     assert cells + " equal (3e-16) |" in text
-    assert plot.stat().st_size > 0 and "(cmp.png)" in text
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # matplotlib is in the `examples` extra: the table is written alone
+        assert not plot.exists() and "(cmp.png)" not in text
+    else:
+        assert plot.stat().st_size > 0 and "(cmp.png)" in text
 
 
 def test_side_by_side_oracles_equal_this_package_on_a_two_state_unit():
