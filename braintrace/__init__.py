@@ -181,3 +181,8 @@ __all__ += ["InfluenceVjpAlgorithm", "RTRL", "SnAp", "RandomProjectionVjpAlgorit
 from ._algorithm import DNI, SyntheticGradient, train_synthetic_gradient  # noqa: E402
 
 __all__ += ["DNI", "SyntheticGradient", "train_synthetic_gradient"]
+
+from ._algorithm.postsynaptic_sharding import shard_postsynaptic  # noqa: E402
+from ._etrace_op.sparse_partition import PostsynapticPartition, partition_postsynaptic  # noqa: E402
+
+__all__ += ["partition_postsynaptic", "PostsynapticPartition", "shard_postsynaptic"]

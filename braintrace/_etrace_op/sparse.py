@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from functools import partial
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -82,18 +82,37 @@ class SparsePattern:
         column ``c`` owns non-zeros ``[col_ptr[c], col_ptr[c+1])``) follows ``col_ids``. Under the
         ``'pallas'`` backend the product is then a segment sum per output column (a kernel, no
         scatter). A CSC matrix and :class:`braintrace.nn.SparseLinear` give such patterns.
+    blocks : int
+        ``P``, the number of postsynaptic blocks (default 1: one block, the plain layout). With
+        ``P > 1`` the output units are split into ``P`` blocks of ``O / P`` consecutive units and the
+        stored entries into ``P`` runs of ``K = nnz / P``: entries ``[p K, (p + 1) K)`` end on block
+        ``p`` (their ``col_ids`` lie in ``[p O / P, (p + 1) O / P)``). Every computation of the
+        sparse primitives then runs per block (a ``vmap`` over the block axis with the block's local
+        column ids), so that XLA's partitioner keeps a block's synapses, traces and units on the
+        device that owns them (see :func:`braintrace.partition_postsynaptic` and
+        :func:`braintrace.shard_postsynaptic`). Under the ``'pallas'`` backend a blocked pattern
+        uses the XLA (reference) implementations.
+    block_nnz : tuple of int
+        The true number of non-zeros of each block (``P`` entries, each at most ``K``; default ``K``
+        for every block). Entries ``[p K + block_nnz[p], (p + 1) K)`` are padding: their weight acts
+        as zero in the product, and every rule and trace solve gives them a zero gradient. A pattern
+        with one block has no padding (``block_nnz == (nnz,)``).
 
     Examples
     --------
     >>> from braintrace._etrace_op.sparse import SparsePattern
     >>> SparsePattern(shape=(50, 40), nnz=200, format='csr')
     SparsePattern(shape=(50, 40), nnz=200, format='csr', col_sorted=False)
+    >>> SparsePattern((8, 4), 6, 'csr', blocks=2, block_nnz=(3, 1))
+    SparsePattern(shape=(8, 4), nnz=6, format='csr', col_sorted=False, blocks=2, block_nnz=(3, 1))
     """
 
     shape: Tuple[int, int]
     nnz: int
     format: str = "coo"
     col_sorted: bool = False
+    blocks: int = 1
+    block_nnz: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         shape = tuple(int(s) for s in self.shape)
@@ -109,6 +128,75 @@ class SparsePattern:
             raise TypeError(f"SparsePattern: `col_sorted` must be a bool, got {self.col_sorted!r}.")
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "nnz", int(self.nnz))
+        object.__setattr__(self, "blocks", _check_blocks(self.blocks, shape, "SparsePattern"))
+        object.__setattr__(self, "block_nnz", self._checked_block_nnz())
+
+    def _checked_block_nnz(self) -> Tuple[int, ...]:
+        p, nnz = self.blocks, self.nnz
+        if nnz % p:
+            raise ValueError(
+                f"SparsePattern: with blocks={p} every block stores the same number of entries, so `nnz` "
+                f"must be divisible by `blocks`; got nnz={nnz}. Pad the blocks (see "
+                f"braintrace.partition_postsynaptic)."
+            )
+        k = nnz // p
+        if self.block_nnz is None:
+            return (k,) * p
+        counts = tuple(self.block_nnz)
+        if (
+            len(counts) != p
+            or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in counts)
+            or not all(0 <= c <= k for c in counts)
+        ):
+            raise ValueError(
+                f"SparsePattern: `block_nnz` must hold blocks={p} ints in [0, nnz / blocks] = [0, {k}], "
+                f"the true non-zeros of each block; got {self.block_nnz!r}."
+            )
+        if p == 1 and counts[0] != nnz:
+            raise ValueError(
+                f"SparsePattern: a pattern of one block has no padding: `block_nnz` must be ({nnz},) "
+                f"or None, got {self.block_nnz!r}."
+            )
+        return tuple(int(c) for c in counts)
+
+    def __repr__(self) -> str:
+        text = (
+            f"SparsePattern(shape={self.shape}, nnz={self.nnz}, format={self.format!r}, "
+            f"col_sorted={self.col_sorted}"
+        )
+        if self.blocks > 1:
+            text += f", blocks={self.blocks}, block_nnz={self.block_nnz}"
+        return text + ")"
+
+    @property
+    def block_size(self) -> int:
+        """``K = nnz / blocks``: the stored entries per block, padding included."""
+        return self.nnz // self.blocks
+
+    @property
+    def block_units(self) -> int:
+        """``O / blocks``: the output units per block."""
+        return self.shape[1] // self.blocks
+
+    @property
+    def padded(self) -> bool:
+        """Whether some block holds padding entries."""
+        return any(c < self.block_size for c in self.block_nnz)
+
+
+def _check_blocks(blocks, shape, where) -> int:
+    """``blocks`` as an int ``>= 1`` that divides the output features ``shape[1]``."""
+    if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)):
+        raise TypeError(f"{where}: `blocks` must be an int >= 1, got {blocks!r}.")
+    blocks = int(blocks)
+    if blocks < 1:
+        raise ValueError(f"{where}: `blocks` must be an int >= 1, got {blocks}.")
+    if shape[1] % blocks:
+        raise ValueError(
+            f"{where}: `blocks`={blocks} must divide the output features O = {shape[1]} (shape {shape}); "
+            f"each block owns O / blocks consecutive units."
+        )
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,11 +223,112 @@ def _take(a, ids, axis, *, indices_are_sorted=False):
     return a.at[where].get(mode=_IN_BOUNDS, indices_are_sorted=indices_are_sorted)
 
 
+# ---------------------------------------------------------------------------------------------
+# Postsynaptic blocks (``SparsePattern.blocks > 1``)
+# ---------------------------------------------------------------------------------------------
+#
+# Every per-synapse array is viewed as ``(P, K, ...)`` and every per-unit array as ``(..., P, O/P)``;
+# the computation is a ``vmap`` over the block axis with each block's local column ids. When the
+# block axis is sharded over a mesh axis, XLA's partitioner keeps each block's work on the device
+# that owns it: only the unit-independent operand ``x`` (gathered by row) is all-gathered.
+
+
+def _local_cols(pattern: SparsePattern, col_ids):
+    """``(P, K)``: block ``p``'s column ids minus ``p O / P`` (its first unit)."""
+    p, k = pattern.blocks, pattern.block_size
+    first = jax.lax.broadcasted_iota(col_ids.dtype, (p, 1), 0) * pattern.block_units
+    return col_ids.reshape(p, k) - first
+
+
+def _local_ids(pattern: SparsePattern, row_ids, col_ids):
+    """``(rows (P, K), local cols (P, K))``."""
+    return row_ids.reshape(pattern.blocks, pattern.block_size), _local_cols(pattern, col_ids)
+
+
+def _real_entries(pattern: SparsePattern):
+    """``(P, K)`` bool, False at padding entries; ``None`` when no block holds padding."""
+    if not pattern.padded:
+        return None
+    position = jax.lax.broadcasted_iota(jnp.int32, (pattern.blocks, pattern.block_size), 1)
+    return position < jnp.asarray(pattern.block_nnz, jnp.int32)[:, None]
+
+
+def _padding_zeroed(values, pattern: SparsePattern):
+    """``values (..., nnz)`` with the padding entries set to zero."""
+    real = _real_entries(pattern)
+    return values if real is None else jnp.where(real.reshape(-1), values, jnp.zeros((), values.dtype))
+
+
+def _unit_blocks(a, pattern: SparsePattern, axis: int):
+    """``a`` with its unit axis ``axis`` (size ``O``) split into ``(P, O/P)``; the block axis at ``axis``."""
+    axis = axis % a.ndim
+    return a.reshape(a.shape[:axis] + (pattern.blocks, pattern.block_units) + a.shape[axis + 1 :])
+
+
+def _blocked_product(x, data, row_ids, col_ids, pattern: SparsePattern):
+    """``y (..., O)``: the product per block, padding entries acting as zero weights."""
+    rows, cols = _local_ids(pattern, row_ids, col_ids)
+    w = _padding_zeroed(data, pattern).reshape(rows.shape)
+    lead = x.shape[:-1]
+
+    def block(w_p, r_p, c_p):
+        contrib = _take(x, r_p, -1) * w_p  # (..., K)
+        y = jnp.zeros(lead + (pattern.block_units,), contrib.dtype)
+        return y.at[..., c_p].add(contrib, mode=_IN_BOUNDS)
+
+    y = jax.vmap(block, out_axes=len(lead))(w, rows, cols)  # (..., P, O/P)
+    return y.reshape(lead + (pattern.shape[1],))
+
+
+def _blocked_take_cols(a, col_ids, pattern: SparsePattern):
+    """``a (..., O)`` gathered by column: ``(..., nnz)`` (padding entries read their block's last unit)."""
+    cols = _local_cols(pattern, col_ids)
+    out = jax.vmap(lambda a_p, c_p: _take(a_p, c_p, -1), in_axes=(a.ndim - 1, 0), out_axes=a.ndim - 1)(
+        _unit_blocks(a, pattern, -1), cols
+    )  # (..., P, K)
+    return out.reshape(a.shape[:-1] + (pattern.nnz,))
+
+
+def _blocked_sddmm(a, g, row_ids, col_ids, pattern: SparsePattern):
+    """``v[p] = sum_b a[b, r_p] g[b, c_p]`` per block, zero at padding: ``a (B, I)``, ``g (B, O)``."""
+    rows, cols = _local_ids(pattern, row_ids, col_ids)
+    per_block = lambda g_p, r_p, c_p: _csr_sddmm_reference(a, g_p, r_p, c_p)  # noqa: E731
+    v = jax.vmap(per_block, in_axes=(1, 0, 0))(_unit_blocks(g, pattern, 1), rows, cols)  # (P, K)
+    return _padding_zeroed(v.reshape(-1), pattern)
+
+
+def _blocked_trace_update(trace, d_t, x_t, df_t, row_ids, col_ids, pattern: SparsePattern):
+    """:func:`_csr_update_reference` per block (trace ``(P K, n, B)``, block-contiguous along axis 0);
+    padding entries take no instantaneous term, so their trace stays zero."""
+    rows, cols = _local_ids(pattern, row_ids, col_ids)
+    real = _real_entries(pattern)
+
+    def block(tr_p, d_p, df_p, r_p, c_p, *real_p):
+        return _csr_update_reference(tr_p, d_p, x_t, df_p, r_p, c_p, real=real_p[0] if real_p else None)
+
+    blocked = (trace.reshape(rows.shape + trace.shape[1:]), _unit_blocks(d_t, pattern, 0))
+    blocked += (_unit_blocks(df_t, pattern, 0), rows, cols) + (() if real is None else (real,))
+    return jax.vmap(block)(*blocked).reshape(trace.shape)
+
+
+def _blocked_trace_solve(trace, ct_t, row_ids, col_ids, pattern: SparsePattern):
+    """:func:`_csr_solve_reference` per block: ``dw (P K,)``, zero at padding."""
+    rows, cols = _local_ids(pattern, row_ids, col_ids)
+    per_block = lambda tr_p, ct_p, r_p, c_p: _csr_solve_reference(tr_p, ct_p, r_p, c_p)  # noqa: E731
+    dw = jax.vmap(per_block)(
+        trace.reshape(rows.shape + trace.shape[1:]), _unit_blocks(ct_t, pattern, 0), rows, cols
+    )
+    return _padding_zeroed(dw.reshape(-1), pattern)
+
+
 def _sparse_impl(*args, sparse_mat, has_bias=False):
     x, data, bias, (row_ids, col_ids, *_) = _unpack(args, has_bias)
-    contrib = _take(x, row_ids, -1) * data  # (..., nnz)
-    y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
-    y = y.at[..., col_ids].add(contrib, mode=_IN_BOUNDS, indices_are_sorted=sparse_mat.col_sorted)
+    if sparse_mat.blocks > 1:
+        y = _blocked_product(x, data, row_ids, col_ids, sparse_mat)
+    else:
+        contrib = _take(x, row_ids, -1) * data  # (..., nnz)
+        y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
+        y = y.at[..., col_ids].add(contrib, mode=_IN_BOUNDS, indices_are_sorted=sparse_mat.col_sorted)
     if has_bias:
         y = y + bias
     return y
@@ -152,13 +341,14 @@ def _kernel_takes(dtype, interpret):
 
 def _sparse_kernel(*args, sparse_mat, has_bias=False, interpret):
     """Under ``'pallas'``: a column-sorted pattern's product as a segment sum per output column
-    (``kernels/csr_matmul.py``, no atomics); any other pattern, or a dtype the compiled kernel does
-    not take, keeps the XLA implementation."""
+    (``kernels/csr_matmul.py``, no atomics); any other pattern (a blocked one included), or a dtype
+    the compiled kernel does not take, keeps the XLA implementation."""
     from braintrace._kernel_import import kernel_module
 
     x, data, bias, (row_ids, col_ids, *col_ptr) = _unpack(args, has_bias)
     dtype = jnp.result_type(x, data)
-    if not (sparse_mat.col_sorted and col_ptr) or not _kernel_takes(dtype, interpret) or sparse_mat.nnz == 0:
+    plain = sparse_mat.col_sorted and col_ptr and sparse_mat.blocks == 1 and sparse_mat.nnz > 0
+    if not plain or not _kernel_takes(dtype, interpret):
         return _sparse_impl(*args, sparse_mat=sparse_mat, has_bias=has_bias)
     x2 = x.reshape((-1, sparse_mat.shape[0])).astype(dtype)
     segments = (None, col_ptr[0])  # the non-zeros are in column order: no permutation
@@ -186,9 +376,14 @@ def _sparse_yw_to_w(hidden_dim, trace, *, sparse_mat, has_bias=False, aux):
     r"""Scale each non-zero's trace by ``hidden_dim`` at its column (gather by ``col_ids``).
 
     ``hidden_dim``: ``(..., O)``; ``trace['weight']``: ``(..., nnz)``; ``trace['bias']``: ``(..., O)``.
+    A blocked pattern gathers per block and gives zero at padding entries.
     """
     col_ids = aux[1]
-    out = {"weight": trace["weight"] * _take(hidden_dim, col_ids, -1)}
+    if sparse_mat.blocks > 1:
+        scaled = trace["weight"] * _blocked_take_cols(hidden_dim, col_ids, sparse_mat)
+        out = {"weight": _padding_zeroed(scaled, sparse_mat)}
+    else:
+        out = {"weight": trace["weight"] * _take(hidden_dim, col_ids, -1)}
     if has_bias:
         out["bias"] = trace["bias"] * hidden_dim
     return out
@@ -238,13 +433,19 @@ csr_sddmm_p = fused_op(
 def _sparse_xy_to_dw(x, hidden_dim, weights, *, sparse_mat, has_bias=False, aux):
     r"""``{'weight': sum_b x[b, r_p] g[b, c_p][, 'bias': sum_b g]}``: the VJP of the op.
 
-    ``x``: ``(B, I)`` or ``(I,)``; ``hidden_dim``: the shape of ``y``, ``(B, O)`` or ``(O,)``.
+    ``x``: ``(B, I)`` or ``(I,)``; ``hidden_dim``: the shape of ``y``, ``(B, O)`` or ``(O,)``. A
+    blocked pattern computes the SDDMM per block (the XLA implementation under every backend) and
+    gives zero at padding entries.
     """
     n_in, n_out = sparse_mat.shape
     dtype = jnp.result_type(x, weights["weight"])
     g = jnp.asarray(hidden_dim, dtype).reshape((-1, n_out))
     a = jnp.asarray(x, dtype).reshape((-1, n_in))
-    out = {"weight": csr_sddmm_p.bind(a, g, aux[0], aux[1]).astype(weights["weight"].dtype)}
+    if sparse_mat.blocks > 1:
+        dw = _blocked_sddmm(a, g, aux[0], aux[1], sparse_mat)
+    else:
+        dw = csr_sddmm_p.bind(a, g, aux[0], aux[1])
+    out = {"weight": dw.astype(weights["weight"].dtype)}
     if has_bias:
         out["bias"] = jnp.sum(g, axis=0).astype(weights["bias"].dtype)
     return out
@@ -533,11 +734,28 @@ def sparse_matmul(x, weight=None, *, sparse_mat, bias=None, weight_fn=None, bias
     )  # checked above
 
 
+def _check_block_columns(pattern: SparsePattern, cols, where):
+    """``ValueError`` unless entry ``p K + k`` of a blocked pattern ends on a unit of block ``p``."""
+    if cols is None or cols.size == 0:
+        return
+    block = np.repeat(np.arange(pattern.blocks), pattern.block_size)
+    wrong = np.flatnonzero(cols // pattern.block_units != block)
+    if wrong.size:
+        i, units = int(wrong[0]), pattern.block_units
+        raise ValueError(
+            f"{where}: with blocks={pattern.blocks} the entries [p K, (p + 1) K) (K = {pattern.block_size}) "
+            f"must end on block p's units [p O/P, (p + 1) O/P) (O/P = {units}); got col_ids[{i}] = "
+            f"{int(cols[i])}, expected a column in [{block[i] * units}, {(block[i] + 1) * units})."
+        )
+
+
 def _check_operand_values(pattern: SparsePattern, indices):
     """The values of the index operands, where known: ranges, and the column pointers."""
     where = "sparse_matmul"
     n_out = pattern.shape[1]
     _check_coo(pattern.shape, indices[0], indices[1], ("row_ids", "col_ids"), where)
+    if pattern.blocks > 1:
+        _check_block_columns(pattern, _concrete(indices[1]), where)
     if not pattern.col_sorted:
         return
     ptr, cols = _concrete(indices[2]), _concrete(indices[1])
@@ -632,11 +850,12 @@ def bind_sparse_matmul(
 # ``x_t (I, B)`` (small transposes per step). The bias trace keeps the rule layout ``(*batch, O, n)``.
 
 
-def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
+def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids, real=None):
     r"""``new[p,s,b] = sum_j d_t[c_p,s,j,b] trace[p,j,b] + x_t[r_p,b] df_t[c_p,s,b]``.
 
     This is ``yw_to_w`` (the gather of ``d`` by column) plus ``xy_to_dw`` per batch element (the
-    product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout.
+    product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout. ``real``
+    (``(nnz,)`` bool, a block's non-padding entries) drops the instantaneous term where False.
     """
     acc = _arithmetic_dtype(trace.dtype)  # a bfloat16 trace is storage only, as in the kernel
     d_p = _take(d_t.astype(acc), col_ids, 0)  # (nnz, n, n, B)
@@ -646,7 +865,10 @@ def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
     carried = d_p[:, :, 0, :] * tr[:, 0:1, :]
     for j in range(1, trace.shape[1]):
         carried = carried + d_p[:, :, j, :] * tr[:, j : j + 1, :]
-    inst = _take(x_t.astype(acc), row_ids, 0)[:, None, :] * _take(df_t.astype(acc), col_ids, 0)
+    x_p = _take(x_t.astype(acc), row_ids, 0)  # (nnz, B)
+    if real is not None:
+        x_p = jnp.where(real[:, None], x_p, jnp.zeros((), acc))
+    inst = x_p[:, None, :] * _take(df_t.astype(acc), col_ids, 0)
     return (carried + inst).astype(trace.dtype)
 
 
@@ -739,8 +961,13 @@ def _make_csr_trace_ops(primitive):
 
     def update(trace, d, x, df, weights, params, batch_ndim):
         row_ids, col_ids = params["aux"][:2]
+        pattern = params["sparse_mat"]
         d_t, x_t, df_t = unit_major_operands(trace, d, x, df, params)
-        out = {"weight": csr_trace_update_p.bind(trace["weight"], d_t, x_t, df_t, row_ids, col_ids)}
+        if pattern.blocks > 1:
+            new_w = _blocked_trace_update(trace["weight"], d_t, x_t, df_t, row_ids, col_ids, pattern)
+        else:
+            new_w = csr_trace_update_p.bind(trace["weight"], d_t, x_t, df_t, row_ids, col_ids)
+        out = {"weight": new_w}
         if "bias" in trace:
             out["bias"] = fused_bias_update(trace["bias"], d, df)
         return out
@@ -749,7 +976,12 @@ def _make_csr_trace_ops(primitive):
         row_ids, col_ids = params["aux"][:2]
         d_t, x_t, df_t = unit_major_operands(trace, d, x, df, params)
         ct_t = _unit_major(ct.astype(trace["weight"].dtype), 2)
-        new_w, dw = csr_trace_update_solve_p.bind(trace["weight"], d_t, x_t, df_t, ct_t, row_ids, col_ids)
+        pattern = params["sparse_mat"]
+        if pattern.blocks > 1:
+            new_w = _blocked_trace_update(trace["weight"], d_t, x_t, df_t, row_ids, col_ids, pattern)
+            dw = _blocked_trace_solve(new_w, ct_t, row_ids, col_ids, pattern)
+        else:
+            new_w, dw = csr_trace_update_solve_p.bind(trace["weight"], d_t, x_t, df_t, ct_t, row_ids, col_ids)
         new, grads = {"weight": new_w}, {"weight": dw.astype(weights["weight"].dtype)}
         if "bias" in trace:
             new["bias"], db = fused_bias_update_solve(trace["bias"], d, df, ct)
@@ -760,7 +992,11 @@ def _make_csr_trace_ops(primitive):
         row_ids, col_ids = params["aux"][:2]
         dt = trace["weight"].dtype
         ct_t = _unit_major(ct.astype(dt), 2)
-        dw = csr_trace_solve_p.bind(trace["weight"], ct_t, row_ids, col_ids)
+        pattern = params["sparse_mat"]
+        if pattern.blocks > 1:
+            dw = _blocked_trace_solve(trace["weight"], ct_t, row_ids, col_ids, pattern)
+        else:
+            dw = csr_trace_solve_p.bind(trace["weight"], ct_t, row_ids, col_ids)
         out = {"weight": dw.astype(weights["weight"].dtype)}
         if "bias" in trace:
             out["bias"] = fused_bias_solve(trace["bias"], ct).astype(weights["bias"].dtype)

@@ -24,6 +24,7 @@ import saiunit as u
 
 from braintrace._etrace_op import lora_matmul, matmul
 from braintrace._etrace_op.sparse import bind_sparse_matmul, sparse_pattern
+from braintrace._etrace_op.sparse_partition import partition_postsynaptic
 
 from ._common import Size, check_features, init_weight, shape_of, to_size
 
@@ -317,6 +318,15 @@ class SparseLinear(brainstate.nn.Module):
         The ``brainstate.ParamState`` subclass holding the weights; default ``ParamState``.
     conn : sparse matrix, optional
         The earlier name of ``spar_mat`` (keyword only); give one of the two.
+    postsynaptic_blocks : int
+        ``P``, default 1. With ``P > 1`` (dividing ``O``) the output units are split into ``P`` blocks
+        of ``O / P`` consecutive units and the stored entries are grouped by the block they end on,
+        each block padded to the largest block's count ``K`` with inert entries (weight 0, zero
+        gradient): ``nnz = P K`` and block ``p`` holds entries ``[p K, (p + 1) K)``, in column order
+        within the block (see :func:`braintrace.partition_postsynaptic`). The layer then computes
+        per block, so that :func:`braintrace.shard_postsynaptic` can put each block's synapses,
+        traces and units on its own device. Under the ``'pallas'`` backend a blocked layer uses the
+        XLA implementations.
 
     Attributes
     ----------
@@ -324,6 +334,9 @@ class SparseLinear(brainstate.nn.Module):
         ``{'weight': (nnz,)[, 'bias': (O,)]}``.
     indices : SparseIndices
         ``{'row': (nnz,), 'col': (nnz,), 'col_ptr': (O + 1,)}``.
+    partition : PostsynapticPartition or None
+        With ``postsynaptic_blocks > 1``: the blocks, and the map between the stored entries and the
+        matrix's own order (``partition.to_source(layer.weight.value['weight'])``).
 
     Examples
     --------
@@ -333,6 +346,11 @@ class SparseLinear(brainstate.nn.Module):
     >>> layer = braintrace.nn.SparseLinear(csr)
     >>> layer(jnp.ones((1, 2)))
     Array([[2., 1., 3.]], dtype=float32)
+    >>> blocked = braintrace.nn.SparseLinear(csr, postsynaptic_blocks=3)
+    >>> blocked(jnp.ones((1, 2)))
+    Array([[2., 1., 3.]], dtype=float32)
+    >>> blocked.nnz, blocked.partition.pattern.block_nnz
+    (3, (1, 1, 1))
     """
 
     def __init__(
@@ -345,6 +363,7 @@ class SparseLinear(brainstate.nn.Module):
         *,
         out_size: Optional[Size] = None,
         conn=None,
+        postsynaptic_blocks: int = 1,
     ):
         super().__init__(name=name)
         owner = type(self).__name__
@@ -377,19 +396,31 @@ class SparseLinear(brainstate.nn.Module):
             raise ValueError(
                 f"{owner}: the sparse matrix's data must have shape ({self.nnz},), got {data.shape}."
             )
-        order, col_ptr = _column_order(col_ids, n_out)
-        params = {"weight": data[order]}
+        self.partition = None
+        if isinstance(postsynaptic_blocks, bool) or postsynaptic_blocks != 1:
+            try:
+                self.partition = partition_postsynaptic(conn, postsynaptic_blocks, data)
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{owner}: `postsynaptic_blocks`: {err}") from None
+            part = self.partition
+            self.nnz = part.pattern.nnz
+            weight, rows, cols, col_ptr = part.weight, part.row_ids, part.col_ids, part.col_ptr
+            self._pattern = dataclasses.replace(part.pattern, format="csc")
+        else:
+            order, col_ptr = _column_order(col_ids, n_out)
+            weight, rows, cols = data[order], np.asarray(row_ids)[order], np.asarray(col_ids)[order]
+            self._pattern = dataclasses.replace(pattern, format="csc", col_sorted=True)
+        params = {"weight": weight}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (n_out,), owner, "b_init")
         self.weight = param_type(params)
         self.indices = SparseIndices(
             {
-                "row": jnp.asarray(np.asarray(row_ids)[order], jnp.int32),
-                "col": jnp.asarray(np.asarray(col_ids)[order], jnp.int32),
+                "row": jnp.asarray(rows, jnp.int32),
+                "col": jnp.asarray(cols, jnp.int32),
                 "col_ptr": jnp.asarray(col_ptr, jnp.int32),
             }
         )
-        self._pattern = dataclasses.replace(pattern, format="csc", col_sorted=True)
 
     def update(self, x):
         check_features(x, self.in_features, type(self).__name__)
@@ -405,6 +436,8 @@ class SparseLinear(brainstate.nn.Module):
         """The ``(I, O)`` dense weight (for inspection and tests)."""
         idx = self.indices.value
         w = u.get_mantissa(self.weight.value["weight"])
+        if self.partition is not None:  # padding entries act as zero weights
+            w = jnp.where(self.partition.real, w, jnp.zeros((), w.dtype))
         dense = jnp.zeros(self.shape, jnp.result_type(w)).at[idx["row"], idx["col"]].add(w)
         return u.maybe_decimal(u.Quantity(dense, unit=u.get_unit(self.weight.value["weight"])))
 
