@@ -297,14 +297,21 @@ def _blocked_sddmm(a, g, row_ids, col_ids, pattern: SparsePattern):
     return _padding_zeroed(v.reshape(-1), pattern)
 
 
-def _blocked_trace_update(trace, d_t, x_t, df_t, row_ids, col_ids, pattern: SparsePattern):
+def _blocked_trace_update(trace, d_t, x, df_t, row_ids, col_ids, pattern: SparsePattern):
     """:func:`_csr_update_reference` per block (trace ``(P K, n, B)``, block-contiguous along axis 0);
-    padding entries take no instantaneous term, so their trace stays zero."""
+    padding entries take no instantaneous term, so their trace stays zero.
+
+    ``x`` keeps the product's batch-major layout ``(B, I)`` and its dtype (cast after the gather):
+    its gather by row is then the forward's, and a partitioned program all-gathers ``x`` once."""
     rows, cols = _local_ids(pattern, row_ids, col_ids)
     real = _real_entries(pattern)
+    acc = _arithmetic_dtype(trace.dtype)
 
     def block(tr_p, d_p, df_p, r_p, c_p, *real_p):
-        return _csr_update_reference(tr_p, d_p, x_t, df_p, r_p, c_p, real=real_p[0] if real_p else None)
+        x_p = _take(x, r_p, 1).T.astype(trace.dtype).astype(acc)  # (K, B), as the unblocked x_t
+        if real_p:
+            x_p = jnp.where(real_p[0][:, None], x_p, jnp.zeros((), acc))
+        return _csr_update_gathered(tr_p, d_p, x_p, df_p, c_p)
 
     blocked = (trace.reshape(rows.shape + trace.shape[1:]), _unit_blocks(d_t, pattern, 0))
     blocked += (_unit_blocks(df_t, pattern, 0), rows, cols) + (() if real is None else (real,))
@@ -850,13 +857,18 @@ def bind_sparse_matmul(
 # ``x_t (I, B)`` (small transposes per step). The bias trace keeps the rule layout ``(*batch, O, n)``.
 
 
-def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids, real=None):
+def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids):
     r"""``new[p,s,b] = sum_j d_t[c_p,s,j,b] trace[p,j,b] + x_t[r_p,b] df_t[c_p,s,b]``.
 
     This is ``yw_to_w`` (the gather of ``d`` by column) plus ``xy_to_dw`` per batch element (the
-    product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout. ``real``
-    (``(nnz,)`` bool, a block's non-padding entries) drops the instantaneous term where False.
+    product of ``x`` gathered by row and ``df`` gathered by column), in the kernel layout.
     """
+    x_p = _take(x_t.astype(_arithmetic_dtype(trace.dtype)), row_ids, 0)  # (nnz, B)
+    return _csr_update_gathered(trace, d_t, x_p, df_t, col_ids)
+
+
+def _csr_update_gathered(trace, d_t, x_p, df_t, col_ids):
+    """:func:`_csr_update_reference` with ``x`` already gathered by row: ``x_p (nnz, B)``."""
     acc = _arithmetic_dtype(trace.dtype)  # a bfloat16 trace is storage only, as in the kernel
     d_p = _take(d_t.astype(acc), col_ids, 0)  # (nnz, n, n, B)
     tr = trace.astype(acc)
@@ -865,9 +877,6 @@ def _csr_update_reference(trace, d_t, x_t, df_t, row_ids, col_ids, real=None):
     carried = d_p[:, :, 0, :] * tr[:, 0:1, :]
     for j in range(1, trace.shape[1]):
         carried = carried + d_p[:, :, j, :] * tr[:, j : j + 1, :]
-    x_p = _take(x_t.astype(acc), row_ids, 0)  # (nnz, B)
-    if real is not None:
-        x_p = jnp.where(real[:, None], x_p, jnp.zeros((), acc))
     inst = x_p[:, None, :] * _take(df_t.astype(acc), col_ids, 0)
     return (carried + inst).astype(trace.dtype)
 
@@ -952,12 +961,17 @@ def _make_csr_trace_ops(primitive):
         return out
 
     def unit_major_operands(trace, d, x, df, params):
-        """``d_t (O, n, n, B)``, ``x_t (I, B)``, ``df_t (O, n, B)`` in the trace's dtype."""
+        """``d_t (O, n, n, B)``, ``x_t (I, B)``, ``df_t (O, n, B)`` in the trace's dtype; for a blocked
+        pattern ``x`` stays batch-major ``(B, I)`` in its own dtype (see :func:`_blocked_trace_update`)."""
         bshape = df.shape[:-2]
         num_in = params["sparse_mat"].shape[0]
         dt = trace["weight"].dtype
-        x_full = jnp.broadcast_to(x, (*bshape, num_in)).astype(dt)
-        return _unit_major(d.astype(dt), 3), _unit_major(x_full, 1), _unit_major(df.astype(dt), 2)
+        x_full = jnp.broadcast_to(x, (*bshape, num_in))
+        if params["sparse_mat"].blocks > 1:
+            x_t = x_full.reshape((-1, num_in))
+        else:
+            x_t = _unit_major(x_full.astype(dt), 1)
+        return _unit_major(d.astype(dt), 3), x_t, _unit_major(df.astype(dt), 2)
 
     def update(trace, d, x, df, weights, params, batch_ndim):
         row_ids, col_ids = params["aux"][:2]
