@@ -10,8 +10,8 @@ Tasks (generated on the fly, so the comparison needs no data):
   first step, then ``T - 1`` steps of noise; the network reports the cue over the last ``decision``
   steps. Network: ``GRUCell -> Linear``.
 
-Each row trains a fresh network (one per seed) with ``optax.adam`` on fresh batches, one optimizer
-step per sequence, and reports: held-out accuracy after training (mean and spread over the seeds), the
+Each row trains a fresh network (one per seed) with Adam (:func:`adam_update`, the form of
+``optax.adam``) on fresh batches, one optimizer step per sequence, and reports: held-out accuracy after training (mean and spread over the seeds), the
 cosine between the algorithm's sequence gradient and BPTT's on the same batch at initialisation, the
 compiled temporary memory of one training sequence (bytes, and per step), and the time per step of a
 training iteration (the fastest of a few timed calls). BPTT (``jax.grad`` through a scan) is the
@@ -231,24 +231,41 @@ def _accuracy(model, cfg: TaskConfig, key) -> float:
     return float(jnp.mean(jnp.argmax(scores(xs), axis=-1) == labels))
 
 
+def adam_init(values):
+    """Adam's state for ``values``: the step count and the first and second moments (zeros)."""
+    zeros = jax.tree.map(jnp.zeros_like, values)
+    return {"count": jnp.zeros((), jnp.int32), "mu": zeros, "nu": zeros}
+
+
+def adam_update(grads, state, values, lr, b1=0.9, b2=0.999, eps=1e-8):
+    r"""One Adam step (Kingma and Ba; the form of ``optax.adam``):
+    :math:`m \leftarrow b_1 m + (1 - b_1) g`, :math:`v \leftarrow b_2 v + (1 - b_2) g^2`,
+    :math:`\theta \leftarrow \theta - \mathrm{lr}\,\hat m / (\sqrt{\hat v} + \epsilon)` with the
+    bias-corrected moments :math:`\hat m = m / (1 - b_1^t)`, :math:`\hat v = v / (1 - b_2^t)`.
+    Returns ``(new values, new state)``."""
+    count = state["count"] + 1
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state["mu"], grads)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state["nu"], grads)
+    c1, c2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+    new = jax.tree.map(lambda p, m, v: p - lr * (m / c1) / (jnp.sqrt(v / c2) + eps), values, mu, nu)
+    return new, {"count": count, "mu": mu, "nu": nu}
+
+
 def train_once(cfg: TaskConfig, algorithm: str, seed: int, evaluate: bool = True) -> dict:
     """Train one network; its accuracy (NaN without ``evaluate``), memory and time per step."""
-    import optax
-
     with brainstate.environ.context(dt=1.0 * u.ms):
         model = NETWORKS[cfg.task](cfg, seed)
         params = model.states(brainstate.ParamState)
         grads_fn = _sequence_grads(model, cfg, algorithm)
-        optimizer = optax.adam(cfg.lr)
-        opt_state = brainstate.ShortTermState(optimizer.init({k: s.value for k, s in params.items()}))
+        opt_state = brainstate.ShortTermState(adam_init({k: s.value for k, s in params.items()}))
 
         @brainstate.transform.jit
         def train_step(key):
             xs, labels = TASKS[cfg.task](key, cfg, cfg.batch)
             g, loss = grads_fn(xs, labels)
             values = {k: s.value for k, s in params.items()}
-            updates, opt_state.value = optimizer.update(g, opt_state.value, values)
-            for k, v in optax.apply_updates(values, updates).items():
+            new_values, opt_state.value = adam_update(g, opt_state.value, values, cfg.lr)
+            for k, v in new_values.items():
                 params[k].value = v
             return loss
 

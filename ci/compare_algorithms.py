@@ -2,7 +2,7 @@
 """Measure every online-learning algorithm on the two synthetic tasks and render the table of
 ``docs/algorithms.md``.
 
-Usage (from the repository root; needs the ``examples`` extra for optax and matplotlib)::
+Usage (from the repository root; needs the ``examples`` extra for the plot's matplotlib)::
 
     python ci/compare_algorithms.py --json docs/_data/algorithms-cpu.json      # measure (minutes)
     python ci/compare_algorithms.py --render docs/_data/algorithms-cpu.json    # table + plot only
