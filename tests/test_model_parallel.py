@@ -1,0 +1,67 @@
+"""Model-parallel online learning on 8 host CPU devices (a subprocess: the device count must be set
+before jax starts). ``tests/_model_parallel_check.py`` partitions a recurrent LIF network's sparse
+layers into postsynaptic blocks, places the learner with ``braintrace.shard_postsynaptic`` on 1, 2,
+4 and 8 devices, and reports the gradients' difference to the unpartitioned network, where the
+traces and hidden states live, the bytes per device and the all-gathers of the compiled step."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._model_parallel_check", "devices=1,2,4,8"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["algorithm"], r["devices"]) for r in out] == [
+        (a, n) for a in ("d_rtrl", "pp_prop") for n in (1, 2, 4, 8)
+    ]
+    return out
+
+
+def test_gradients_equal_the_unpartitioned_network(rows):
+    for row in rows:
+        assert row["rel_err"] < 1e-6, row
+
+
+def test_traces_and_hidden_states_stay_sharded(rows):
+    for row in rows:
+        assert row["traces_sharded"] and row["hidden_sharded"], row
+
+
+def test_synapse_and_trace_bytes_per_device_fall_as_one_over_p(rows):
+    one = {r["algorithm"]: r for r in rows if r["devices"] == 1}
+    for row in rows:
+        p, base = row["devices"], one[row["algorithm"]]
+        padding = row["nnz_stored"] / row["nnz_unpadded"]  # the blocks' padding to equal size
+        assert padding < 1.05, row
+        for kind in ("trace", "synapse"):
+            per_device, total = row[f"{kind}_bytes_per_device"], row[f"{kind}_bytes"]
+            assert per_device * p == total, row  # every device holds one block
+            assert per_device <= base[f"{kind}_bytes"] / p * padding, row
+
+
+def test_all_gathers_per_step(rows):
+    """One all-gather per step under D_RTRL (the spikes, for the product and the trace update) and
+    two under pp_prop (the spikes and their filtered input trace); none outside the loop, and the
+    same count at both sequence lengths."""
+    largest = {r["algorithm"]: r for r in rows if r["devices"] == 8}
+    for algorithm, per_step in (("d_rtrl", 1), ("pp_prop", 2)):
+        row = largest[algorithm]
+        assert row["loop_all_gathers"] == {"3": per_step, "6": per_step}, row
+        assert row["all_gathers"] == row["loop_all_gathers"], row
