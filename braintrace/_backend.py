@@ -151,7 +151,8 @@ def _dispatching_lowering(primitive, platform: str):
     def rule(ctx, *args, **params):
         # Read the implementations when lowering, so a kernel swapped in later is used.
         mode = kernel_mode(platform)
-        if mode is None:
+        declines = getattr(primitive, "kernel_declines", None)  # params -> True: use the reference
+        if mode is None or (declines is not None and declines(params)):
             fn = primitive.impl_fn
         else:
             kernel_fn = primitive.kernel_fn

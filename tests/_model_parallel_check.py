@@ -5,10 +5,13 @@ A recurrent LIF network (``SparseLinear`` input and recurrence split into ``P`` 
 ``Expon`` synapses, ``LIF`` neurons; loss on the membrane potential and the spike rate) learns under
 D_RTRL and pp_prop with :func:`braintrace.shard_postsynaptic` on meshes of 1, 2, 4 and 8 devices.
 Prints one JSON line per (algorithm, devices): the normwise relative difference of the weight
-gradients (in the matrices' own order) to the unpartitioned network on one device, whether the
+gradients (in the matrices' own order) to the unpartitioned network on one device (the first row
+of each algorithm), whether the
 traces and hidden states are still sharded after ``etrace_grad``, the per-device and total bytes of
 the blocked layers' synapses (weights, row and column ids) and traces, and, on the largest mesh, the
 all-gathers of the compiled program inside the scan's loop body and in all at two sequence lengths.
+A last row runs D_RTRL on the largest mesh under the ``'pallas'`` backend (kernels in interpret
+mode), where the blocked layers keep the XLA implementation: no kernel call, the same placement.
 """
 
 from __future__ import annotations
@@ -134,51 +137,62 @@ def _sharded(x) -> bool:
     return "model" in tuple(getattr(x.sharding, "spec", ()))
 
 
-def main(device_counts=(1, 2, 4, 8), hlo_lengths=(3, 6)):
-    for algorithm in ALGORITHMS:
-        _, _, ref, _ = run(algorithm, 1, 0)
-        want = source_order(Net(1), ref)
-        for n in device_counts:
-            lengths = hlo_lengths if n == max(device_counts) else ()
+def report(backend, algorithm, n, model, learner, got, want, hlo):
+    """The JSON row of one run (see the module docstring)."""
+    blocked = [  # D_RTRL's r{i}_g{j} traces, pp_prop's output traces f{i}_g{j}
+        leaf
+        for key, value in learner.etrace.value.items()
+        if key.startswith(("r", "f"))
+        for leaf in jax.tree.leaves(value)
+    ]
+    synapses = [
+        a
+        for name in MATRICES
+        for a in (
+            getattr(model, name).weight.value["weight"],
+            getattr(model, name).indices.value["row"],
+            getattr(model, name).indices.value["col"],
+        )
+    ]
+    hidden = [model.lif.V.value, model.syn.g.value]
+    return {
+        "backend": backend,
+        "algorithm": algorithm,
+        "devices": n,
+        "rel_err": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+        "traces_sharded": n == 1 or all(_sharded(x) for x in blocked),
+        "hidden_sharded": n == 1 or all(_sharded(x) for x in hidden),
+        "trace_shapes": [list(x.shape) for x in blocked],
+        "trace_bytes_per_device": _bytes(blocked)[0],
+        "trace_bytes": _bytes(blocked)[1],
+        "synapse_bytes_per_device": _bytes(synapses)[0],
+        "synapse_bytes": _bytes(synapses)[1],
+        "nnz_unpadded": int(sum(m.data.shape[0] for m in MATRICES.values())),
+        "nnz_stored": int(sum(getattr(model, k).nnz for k in MATRICES)),
+        "loop_all_gathers": {T: loop_all_gathers(h) for T, h in hlo.items()},
+        "all_gathers": {T: len(ALL_GATHER.findall(h)) for T, h in hlo.items()},
+        "custom_calls": {T: h.count("custom-call(") for T, h in hlo.items()},
+    }
+
+
+def main(device_counts=(2, 4, 8), hlo_lengths=(3, 6)):
+    """On one device (a mesh of one, ``postsynaptic_blocks=1``: the unpartitioned network, the
+    reference), then on each of ``device_counts``."""
+    cases = [("xla", a, n) for a in ALGORITHMS for n in (1, *device_counts)]
+    cases.append(("pallas", "d_rtrl", max(device_counts)))
+    reference = {}
+    for backend, algorithm, n in cases:
+        lengths = hlo_lengths if n == max(device_counts) else ()
+        if backend == "pallas":
+            lengths = lengths[:1]
+        with braintrace.backend(backend, interpret=backend == "pallas"):
             model, learner, grads, hlo = run(algorithm, n, n, hlo_lengths=lengths)
-            got = source_order(model, grads)
-            traces = learner.etrace.value
-            blocked = [
-                leaf
-                for key, value in traces.items()
-                if key.startswith(("r", "f"))  # D_RTRL's r{i}_g{j}, pp_prop's f{i}_g{j}
-                for leaf in jax.tree.leaves(value)
-            ]
-            synapses = [
-                a
-                for name in MATRICES
-                for a in (
-                    getattr(model, name).weight.value["weight"],
-                    getattr(model, name).indices.value["row"],
-                    getattr(model, name).indices.value["col"],
-                )
-            ]
-            hidden = [model.lif.V.value, model.syn.g.value]
-            row = {
-                "algorithm": algorithm,
-                "devices": n,
-                "rel_err": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
-                "traces_sharded": n == 1 or all(_sharded(x) for x in blocked),
-                "hidden_sharded": n == 1 or all(_sharded(x) for x in hidden),
-                "trace_shapes": [list(x.shape) for x in blocked],
-                "trace_bytes_per_device": _bytes(blocked)[0],
-                "trace_bytes": _bytes(blocked)[1],
-                "synapse_bytes_per_device": _bytes(synapses)[0],
-                "synapse_bytes": _bytes(synapses)[1],
-                "nnz_unpadded": int(sum(m.data.shape[0] for m in MATRICES.values())),
-                "nnz_stored": int(sum(getattr(model, k).nnz for k in MATRICES)),
-                "loop_all_gathers": {T: loop_all_gathers(h) for T, h in hlo.items()},
-                "all_gathers": {T: len(ALL_GATHER.findall(h)) for T, h in hlo.items()},
-            }
-            print(json.dumps(row), flush=True)
+        got = source_order(model, grads)
+        want = reference.setdefault(algorithm, got)
+        print(json.dumps(report(backend, algorithm, n, model, learner, got, want, hlo)), flush=True)
 
 
 if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
-    counts = tuple(int(n) for n in args.get("devices", "1,2,4,8").split(","))
+    counts = tuple(int(n) for n in args.get("devices", "2,4,8").split(","))
     main(counts)

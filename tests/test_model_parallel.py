@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def rows():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests._model_parallel_check", "devices=1,2,4,8"],
+        [sys.executable, "-m", "tests._model_parallel_check", "devices=2,4,8"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -28,9 +28,8 @@ def rows():
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [(r["algorithm"], r["devices"]) for r in out] == [
-        (a, n) for a in ("d_rtrl", "pp_prop") for n in (1, 2, 4, 8)
-    ]
+    cases = [("xla", a, n) for a in ("d_rtrl", "pp_prop") for n in (1, 2, 4, 8)] + [("pallas", "d_rtrl", 8)]
+    assert [(r["backend"], r["algorithm"], r["devices"]) for r in out] == cases
     return out
 
 
@@ -46,6 +45,7 @@ def test_traces_and_hidden_states_stay_sharded(rows):
 
 def test_synapse_and_trace_bytes_per_device_fall_as_one_over_p(rows):
     one = {r["algorithm"]: r for r in rows if r["devices"] == 1}
+    assert len(one) == 2
     for row in rows:
         p, base = row["devices"], one[row["algorithm"]]
         padding = row["nnz_stored"] / row["nnz_unpadded"]  # the blocks' padding to equal size
@@ -60,8 +60,17 @@ def test_all_gathers_per_step(rows):
     """One all-gather per step under D_RTRL (the spikes, for the product and the trace update) and
     two under pp_prop (the spikes and their filtered input trace); none outside the loop, and the
     same count at both sequence lengths."""
-    largest = {r["algorithm"]: r for r in rows if r["devices"] == 8}
-    for algorithm, per_step in (("d_rtrl", 1), ("pp_prop", 2)):
-        row = largest[algorithm]
-        assert row["loop_all_gathers"] == {"3": per_step, "6": per_step}, row
+    largest = [r for r in rows if r["devices"] == 8]
+    assert len(largest) == 3
+    for row in largest:
+        per_step = 2 if row["algorithm"] == "pp_prop" else 1
+        lengths = ("3",) if row["backend"] == "pallas" else ("3", "6")
+        assert row["loop_all_gathers"] == dict.fromkeys(lengths, per_step), row
         assert row["all_gathers"] == row["loop_all_gathers"], row
+
+
+def test_pallas_backend_keeps_the_blocked_form(rows):
+    """Under ``'pallas'`` a blocked layer lowers to its XLA implementation: no kernel call (which
+    XLA would run on gathered operands), the same placement and gradients (checked above)."""
+    (row,) = [r for r in rows if r["backend"] == "pallas"]
+    assert row["custom_calls"] == {"3": 0}, row

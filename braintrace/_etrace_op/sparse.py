@@ -509,6 +509,12 @@ def _sparse_product_per_batch_shard():
 
 _sparse_product_per_batch_shard()
 
+
+def _blocked_declines_kernel(params) -> bool:
+    """A blocked pattern lowers to the XLA implementation under every backend (read by the backend
+    when lowering): its per-block form is what XLA's partitioner keeps local to each device."""
+    return params["sparse_mat"].blocks > 1
+
 etp_sp_mv_p = register_primitive_spec(
     ETPPrimitiveSpec(
         name="etp_sp_mv",
@@ -1021,3 +1027,4 @@ def _make_csr_trace_ops(primitive):
 
 for _p in (etp_sp_mm_p, etp_sp_mv_p):
     ETP_DRTRL_TRACE_OPS[_p] = _make_csr_trace_ops(_p)
+    _p.kernel_declines = _blocked_declines_kernel
