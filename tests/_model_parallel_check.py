@@ -87,9 +87,8 @@ def run(algorithm: str, blocks: int, devices: int, lengths=(6,), hlo_lengths=())
 def source_order(model, grads):
     """Every weight gradient in its matrix's own order, concatenated (float64)."""
     parts = []
-    for name, mat in MATRICES.items():
-        layer = getattr(model, name)
-        part = layer.partition or braintrace.partition_postsynaptic(mat, 1)  # the layer's column order
+    for name in MATRICES:
+        part = getattr(model, name).partition
         parts.append(np.asarray(part.to_source(grads[(name, "weight")]["weight"]), np.float64))
     return np.concatenate(parts)
 

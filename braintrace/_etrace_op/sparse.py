@@ -184,17 +184,17 @@ class SparsePattern:
         return any(c < self.block_size for c in self.block_nnz)
 
 
-def _check_blocks(blocks, shape, where) -> int:
-    """``blocks`` as an int ``>= 1`` that divides the output features ``shape[1]``."""
+def _check_blocks(blocks, shape, where, name="blocks") -> int:
+    """``blocks`` (the argument ``name``) as an int ``>= 1`` that divides the output features ``shape[1]``."""
     if isinstance(blocks, bool) or not isinstance(blocks, (int, np.integer)):
-        raise TypeError(f"{where}: `blocks` must be an int >= 1, got {blocks!r}.")
+        raise TypeError(f"{where}: `{name}` must be an int >= 1, got {blocks!r}.")
     blocks = int(blocks)
     if blocks < 1:
-        raise ValueError(f"{where}: `blocks` must be an int >= 1, got {blocks}.")
+        raise ValueError(f"{where}: `{name}` must be an int >= 1, got {blocks}.")
     if shape[1] % blocks:
         raise ValueError(
-            f"{where}: `blocks`={blocks} must divide the output features O = {shape[1]} (shape {shape}); "
-            f"each block owns O / blocks consecutive units."
+            f"{where}: `{name}`={blocks} must divide the output features O = {shape[1]} (shape {shape}); "
+            f"each block owns O / {name} consecutive units."
         )
     return blocks
 
@@ -514,6 +514,7 @@ def _blocked_declines_kernel(params) -> bool:
     """A blocked pattern lowers to the XLA implementation under every backend (read by the backend
     when lowering): its per-block form is what XLA's partitioner keeps local to each device."""
     return params["sparse_mat"].blocks > 1
+
 
 etp_sp_mv_p = register_primitive_spec(
     ETPPrimitiveSpec(

@@ -17,13 +17,12 @@ import numbers
 from typing import Callable, Optional, Union
 
 import brainstate
-import jax
 import jax.numpy as jnp
 import numpy as np
 import saiunit as u
 
 from braintrace._etrace_op import lora_matmul, matmul
-from braintrace._etrace_op.sparse import bind_sparse_matmul, sparse_pattern
+from braintrace._etrace_op.sparse import _check_blocks, bind_sparse_matmul, sparse_pattern
 from braintrace._etrace_op.sparse_partition import partition_postsynaptic
 
 from ._common import Size, check_features, init_weight, shape_of, to_size
@@ -274,20 +273,6 @@ class SparseIndices(brainstate.LongTermState):
     """
 
 
-def _column_order(col_ids, num_cols):
-    """``(order, col_ptr)``: a stable sort of the non-zeros by column, and each column's segment."""
-    try:
-        cols = np.asarray(col_ids)
-    except jax.errors.TracerArrayConversionError:
-        raise ValueError(
-            "SparseLinear: the connectivity's index arrays must be concrete when the layer is built "
-            "(construct the layer outside jit)."
-        ) from None
-    order = np.argsort(cols, kind="stable")
-    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=num_cols))])
-    return order, col_ptr
-
-
 class SparseLinear(brainstate.nn.Module):
     r"""Sparse linear map :math:`y = x\,\mathrm{sparse}(w) + b` through :func:`braintrace.sparse_matmul`.
 
@@ -334,9 +319,10 @@ class SparseLinear(brainstate.nn.Module):
         ``{'weight': (nnz,)[, 'bias': (O,)]}``.
     indices : SparseIndices
         ``{'row': (nnz,), 'col': (nnz,), 'col_ptr': (O + 1,)}``.
-    partition : PostsynapticPartition or None
-        With ``postsynaptic_blocks > 1``: the blocks, and the map between the stored entries and the
-        matrix's own order (``partition.to_source(layer.weight.value['weight'])``).
+    partition : PostsynapticPartition
+        The blocks (one without ``postsynaptic_blocks``), and the map between the stored entries and
+        the matrix's own order: ``partition.to_source(layer.weight.value['weight'])`` gives the
+        weights (or their gradients) in the order of ``spar_mat.data``.
 
     Examples
     --------
@@ -396,29 +382,23 @@ class SparseLinear(brainstate.nn.Module):
             raise ValueError(
                 f"{owner}: the sparse matrix's data must have shape ({self.nnz},), got {data.shape}."
             )
-        self.partition = None
-        if isinstance(postsynaptic_blocks, bool) or postsynaptic_blocks != 1:
-            try:
-                self.partition = partition_postsynaptic(conn, postsynaptic_blocks, data)
-            except (TypeError, ValueError) as err:
-                raise type(err)(f"{owner}: `postsynaptic_blocks`: {err}") from None
-            part = self.partition
-            self.nnz = part.pattern.nnz
-            weight, rows, cols, col_ptr = part.weight, part.row_ids, part.col_ids, part.col_ptr
-            self._pattern = dataclasses.replace(part.pattern, format="csc")
-        else:
-            order, col_ptr = _column_order(col_ids, n_out)
-            weight, rows, cols = data[order], np.asarray(row_ids)[order], np.asarray(col_ids)[order]
-            self._pattern = dataclasses.replace(pattern, format="csc", col_sorted=True)
-        params = {"weight": weight}
+        _check_blocks(postsynaptic_blocks, pattern.shape, owner, "postsynaptic_blocks")
+        try:
+            part = partition_postsynaptic(conn, postsynaptic_blocks, data)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{owner}: {err}") from None
+        self.partition = part
+        self.nnz = part.pattern.nnz
+        self._pattern = dataclasses.replace(part.pattern, format="csc")
+        params = {"weight": part.weight}
         if b_init is not None:
             params["bias"] = init_weight(b_init, (n_out,), owner, "b_init")
         self.weight = param_type(params)
         self.indices = SparseIndices(
             {
-                "row": jnp.asarray(rows, jnp.int32),
-                "col": jnp.asarray(cols, jnp.int32),
-                "col_ptr": jnp.asarray(col_ptr, jnp.int32),
+                "row": jnp.asarray(part.row_ids),
+                "col": jnp.asarray(part.col_ids),
+                "col_ptr": jnp.asarray(part.col_ptr),
             }
         )
 
@@ -436,7 +416,7 @@ class SparseLinear(brainstate.nn.Module):
         """The ``(I, O)`` dense weight (for inspection and tests)."""
         idx = self.indices.value
         w = u.get_mantissa(self.weight.value["weight"])
-        if self.partition is not None:  # padding entries act as zero weights
+        if self._pattern.padded:  # padding entries act as zero weights
             w = jnp.where(self.partition.real, w, jnp.zeros((), w.dtype))
         dense = jnp.zeros(self.shape, jnp.result_type(w)).at[idx["row"], idx["col"]].add(w)
         return u.maybe_decimal(u.Quantity(dense, unit=u.get_unit(self.weight.value["weight"])))
