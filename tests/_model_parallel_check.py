@@ -138,12 +138,10 @@ def _sharded(x) -> bool:
 
 def report(backend, algorithm, n, model, learner, got, want, hlo):
     """The JSON row of one run (see the module docstring)."""
-    blocked = [  # D_RTRL's r{i}_g{j} traces, pp_prop's output traces f{i}_g{j}
-        leaf
-        for key, value in learner.etrace.value.items()
-        if key.startswith(("r", "f"))
-        for leaf in jax.tree.leaves(value)
-    ]
+    keys = [
+        k for k in learner.etrace.value if k.startswith(("r", "f"))
+    ]  # D_RTRL r{i}_g{j}, pp_prop f{i}_g{j}
+    blocked = [leaf for k in keys for leaf in jax.tree.leaves(learner.etrace.value[k])]
     synapses = [
         a
         for name in MATRICES
@@ -154,6 +152,14 @@ def report(backend, algorithm, n, model, learner, got, want, hlo):
         )
     ]
     hidden = [model.lif.V.value, model.syn.g.value]
+    snapshot = [  # the compile-time values etrace_grad(reset=True) restores
+        leaf
+        for value in learner._initial_values
+        for leaf in jax.tree.leaves(value)
+        if np.ndim(leaf) and np.shape(leaf)[0] == model.rec.nnz
+    ]
+    learner.reset_state()  # zeroes the traces outside jit
+    zeroed = [leaf for k in keys for leaf in jax.tree.leaves(learner.etrace.value[k])]
     return {
         "backend": backend,
         "algorithm": algorithm,
@@ -161,6 +167,8 @@ def report(backend, algorithm, n, model, learner, got, want, hlo):
         "rel_err": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
         "traces_sharded": n == 1 or all(_sharded(x) for x in blocked),
         "hidden_sharded": n == 1 or all(_sharded(x) for x in hidden),
+        "snapshot_sharded": n == 1 or (len(snapshot) > 0 and all(_sharded(x) for x in snapshot)),
+        "reset_traces_sharded": n == 1 or all(_sharded(x) for x in zeroed),
         "trace_shapes": [list(x.shape) for x in blocked],
         "trace_bytes_per_device": _bytes(blocked)[0],
         "trace_bytes": _bytes(blocked)[1],

@@ -39,8 +39,11 @@ def test_gradients_equal_the_unpartitioned_network(rows):
 
 
 def test_traces_and_hidden_states_stay_sharded(rows):
+    """After ``etrace_grad``, and in the compile-time snapshot it restores from; traces zeroed by
+    ``reset_state`` keep their placement."""
     for row in rows:
         assert row["traces_sharded"] and row["hidden_sharded"], row
+        assert row["snapshot_sharded"] and row["reset_traces_sharded"], row
 
 
 def test_synapse_and_trace_bytes_per_device_fall_as_one_over_p(rows):

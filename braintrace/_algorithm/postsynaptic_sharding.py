@@ -16,6 +16,7 @@ from typing import Dict, List
 
 import brainstate
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -266,4 +267,25 @@ def shard_postsynaptic(learner, mesh: Mesh, axis: str = "model"):
             continue
         done.add(id(state))
         state.value = _put(state.value, shardings(state, state.value))
+    _place_snapshot(learner, shardings)
     return learner
+
+
+def _place_snapshot(learner, shardings):
+    """The compile-time state values the learner keeps (restored by ``etrace_grad(reset=True)``)
+    placed like the states, so that no device keeps a whole copy of the blocked layers' arrays."""
+    info = learner.graph.module_info
+    old = getattr(learner, "_initial_values", None)
+    if old is None or len(old) != len(info.states):
+        return
+    new = []
+    for state, value in zip(info.states, old):
+        same = [jnp.shape(a) for a in jax.tree.leaves(value)] == [
+            jnp.shape(a) for a in jax.tree.leaves(state.value)
+        ]
+        new.append(_put(value, shardings(state, value)) if same else value)
+    learner._initial_values = new
+    snapshots = learner.__dict__.get("_initial_by_inputs", {})
+    for key, values in snapshots.items():
+        if values is old:
+            snapshots[key] = new
