@@ -26,6 +26,14 @@ ETP rules (``g = \partial h/\partial y`` for one hidden state, ``y``-shaped):
 * ``init_drtrl`` — ``{'weight': (B, nnz, n)[, 'bias': (B, O, n)]}`` for ``etp_sp_mm``,
   ``{'weight': (nnz, n)[, 'bias': (O, n)]}`` for ``etp_sp_mv``; dtype of each weight.
 * ``init_pp`` — the output-shaped df trace ``(*y.shape, n)``, dtype of ``y``.
+
+Postsynaptic blocks (``SparsePattern.blocks = P > 1``, built by
+:func:`braintrace.partition_postsynaptic`): the entries are grouped by the block of ``O / P`` output
+units they end on, ``K`` per block with inert padding, and the product, both rules and the D-RTRL
+trace update and solve run as a ``vmap`` over the block axis with local column ids. On arrays whose
+block axis is sharded over a mesh axis, XLA's partitioner then keeps each block on its device and
+gathers only ``x``. The layouts above are unchanged (``nnz = P K``, block-contiguous). Blocked
+patterns use these XLA implementations under every backend.
 """
 
 from __future__ import annotations
