@@ -11,11 +11,11 @@ Tasks (generated on the fly, so the comparison needs no data):
   steps. Network: ``GRUCell -> Linear``.
 
 Each row trains a fresh network (one per seed) with Adam (:func:`adam_update`, the form of
-``optax.adam``) on fresh batches, one optimizer step per sequence, and reports: held-out accuracy after training (mean and spread over the seeds), the
-cosine between the algorithm's sequence gradient and BPTT's on the same batch at initialisation, the
-compiled temporary memory of one training sequence (bytes, and per step), and the time per step of a
-training iteration (the fastest of a few timed calls). BPTT (``jax.grad`` through a scan) is the
-reference row.
+``optax.adam``) on fresh batches, one optimizer step per sequence, and reports: held-out accuracy after
+training (mean and spread over the seeds), the cosine between the algorithm's sequence gradient and
+BPTT's on the same batch at initialisation, the compiled temporary memory of one training sequence
+(bytes, and per step), and the time per step of a training iteration (the fastest of a few timed calls).
+BPTT (``jax.grad`` through a scan) is the reference row.
 
 Used by ``benchmarks/bench_algorithms.py`` (pytest-benchmark, tiny sizes in the smoke run) and by
 ``ci/compare_algorithms.py`` (the table of ``docs/algorithms.md``).
