@@ -60,13 +60,13 @@ def test_synapse_and_trace_bytes_per_device_fall_as_one_over_p(rows):
 
 
 def test_all_gathers_per_step(rows):
-    """One all-gather per step under D_RTRL (the spikes, for the product and the trace update) and
-    two under pp_prop (the spikes and their filtered input trace); none outside the loop, and the
-    same count at both sequence lengths."""
+    """One all-gather per step, of the spikes (for the product and the trace update under D_RTRL; for
+    the product and the replicated input trace under pp_prop); none outside the loop, and the same
+    count at both sequence lengths."""
     largest = [r for r in rows if r["devices"] == 8]
     assert len(largest) == 3
     for row in largest:
-        per_step = 2 if row["algorithm"] == "pp_prop" else 1
+        per_step = 1
         lengths = ("3",) if row["backend"] == "pallas" else ("3", "6")
         assert row["loop_all_gathers"] == dict.fromkeys(lengths, per_step), row
         assert row["all_gathers"] == row["loop_all_gathers"], row

@@ -254,6 +254,8 @@ def shard_postsynaptic(learner, mesh: Mesh, axis: str = "model"):
         else:
             traces[key] = jax.device_put(value, replicated)
     learner.etrace.value = traces
+    if isinstance(learner, IODimVjpAlgorithm):
+        learner.input_trace_sharding = replicated
     seen = learner.hidden_seen
     leaf_axis = {
         h.leaf: len(g.shape) - 1 for r in relations for g in r.hidden_groups for h in g.hidden_leaves

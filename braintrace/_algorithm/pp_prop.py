@@ -197,6 +197,11 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         )
         #: The input side's decay :math:`\lambda_x` and the output side's :math:`\lambda_f`.
         self.decay_x, self.decay_f = self.config.decay
+        #: Where the input traces live (a ``jax.sharding.Sharding``) when the learner is placed on a
+        #: mesh (:func:`braintrace.shard_postsynaptic` replicates them: every block's solve reads its
+        #: presynaptic rows, so they are formed from the gathered input, not gathered again); ``None``:
+        #: where XLA puts them.
+        self.input_trace_sharding = None
 
     _factorization = "io_factorized"
 
@@ -270,6 +275,8 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                 k = f"x{r.index}"
                 x = self._x_filtered(r, step.xs[r.index], step.weights[r.index])
                 new[k] = (lam_x * traces[k] + x).astype(traces[k].dtype)
+                if self.input_trace_sharding is not None:
+                    new[k] = jax.lax.with_sharding_constraint(new[k], self.input_trace_sharding)
         for r, gi, g in self._relation_groups():
             d, df = step.d[g.index], step.df[(r.index, gi)]
             if self._needs_x(r):
