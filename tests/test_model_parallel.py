@@ -4,30 +4,14 @@ layers into postsynaptic blocks, places the learner with ``braintrace.shard_post
 4 and 8 devices, and reports the gradients' difference to the unpartitioned network, where the
 traces and hidden states live, the bytes per device and the all-gathers of the compiled step."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests._host_devices import run_on_host_devices
 
 
 @pytest.fixture(scope="module")
 def rows():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests._model_parallel_check", "devices=2,4,8"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    out = run_on_host_devices("tests._model_parallel_check", "devices=2,4,8")
     cases = [("xla", a, n) for a in ("d_rtrl", "pp_prop") for n in (1, 2, 4, 8)] + [("pallas", "d_rtrl", 8)]
     assert [(r["backend"], r["algorithm"], r["devices"]) for r in out] == cases
     return out

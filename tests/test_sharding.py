@@ -3,29 +3,13 @@ before jax starts). ``tests/_sharded_check.py`` runs ``etrace_grad`` on batch-sh
 and reports the gradients' difference to one device, where the learner's traces and hidden states
 live, the traces' bytes per device and the collectives of the compiled program."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests._host_devices import run_on_host_devices
 
 
 def _run(cases: str, backend: str = "xla"):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests._sharded_check", f"cases={cases}", f"backend={backend}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return run_on_host_devices("tests._sharded_check", f"cases={cases}", f"backend={backend}", timeout=900)
 
 
 @pytest.fixture(scope="module")

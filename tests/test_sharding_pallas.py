@@ -24,11 +24,7 @@ call.
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +35,8 @@ import braintrace
 from braintrace import _backend
 from braintrace._batch_sharding import BATCH_SUM, BatchLayout
 from braintrace._compatible_imports import Primitive, ShapedArray
+from tests._host_devices import run_on_host_devices
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8
 WORKLOADS = ("dense", "csr", "lora", "snn")
 ALGORITHMS = ("d_rtrl", "pp_prop")
@@ -55,17 +51,7 @@ CUDA_BATCH = 24
 
 @pytest.fixture(scope="module")
 def rows():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_sharding_pallas"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    out = run_on_host_devices("tests.test_sharding_pallas", devices=DEVICES)
     return {
         "grad": [r for r in out if "kind" not in r],
         "kernel": [r for r in out if r.get("kind") == "kernel"],
