@@ -49,3 +49,30 @@ def test_which_form_the_cpu_program_holds():
     assert ops((4, 32, 32, 1))["reduce"] == 0 and ops((4, 32, 32, 1))["dot_general"] == 0
     assert ops((4, 8, 32, 1))["reduce"] >= 1
     assert ops((65, 8, 8, 1))["dot_general"] == 1
+
+
+@pytest.mark.parametrize(
+    "xshape, n_out",
+    [((4, 32), 4), ((5,), 3), ((2, 3, 8), 6), ((4, 128), 128)],  # fusion (3), dot (over the limit)
+)
+def test_outer_sum_equals_the_oracle(xshape, n_out):
+    x, g = _rng_arrays(2, xshape, (*xshape[:-1], n_out))
+    got = jax.jit(_cpu_sums.outer_sum)(x, g)
+    lead = "".join("abc"[: len(xshape) - 1])
+    want = np.einsum(f"{lead}i,{lead}o->io", x.astype(np.float64), g.astype(np.float64))
+    assert got.shape == (xshape[-1], n_out)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
+
+
+def test_outer_sum_form_and_bad_shapes():
+    """A small CPU program holds no dot; a product over the limit is a dot; mismatched rows fail."""
+
+    def ops(xshape, n_out):
+        x, g = jnp.ones(xshape), jnp.ones((*xshape[:-1], n_out))
+        text = jax.jit(_cpu_sums.outer_sum).lower(x, g).as_text(dialect="hlo")
+        return text.count(" dot(")
+
+    assert ops((4, 32), 4) == 0  # the fusion on the CPU (the dot of other platforms is not lowered)
+    assert 4 * 128 * 128 > _cpu_sums.OUTER_SUM_MAX_ELEMENTS and ops((4, 128), 128) == 1
+    with pytest.raises(ValueError, match="leading axes"):
+        _cpu_sums.outer_sum(jnp.ones((4, 3)), jnp.ones((2, 5)))

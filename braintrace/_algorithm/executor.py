@@ -30,6 +30,7 @@ from braintrace._compatible_imports import Literal, bind_equation, consts_of
 from braintrace._compiler.graph import ETraceGraph, HiddenGroup
 from braintrace._compiler.jaxpr_tools import eval_jaxpr_hooked, is_trainable_etp_eqn, live_towards
 from braintrace._compiler.perturbation import add_hidden_perturbation_in_module
+from braintrace._compiler.plain_matmul import bind_plain_matmul, is_plain_matmul
 
 __all__ = ["ETraceGraphExecutor", "ETraceVjpGraphExecutor", "StepValues", "add_relation_grads"]
 
@@ -208,8 +209,8 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
 
         def stop_trainables(i, eqn, invals):
             r = rel_eqns.get(i)
-            if r is None:
-                return None
+            if r is None:  # a plain x @ W: its weight gradient summed in the CPU's fast form
+                return bind_plain_matmul(eqn, invals) if is_plain_matmul(eqn) else None
             invals = list(invals)
             for idx in r.trainable_invar_indices.values():
                 invals[idx] = jax.lax.stop_gradient(invals[idx])

@@ -6,6 +6,11 @@ products over a few batch rows); below that size it keeps the reduction in a loo
 the fastest form. The solves therefore lower on the CPU to an unrolled sum of the terms' slices
 where the reduction is large and the terms few (one loop fusion, often sharing its pass with the
 trace update), and keep the reduction elsewhere and on every other platform.
+
+The weight gradients of the dense products, :math:`x^\top g` summed over the batch rows
+(:func:`outer_sum`), are the other case: XLA:CPU lowers such a dot (it contracts the leading axis of
+both operands) through Eigen, at about 1 us even for a ``(4, 32)`` by ``(4, 4)`` product, while the
+same sum of outer products in one fusion takes 0.05-0.3 us up to :data:`OUTER_SUM_MAX_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ from __future__ import annotations
 from functools import reduce
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MIN_ELEMENTS", "unrolls", "unrolled_sum"]
+__all__ = ["MIN_ELEMENTS", "OUTER_SUM_MAX_ELEMENTS", "outer_sum", "unrolls", "unrolled_sum"]
 
 #: The size from which XLA:CPU lowers a reduction through YNNPACK (measured with jax 0.10.2:
 #: ``(4, 32, 32)`` summed over the first axis is a YNNPACK fusion, ``(3, 32, 32)`` a loop fusion).
@@ -38,3 +44,43 @@ def unrolled_sum(products, axes: Sequence[int]):
     terms = jnp.transpose(products, (*axes, *kept))
     terms = terms.reshape((-1, *[products.shape[a] for a in kept]))
     return reduce(jnp.add, [terms[i] for i in range(terms.shape[0])])
+
+
+#: Size of the product ``x[..., :, None] * g[..., None, :]`` (batch rows x I x O) up to which the CPU
+#: lowering of :func:`outer_sum` is a fusion rather than a dot. Measured on a 2-core AMD EPYC (jax
+#: 0.10.2), per step of a scan, fusion against dot: ``(4, 32) x (4, 4)``: 0.2 against 1.3 us;
+#: ``(4, 32) x (4, 32)``: 1.2-1.4 against 1.5 us; ``(8, 64) x (8, 64)``: 2.6 against 3.9 us;
+#: ``(4, 128) x (4, 128)``: 44 against 7 us.
+OUTER_SUM_MAX_ELEMENTS = 32768
+
+
+def outer_sum(x, g, precision=None):
+    r"""``out[i, o] = sum_b x[b, i] g[b, o]`` over all leading axes ``b`` (the weight gradient of
+    ``x @ W`` for the cotangent ``g``).
+
+    ``x``: ``(*batch, I)``, ``g``: ``(*batch, O)`` (the same leading axes, possibly none) ->
+    ``(I, O)`` in ``jnp.result_type(x, g)``. A dot (of ``precision``) on every platform except small
+    products on the CPU (at most :data:`OUTER_SUM_MAX_ELEMENTS`), where it is one fusion of the outer
+    products (exact float products, which every precision of the CPU's dot also computes).
+
+    >>> import jax.numpy as jnp
+    >>> x, g = jnp.ones((2, 3)), jnp.arange(8.0).reshape(2, 4)
+    >>> outer_sum(x, g).shape
+    (3, 4)
+    >>> bool(jnp.allclose(outer_sum(x, g), x.T @ g))
+    True
+    """
+    if x.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"outer_sum: x and g must share their leading axes, got x {x.shape} and g {g.shape}")
+    lead = tuple(range(x.ndim - 1))
+
+    def dot(x, g):
+        return jnp.tensordot(x, g, axes=(lead, lead), precision=precision)
+
+    def fused(x, g):
+        return jnp.sum(x[..., :, None] * g[..., None, :], axis=lead)
+
+    if x.size * g.shape[-1] > OUTER_SUM_MAX_ELEMENTS:
+        return dot(x, g)
+    # resolved when lowering: a program for one platform holds one of the two, no conditional
+    return jax.lax.platform_dependent(x, g, cpu=fused, default=dot)

@@ -65,13 +65,17 @@ def _dense_yw_to_w(hidden_dim, trace, *, has_bias=False):
 
 
 def _dense_xy_to_dw(x, hidden_dim, weights, *, has_bias=False):
-    r"""``{'weight': x^T g[, 'bias': sum_b g]}``: the VJP of ``x @ W (+ b)`` with cotangent ``g``."""
+    r"""``{'weight': x^T g[, 'bias': sum_b g]}``: the VJP of ``x @ W (+ b)`` with cotangent ``g``.
 
-    def fwd(w):
-        return _matmul_impl(x, w["weight"], *([w["bias"]] if has_bias else []), has_bias=has_bias)
-
-    _, vjp = jax.vjp(fwd, dict(weights))
-    return vjp(jnp.asarray(hidden_dim, dtype=jnp.result_type(x, weights["weight"])))[0]
+    ``x``: ``(*batch, I)``, ``hidden_dim`` ``g``: ``(*batch, O)``; summed over the leading axes
+    (:func:`_cpu_sums.outer_sum`), each leaf in its weight's dtype.
+    """
+    w = weights["weight"]
+    g = jnp.asarray(hidden_dim, dtype=jnp.result_type(x, w))
+    out = {"weight": _cpu_sums.outer_sum(x.astype(g.dtype), g).astype(w.dtype)}
+    if has_bias:
+        out["bias"] = jnp.sum(g, axis=tuple(range(g.ndim - 1))).astype(weights["bias"].dtype)
+    return out
 
 
 def _mm_init_drtrl(x_var, y_var, weight_vars, num_hidden_state):

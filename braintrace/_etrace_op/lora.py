@@ -45,6 +45,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import _cpu_sums
 from ._batching import make_x_batching_rule
 from ._registries import BATCHED_PRIMITIVES
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
@@ -98,15 +99,24 @@ def _lora_yw_to_w(hidden_dim, trace, *, alpha=1.0, has_bias=False):
 
 
 def _lora_xy_to_dw(x, hidden_dim, weights, *, alpha=1.0, has_bias=False):
-    r"""``{'lora_b': dB, 'lora_a': dA[, 'bias': db]}``: the VJP of the op with cotangent ``g``."""
+    r"""``{'lora_b': dB, 'lora_a': dA[, 'bias': db]}``: the VJP of the op with cotangent ``g``.
 
-    def fwd(w):
-        extra = [w["bias"]] if has_bias else []
-        return _lora_impl(x, w["lora_b"], w["lora_a"], *extra, alpha=alpha, has_bias=has_bias)
-
-    dtype = jnp.result_type(x, weights["lora_b"], weights["lora_a"])
-    _, vjp = jax.vjp(fwd, dict(weights))
-    return vjp(jnp.asarray(hidden_dim, dtype=dtype))[0]
+    With :math:`z = x B`: :math:`dA = \alpha \sum_b z_b^\top g_b`, :math:`dB = \alpha \sum_b
+    x_b^\top (g_b A^\top)`, :math:`db = \sum_b g_b`. ``x``: ``(*batch, I)``, ``g``: ``(*batch, O)``;
+    the batch sums are :func:`_cpu_sums.outer_sum`; each leaf in its weight's dtype.
+    """
+    b, a = weights["lora_b"], weights["lora_a"]
+    dtype = jnp.result_type(x, b, a)
+    g = alpha * jnp.asarray(hidden_dim, dtype=dtype)
+    x = x.astype(dtype)
+    out = {
+        "lora_b": _cpu_sums.outer_sum(x, g @ a.astype(dtype).T).astype(b.dtype),
+        "lora_a": _cpu_sums.outer_sum(x @ b.astype(dtype), g).astype(a.dtype),
+    }
+    if has_bias:
+        db = jnp.sum(jnp.asarray(hidden_dim, dtype=dtype), axis=tuple(range(g.ndim - 1)))
+        out["bias"] = db.astype(weights["bias"].dtype)
+    return out
 
 
 def _lora_e_term(x, g):
@@ -258,8 +268,7 @@ def make_factored_trace_ops(primitive, decay: float) -> DRTRLTraceOps:
         # c = 1 - lambda^t; 0 only before the first step, where eps_f is zero and contributes nothing
         correction = jnp.where(norm == 0, jnp.ones_like(norm), norm)
         g = jnp.sum(ct * eps_f, axis=-1) / correction  # (*batch, O)
-        lead = tuple(range(g.ndim - 1))
-        e_grad = jnp.tensordot(trace["eps_x"], g, axes=(lead, lead)) if lead else jnp.outer(trace["eps_x"], g)
+        e_grad = _cpu_sums.outer_sum(trace["eps_x"], g)
         return _lora_b_from_e(e_grad, weights["lora_a"], alpha)
 
     def update(trace, d, x, df, weights, params, batch_ndim):
