@@ -1,5 +1,6 @@
-"""The CPU lowerings of the trace solves' batch sums (``braintrace/_etrace_op/_cpu_sums.py``): each
-form (reduction, unrolled sum, dot) against a numpy oracle, and which form a CPU program holds."""
+"""The CPU lowerings of the batch sums (``braintrace/_etrace_op/_cpu_sums.py``): the trace solves,
+the weight gradients ``x^T g`` (``outer_sum``) and the bias gradients (``row_sum``); each form
+(reduction, unrolled sum, fusion, dot) against a numpy oracle, and which form a CPU program holds."""
 
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def test_which_form_the_cpu_program_holds():
 
 @pytest.mark.parametrize(
     "xshape, n_out",
-    [((4, 32), 4), ((5,), 3), ((2, 3, 8), 6), ((4, 128), 128)],  # fusion (3), dot (over the limit)
+    # fusion (3), many narrow rows: fusion, over the limits: dot (2)
+    [((4, 32), 4), ((5,), 3), ((2, 3, 8), 6), ((64, 512), 8), ((4, 128), 128), ((16, 1024), 16)],
 )
 def test_outer_sum_equals_the_oracle(xshape, n_out):
     x, g = _rng_arrays(2, xshape, (*xshape[:-1], n_out))
@@ -74,5 +76,20 @@ def test_outer_sum_form_and_bad_shapes():
 
     assert ops((4, 32), 4) == 0  # the fusion on the CPU (the dot of other platforms is not lowered)
     assert 4 * 128 * 128 > _cpu_sums.OUTER_SUM_MAX_ELEMENTS and ops((4, 128), 128) == 1
+    assert _cpu_sums.fuses_outer_sum(64, 512, 8) and ops((64, 512), 8) == 0  # many rows, narrow g
+    assert not _cpu_sums.fuses_outer_sum(16, 1024, 16) and ops((16, 1024), 16) == 1
     with pytest.raises(ValueError, match="leading axes"):
         _cpu_sums.outer_sum(jnp.ones((4, 3)), jnp.ones((2, 5)))
+
+
+@pytest.mark.parametrize("shape", [(4, 32), (3, 2, 5), (64, 512), (2, 40, 128)])  # reduce (2), dot (2)
+def test_row_sum_equals_the_oracle_and_its_cpu_form(shape):
+    (a,) = _rng_arrays(3, shape)
+    got = jax.jit(_cpu_sums.row_sum)(a)
+    want = a.astype(np.float64).reshape(-1, shape[-1]).sum(0)
+    assert got.shape == (shape[-1],)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
+    if jax.default_backend() == "cpu":
+        text = jax.jit(_cpu_sums.row_sum).lower(jnp.ones(shape)).as_text(dialect="hlo")
+        large = int(np.prod(shape)) >= _cpu_sums.MIN_ELEMENTS
+        assert (" dot(" in text) == large and (" reduce(" in text) == (not large)

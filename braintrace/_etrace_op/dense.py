@@ -74,7 +74,7 @@ def _dense_xy_to_dw(x, hidden_dim, weights, *, has_bias=False):
     g = jnp.asarray(hidden_dim, dtype=jnp.result_type(x, w))
     out = {"weight": _cpu_sums.outer_sum(x.astype(g.dtype), g).astype(w.dtype)}
     if has_bias:
-        out["bias"] = jnp.sum(g, axis=tuple(range(g.ndim - 1))).astype(weights["bias"].dtype)
+        out["bias"] = _cpu_sums.row_sum(g).astype(weights["bias"].dtype)
     return out
 
 

@@ -114,8 +114,7 @@ def _lora_xy_to_dw(x, hidden_dim, weights, *, alpha=1.0, has_bias=False):
         "lora_a": _cpu_sums.outer_sum(x @ b.astype(dtype), g).astype(a.dtype),
     }
     if has_bias:
-        db = jnp.sum(jnp.asarray(hidden_dim, dtype=dtype), axis=tuple(range(g.ndim - 1)))
-        out["bias"] = db.astype(weights["bias"].dtype)
+        out["bias"] = _cpu_sums.row_sum(jnp.asarray(hidden_dim, dtype=dtype)).astype(weights["bias"].dtype)
     return out
 
 

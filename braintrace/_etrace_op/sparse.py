@@ -50,10 +50,12 @@ import saiunit as u
 
 from braintrace._batch_sharding import BATCH_SUM, BatchLayout
 
-from . import _cpu_sums
+from . import _cpu_sums, _sparse_cpu
 from ._batching import make_x_batching_rule
 from ._fused import fused_op
 from ._registries import BATCHED_PRIMITIVES
+from ._sparse_cpu import IN_BOUNDS as _IN_BOUNDS
+from ._sparse_cpu import take as _take
 from ._spec import ETPPrimitiveSpec, register_primitive_spec
 from ._trace_ops import ETP_DRTRL_TRACE_OPS, DRTRLTraceOps, output_trace_zeros, param_trace_zeros
 from ._units import attach, bias_mantissa, split
@@ -219,18 +221,6 @@ def _unpack(args, has_bias):
     return args[0], args[1], bias, tuple(args[first_index:])
 
 
-#: Gathers and scatters by the index operands promise in-bounds indices: the indices are checked
-#: where they have values (see :func:`sparse_matmul`), and the default ``'fill'`` mode of ``jnp.take``
-#: would add a bounds test and a select to every gathered element of every step.
-_IN_BOUNDS = "promise_in_bounds"
-
-
-def _take(a, ids, axis, *, indices_are_sorted=False):
-    """``jnp.take(a, ids, axis)`` for in-bounds ``ids``."""
-    where = (Ellipsis, ids) if axis == -1 else (slice(None),) * axis + (ids,)
-    return a.at[where].get(mode=_IN_BOUNDS, indices_are_sorted=indices_are_sorted)
-
-
 # ---------------------------------------------------------------------------------------------
 # Postsynaptic blocks (``SparsePattern.blocks > 1``)
 # ---------------------------------------------------------------------------------------------
@@ -341,9 +331,9 @@ def _sparse_impl(*args, sparse_mat, has_bias=False):
     if sparse_mat.blocks > 1:
         y = _blocked_product(x, data, row_ids, col_ids, sparse_mat)
     else:
-        contrib = _take(x, row_ids, -1) * data  # (..., nnz)
-        y = jnp.zeros(x.shape[:-1] + (sparse_mat.shape[1],), contrib.dtype)
-        y = y.at[..., col_ids].add(contrib, mode=_IN_BOUNDS, indices_are_sorted=sparse_mat.col_sorted)
+        y = _sparse_cpu.product(
+            x, data, row_ids, col_ids, n_out=sparse_mat.shape[1], col_sorted=sparse_mat.col_sorted
+        )
     if has_bias:
         y = y + bias
     return y
@@ -404,12 +394,10 @@ def _sparse_yw_to_w(hidden_dim, trace, *, sparse_mat, has_bias=False, aux):
     return out
 
 
-#: Terms up to which the CPU lowerings of the sparse batch sums (the SDDMM over the batch rows, the
-#: D-RTRL solve over the batch rows and states) add them unrolled (see ``_cpu_sums``). Measured on a
-#: 2-core AMD EPYC (jax 0.10.2), per step of a scan, unrolled against the reduction: SDDMM of 5,120
-#: non-zeros, B = 2: 7.6 against 23 us; 50,000 non-zeros, B = 8: 200-260 against 600-730 us, B = 16
-#: about even, B = 32: 4800-7000 against 4100-4900 us; the solve of a ``(5120, 1, 4)`` trace: 18
-#: against 45 us, ``(50000, 2, 8)``: 1100 against 690 us.
+#: Terms up to which the CPU lowering of the sparse D-RTRL solve (a sum over the batch rows and
+#: states) adds them unrolled (see ``_cpu_sums``; the SDDMM has its own forms, ``_sparse_cpu``).
+#: Measured on a 2-core AMD EPYC (jax 0.10.2), per step of a scan, unrolled against the reduction:
+#: the solve of a ``(5120, 1, 4)`` trace: 18 against 45 us, ``(50000, 2, 8)``: 1100 against 690 us.
 CPU_UNROLLED_SUM_TERMS = 8
 
 
@@ -425,8 +413,9 @@ def _batch_sum(products, axes):
 
 
 def _csr_sddmm_reference(a, g, row_ids, col_ids):
-    r"""``v[p] = sum_b a[b, r_p] g[b, c_p]``: ``a (B, I)``, ``g (B, O)`` -> ``(nnz,)`` (an SDDMM)."""
-    return _batch_sum(_take(a, row_ids, 1) * _take(g, col_ids, 1), (0,))
+    r"""``v[p] = sum_b a[b, r_p] g[b, c_p]``: ``a (B, I)``, ``g (B, O)`` -> ``(nnz,)`` (an SDDMM, in the
+    CPU's form of :func:`_sparse_cpu.sddmm` there)."""
+    return _sparse_cpu.sddmm(a, g, row_ids, col_ids)
 
 
 def _csr_sddmm_kernel(a, g, row_ids, col_ids, *, interpret):
@@ -462,7 +451,7 @@ def _sparse_xy_to_dw(x, hidden_dim, weights, *, sparse_mat, has_bias=False, aux)
         dw = csr_sddmm_p.bind(a, g, aux[0], aux[1])
     out = {"weight": dw.astype(weights["weight"].dtype)}
     if has_bias:
-        out["bias"] = jnp.sum(g, axis=0).astype(weights["bias"].dtype)
+        out["bias"] = _cpu_sums.row_sum(g).astype(weights["bias"].dtype)
     return out
 
 
