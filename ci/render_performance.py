@@ -426,6 +426,18 @@ def plot(rows, path, machine):
 # --------------------------------------------------------------------------------------------------
 
 
+def plot_link(draw, path, out) -> str | None:
+    """Call ``draw(path)`` and return ``path`` relative to the Markdown file ``out``; ``None`` (and a
+    line on stderr) when matplotlib, which is in the ``examples`` extra, cannot be imported: the
+    tables are then written alone."""
+    try:
+        draw(path)
+    except ImportError as err:
+        print(f"no plot: {err}", file=sys.stderr)
+        return None
+    return os.path.relpath(pathlib.Path(path).resolve(), pathlib.Path(out).resolve().parent)
+
+
 def replace_between_markers(text: str, block: str, start=START, end=END, heading="## Results") -> str:
     """``text`` with what lies between the markers ``start`` and ``end`` replaced by ``block``; without
     the markers, ``heading`` and the marked block are appended."""
@@ -450,11 +462,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(opts.out)
     plot_rel = None
     if opts.plot:
-        try:
-            plot(rows, opts.plot, machine)
-            plot_rel = os.path.relpath(pathlib.Path(opts.plot).resolve(), out.resolve().parent)
-        except ImportError as err:  # matplotlib is in the `examples` extra: the tables are written alone
-            print(f"no plot: {err}", file=sys.stderr)
+        plot_rel = plot_link(lambda path: plot(rows, path, machine), opts.plot, out)
     block = render(machine, rows, opts.json, plot_rel)
     text = out.read_text() if out.exists() else "# Performance\n"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from render_performance import num, replace_between_markers, table  # noqa: E402
+from render_performance import num, plot_link, replace_between_markers, table  # noqa: E402
 
 START = "<!-- published:start -->"
 END = "<!-- published:end -->"
@@ -159,11 +158,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(opts.out)
     plot_rel = None
     if opts.plot:
-        try:
-            plot(data, opts.plot)
-            plot_rel = os.path.relpath(pathlib.Path(opts.plot).resolve(), out.resolve().parent)
-        except ImportError as err:
-            print(f"no plot: {err}", file=sys.stderr)
+        plot_rel = plot_link(lambda path: plot(data, path), opts.plot, out)
     text = out.read_text() if out.exists() else "# Performance\n"
     block = render(data, opts.json, plot_rel)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,17 @@ def test_row_sum_equals_the_oracle_and_its_cpu_form(shape):
         text = jax.jit(_cpu_sums.row_sum).lower(jnp.ones(shape)).as_text(dialect="hlo")
         large = int(np.prod(shape)) >= _cpu_sums.MIN_ELEMENTS
         assert (" dot(" in text) == large and (" reduce(" in text) == (not large)
+
+
+def test_outer_sum_of_bfloat16_accumulates_in_float32():
+    """A narrow float is summed in float32 (as the dot does): closer to the float64 sum than bfloat16
+    accumulation over 256 rows would be."""
+    x, g = _rng_arrays(4, (256, 16), (256, 4))
+    want = x.astype(np.float64).T @ g.astype(np.float64)
+    xb, gb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
+    got = jax.jit(_cpu_sums.outer_sum)(xb, gb)
+    assert got.dtype == jnp.bfloat16
+    exact_inputs = np.asarray(xb, np.float64).T @ np.asarray(gb, np.float64)
+    # the only error left is the final rounding to bfloat16 (relative 2^-8 per entry)
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact_inputs, rtol=2**-8, atol=1e-6)
+    assert np.abs(np.asarray(got, np.float64) - want).max() < 0.1 * np.abs(want).max()

@@ -105,7 +105,11 @@ def outer_sum(x, g, precision=None):
         return jnp.tensordot(x, g, axes=(lead, lead), precision=precision)
 
     def fused(x, g):
-        return jnp.sum(x[..., :, None] * g[..., None, :], axis=lead)
+        # at least float32 accumulation, as the CPU's dot has for a narrower float
+        dtype = jnp.result_type(x, g)
+        acc = jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+        products = x.astype(acc)[..., :, None] * g.astype(acc)[..., None, :]
+        return jnp.sum(products, axis=lead).astype(dtype)
 
     if not fuses_outer_sum(int(np.prod(x.shape[:-1])), x.shape[-1], g.shape[-1]):
         return dot(x, g)
