@@ -99,3 +99,58 @@ def test_read_out_gradient_through_a_learner(algorithm):
     if jax.default_backend() != "cpu":
         pytest.skip("the program is lowered for the CPU only on a CPU default backend")
     assert not re.search(r"contracting_dims = \[0\] x \[0\]", text), "an x^T g dot is left in the step"
+
+
+class _Probe(brainstate.nn.Module):
+    """``h' = tanh(x W_in + h U + 0.3 h) `` with a plain recurrent ``U`` (``kind='plain_rec'``) or an ETP
+    one, a plain read-out of ``h'`` (2-D) or of ``h'`` broadcast over a leading axis (3-D), and an
+    extra plain product of the input (``x V``) added to the output."""
+
+    def __init__(self, kind, n_in=3, n_hid=5, n_out=2, seed=0):
+        super().__init__()
+        rng = np.random.default_rng(seed)
+        self.kind = kind
+        self.w_in = brainstate.ParamState(jnp.asarray(rng.standard_normal((n_in, n_hid)) * 0.6))
+        self.u = brainstate.ParamState(jnp.asarray(rng.standard_normal((n_hid, n_hid)) * 0.4))
+        self.w_out = brainstate.ParamState(jnp.asarray(rng.standard_normal((n_hid, n_out)) * 0.5))
+        self.v = brainstate.ParamState(jnp.asarray(rng.standard_normal((n_in, n_out)) * 0.5))
+        self.n_hid = n_hid
+
+    def init_state(self, batch_size=None, **kw):
+        self.h = brainstate.HiddenState(jnp.zeros((batch_size, self.n_hid)))
+
+    def update(self, x):
+        h = self.h.value
+        rec = h @ self.u.value if self.kind == "plain_rec" else braintrace.matmul(h, self.u.value)
+        new = jnp.tanh(braintrace.matmul(x, self.w_in.value) + rec + 0.3 * h)
+        self.h.value = new
+        if self.kind == "three_d":
+            stacked = jnp.stack([new, 2.0 * new])  # (2, B, H): a product over two leading axes
+            return (stacked @ self.w_out.value).sum(0) + x @ self.v.value
+        return new @ self.w_out.value + x @ self.v.value
+
+
+@pytest.mark.parametrize("kind", ["etp_rec", "plain_rec", "three_d"])
+@pytest.mark.parametrize("algorithm", ["d_rtrl", "pp_prop"])
+def test_the_rewrite_changes_no_gradient(kind, algorithm, monkeypatch):
+    """Every parameter's online gradient over a sequence is the same with the plain products bound
+    as equations (the rewrite switched off) and through :func:`bind_plain_matmul` (float64)."""
+    import braintrace._algorithm.executor as executor
+
+    def grads():
+        model = _Probe(kind)
+        rng = np.random.default_rng(1)
+        xs = jnp.asarray(rng.standard_normal((5, 2, 3)))
+        ys = jnp.asarray(rng.standard_normal((5, 2, 2)))
+        learner = braintrace.compile(model, algorithm, xs[0], batch_size=2)
+        out = learner.etrace_grad(xs, ys, step_fn=lambda out, y: jnp.sum((out - y) ** 2))
+        return {str(k): np.asarray(v) for k, v in out.items()}
+
+    with om.float64():
+        rewritten = grads()
+        monkeypatch.setattr(executor, "is_plain_matmul", lambda eqn: False)
+        plain = grads()
+    assert sorted(rewritten) == sorted(plain) and len(plain) == 4
+    for k in plain:
+        assert np.abs(plain[k]).max() > 0, k
+        np.testing.assert_allclose(rewritten[k], plain[k], rtol=1e-11, atol=1e-13, err_msg=k)
