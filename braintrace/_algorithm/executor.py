@@ -204,12 +204,14 @@ class ETraceVjpGraphExecutor(ETraceGraphExecutor):
         """``(perturbed, perturbation)`` as :func:`~braintrace.add_hidden_perturbation_in_module`
         returns them: a perturbation reaches other hidden states of the same step only through
         trainable ETP ops (the per-unit traces carry the other paths). Algorithms whose traces
-        carry every path of the step override it."""
+        carry every path of the step override it. The step's plain matrix products are bound with
+        the VJP of :func:`~braintrace._compiler.plain_matmul.bind_plain_matmul` (the same gradient;
+        on the CPU, the weight's in one fusion)."""
         rel_eqns = {r.eqn_index: r for r in self.graph.hidden_param_op_relations}
 
         def stop_trainables(i, eqn, invals):
             r = rel_eqns.get(i)
-            if r is None:  # a plain x @ W: its weight gradient summed in the CPU's fast form
+            if r is None:  # not a relation; a plain x @ W gets the VJP of bind_plain_matmul
                 return bind_plain_matmul(eqn, invals) if is_plain_matmul(eqn) else None
             invals = list(invals)
             for idx in r.trainable_invar_indices.values():
