@@ -39,13 +39,11 @@ pass over ``nnz x R`` gathered values: dense wins once ``nnz R >= I O``
 
 from __future__ import annotations
 
-from functools import reduce
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._cpu_sums import MIN_ELEMENTS
+from . import _cpu_sums
 
 __all__ = [
     "CPU_DENSE_MAX_ELEMENTS",
@@ -137,10 +135,10 @@ def sddmm(a, g, row_ids, col_ids):
         if dense:
             full = jnp.matmul(a.T, g, precision=jax.lax.Precision.HIGHEST)  # (I, O)
             return full.at[row_ids, col_ids].get(mode=IN_BOUNDS)
-        if rows <= CPU_SDDMM_UNROLLED_ROWS and nnz * rows >= MIN_ELEMENTS:
-            products = take(a, row_ids, 1) * take(g, col_ids, 1)
-            return reduce(jnp.add, [products[b] for b in range(rows)])
-        return reduction(a, g, row_ids, col_ids)
+        products = take(a, row_ids, 1) * take(g, col_ids, 1)  # (rows, nnz)
+        if _cpu_sums.unrolls(products.shape, (0,), CPU_SDDMM_UNROLLED_ROWS):
+            return _cpu_sums.unrolled_sum(products, (0,))
+        return jnp.sum(products, axis=0)
 
     # resolved when lowering: a program for one platform holds one of the two, no conditional
     return jax.lax.platform_dependent(a, g, row_ids, col_ids, cpu=cpu, default=reduction)

@@ -107,14 +107,15 @@ def _lora_xy_to_dw(x, hidden_dim, weights, *, alpha=1.0, has_bias=False):
     """
     b, a = weights["lora_b"], weights["lora_a"]
     dtype = jnp.result_type(x, b, a)
-    g = alpha * jnp.asarray(hidden_dim, dtype=dtype)
+    g_y = jnp.asarray(hidden_dim, dtype=dtype)
+    g = alpha * g_y
     x = x.astype(dtype)
     out = {
         "lora_b": _cpu_sums.outer_sum(x, g @ a.astype(dtype).T).astype(b.dtype),
         "lora_a": _cpu_sums.outer_sum(x @ b.astype(dtype), g).astype(a.dtype),
     }
     if has_bias:
-        out["bias"] = _cpu_sums.row_sum(jnp.asarray(hidden_dim, dtype=dtype)).astype(weights["bias"].dtype)
+        out["bias"] = _cpu_sums.row_sum(g_y).astype(weights["bias"].dtype)
     return out
 
 
