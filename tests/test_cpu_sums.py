@@ -52,13 +52,23 @@ def test_which_form_the_cpu_program_holds():
     assert ops((65, 8, 8, 1))["dot_general"] == 1
 
 
-@pytest.mark.parametrize(
-    "xshape, n_out",
-    # fusion (3), many narrow rows: fusion, over the limits: dot (2)
-    [((4, 32), 4), ((5,), 3), ((2, 3, 8), 6), ((64, 512), 8), ((4, 128), 128), ((16, 1024), 16)],
-)
-def test_outer_sum_equals_the_oracle(xshape, n_out):
+#: One shape of each CPU form of outer_sum, leading axes and all.
+OUTER_SUM_CASES = [
+    ((4, 32), 4, "fusion"),
+    ((5,), 3, "fusion"),
+    ((2, 3, 8), 6, "fusion"),
+    ((64, 512), 8, "gemm_gtx"),  # many rows, narrow g
+    ((4, 4, 1024), 16, "gemm_gtx"),
+    ((8, 16), 512, "gemm_xtg"),  # narrow x, wide g
+    ((4, 128), 128, "dot"),
+    ((2, 32, 64), 64, "dot"),
+]
+
+
+@pytest.mark.parametrize("xshape, n_out, form", OUTER_SUM_CASES)
+def test_outer_sum_equals_the_oracle(xshape, n_out, form):
     x, g = _rng_arrays(2, xshape, (*xshape[:-1], n_out))
+    assert _cpu_sums.outer_sum_form(int(np.prod(xshape[:-1])), xshape[-1], n_out) == form
     got = jax.jit(_cpu_sums.outer_sum)(x, g)
     lead = "".join("abc"[: len(xshape) - 1])
     want = np.einsum(f"{lead}i,{lead}o->io", x.astype(np.float64), g.astype(np.float64))
@@ -66,18 +76,37 @@ def test_outer_sum_equals_the_oracle(xshape, n_out):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
 
 
-def test_outer_sum_form_and_bad_shapes():
-    """A small CPU program holds no dot; a product over the limit is a dot; mismatched rows fail."""
+def _lowered_ops(xshape, n_out):
+    """The CPU lowering of outer_sum (``platform_dependent`` resolved): its dots' contracting
+    dimensions and its optimisation barriers."""
+    x, g = jnp.ones(xshape), jnp.ones((*xshape[:-1], n_out))
+    text = jax.jit(_cpu_sums.outer_sum).lower(x, g).as_text(dialect="hlo")
+    dots = [
+        line.split("lhs_contracting_dims=")[1].split(", metadata")[0]
+        for line in text.splitlines()
+        if " dot(" in line
+    ]
+    return dots, text.count("opt-barrier(")
 
-    def ops(xshape, n_out):
-        x, g = jnp.ones(xshape), jnp.ones((*xshape[:-1], n_out))
-        text = jax.jit(_cpu_sums.outer_sum).lower(x, g).as_text(dialect="hlo")
-        return text.count(" dot(")
 
-    assert ops((4, 32), 4) == 0  # the fusion on the CPU (the dot of other platforms is not lowered)
-    assert 4 * 128 * 128 > _cpu_sums.OUTER_SUM_MAX_ELEMENTS and ops((4, 128), 128) == 1
-    assert _cpu_sums.fuses_outer_sum(64, 512, 8) and ops((64, 512), 8) == 0  # many rows, narrow g
-    assert not _cpu_sums.fuses_outer_sum(16, 1024, 16) and ops((16, 1024), 16) == 1
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU lowering")
+@pytest.mark.parametrize("xshape, n_out, form", OUTER_SUM_CASES)
+def test_outer_sum_cpu_program_holds_its_form(xshape, n_out, form):
+    """The fusion holds no dot; the GEMMs contract the inner axis of a transposed copy kept by
+    barriers (two for g^T x: the copy and the result; one for x^T g); the dot contracts the leading
+    axes."""
+    dots, barriers = _lowered_ops(xshape, n_out)
+    lead = len(xshape) - 1
+    want = {
+        "fusion": ([], 0),
+        "gemm_gtx": (["{1}, rhs_contracting_dims={0}"], 2),
+        "gemm_xtg": (["{1}, rhs_contracting_dims={0}"], 1),
+        "dot": (["{%s}, rhs_contracting_dims={%s}" % ((",".join(map(str, range(lead))),) * 2)], 0),
+    }[form]
+    assert (dots, barriers) == want
+
+
+def test_outer_sum_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="leading axes"):
         _cpu_sums.outer_sum(jnp.ones((4, 3)), jnp.ones((2, 5)))
 
@@ -95,10 +124,13 @@ def test_row_sum_equals_the_oracle_and_its_cpu_form(shape):
         assert (" dot(" in text) == large and (" reduce(" in text) == (not large)
 
 
-def test_outer_sum_of_bfloat16_accumulates_in_float32():
-    """A narrow float is summed in float32 (as the dot does): closer to the float64 sum than bfloat16
-    accumulation over 256 rows would be."""
-    x, g = _rng_arrays(4, (256, 16), (256, 4))
+@pytest.mark.parametrize(
+    "shape_x, n_out", [((256, 16), 4), ((256, 512), 8), ((256, 16), 512), ((256, 64), 64)]
+)
+def test_outer_sum_of_bfloat16_accumulates_in_float32(shape_x, n_out):
+    """A narrow float is summed in float32 in every form (fusion, both GEMMs, dot), as the dot does:
+    closer to the float64 sum than bfloat16 accumulation over 256 rows would be."""
+    x, g = _rng_arrays(4, shape_x, (shape_x[0], n_out))
     want = x.astype(np.float64).T @ g.astype(np.float64)
     xb, gb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
     got = jax.jit(_cpu_sums.outer_sum)(xb, gb)

@@ -9,8 +9,10 @@ trace update), and keep the reduction elsewhere and on every other platform.
 
 The weight gradients of the dense products, :math:`x^\top g` summed over the batch rows
 (:func:`outer_sum`), are the other case: XLA:CPU lowers such a dot (it contracts the leading axis of
-both operands) through Eigen, at about 1 us even for a ``(4, 32)`` by ``(4, 4)`` product, while the
-same sum of outer products in one fusion takes 0.05-0.3 us up to :data:`OUTER_SUM_MAX_ELEMENTS`.
+both operands) through Eigen, at about 1 us even for a ``(4, 32)`` by ``(4, 4)`` product and 107 us
+for ``(64, 512)`` by ``(64, 8)``. The same sum of outer products in one fusion takes 0.05-0.3 us up
+to :data:`OUTER_SUM_MAX_ELEMENTS`, and a row-major GEMM after copying the narrow operand transposed
+12 us (:func:`outer_sum_form` chooses).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import numpy as np
 
 __all__ = [
     "MIN_ELEMENTS",
+    "OUTER_SUM_FORMS",
     "OUTER_SUM_MAX_ELEMENTS",
-    "fuses_outer_sum",
     "outer_sum",
+    "outer_sum_form",
     "row_sum",
     "unrolls",
     "unrolled_sum",
@@ -55,30 +58,50 @@ def unrolled_sum(products, axes: Sequence[int]):
 
 
 #: Size of the product ``x[..., :, None] * g[..., None, :]`` (rows R x I x O) up to which the CPU
-#: lowering of :func:`outer_sum` is a fusion rather than a dot. Measured on a 2-core AMD EPYC (jax
-#: 0.10.2), per step of a scan, fusion against dot: ``(4, 32) x (4, 4)``: 0.2 against 1.3 us;
-#: ``(4, 32) x (4, 32)``: 1.2-1.4 against 1.5 us; ``(8, 64) x (8, 64)``: 2.6 against 3.9 us;
-#: ``(4, 128) x (4, 128)``: 44 against 7 us.
+#: lowering of :func:`outer_sum` is a fusion (where no matrix product of :func:`outer_sum_form` is
+#: chosen first). Measured on a 2-core AMD EPYC (jax 0.10.2), per step of a scan, fusion against
+#: dot: ``(4, 32) x (4, 4)``: 0.2 against 1.3 us; ``(4, 32) x (4, 32)``: 1.2-1.4 against 1.5 us;
+#: ``(8, 64) x (8, 64)``: 2.6 against 3.9 us; ``(4, 128) x (4, 128)``: 44 against 7 us.
 OUTER_SUM_MAX_ELEMENTS = 32768
 
-#: Larger products that are still a fusion on the CPU: at least :data:`OUTER_SUM_MANY_ROWS` rows, at
-#: most :data:`OUTER_SUM_NARROW_O` columns of ``g`` and :data:`OUTER_SUM_NARROW_MAX_ELEMENTS` elements,
-#: where XLA:CPU's dot of two row-major operands contracted on their first axis is at its slowest.
-#: Measured as above, fusion against dot, ``R x I x O``: 64 x 512 x 8: 25 against 40 us; 64 x 1024 x
-#: 8: 59 against 169 us; 64 x 1024 x 16: 86-97 against 170-205 us; 64 x 2048 x 8: 126 against
-#: 200 us; 64 x 256 x 4: 7.7 against 10.4 us. With fewer rows or a wider ``g`` the dot wins or ties:
-#: 32 x 4096 x 8: 175 against 93 us; 16 x 1024 x 16: 49 against 23 us; 64 x 1024 x 32: 137
-#: against 126 us; 64 x 8 x 1024: 44 against 27 us.
-OUTER_SUM_MANY_ROWS, OUTER_SUM_NARROW_O, OUTER_SUM_NARROW_MAX_ELEMENTS = 64, 16, 1 << 21
+#: The CPU forms of :func:`outer_sum` (see :func:`outer_sum_form`).
+OUTER_SUM_FORMS = ("fusion", "gemm_gtx", "gemm_xtg", "dot")
 
 
-def fuses_outer_sum(rows: int, n_in: int, n_out: int) -> bool:
-    """Whether :func:`outer_sum` of ``(rows, n_in)`` by ``(rows, n_out)`` is one fusion on the CPU."""
-    size = rows * n_in * n_out
-    if size <= OUTER_SUM_MAX_ELEMENTS:
-        return True
-    narrow = n_out <= OUTER_SUM_NARROW_O and size <= OUTER_SUM_NARROW_MAX_ELEMENTS
-    return rows >= OUTER_SUM_MANY_ROWS and narrow
+def outer_sum_form(rows: int, n_in: int, n_out: int) -> str:
+    r"""How :func:`outer_sum` of ``(rows, n_in)`` by ``(rows, n_out)`` is lowered on the CPU.
+
+    XLA:CPU runs a dot that contracts the leading axis of both operands through Eigen, which is at
+    its slowest for a narrow ``g``; it runs a product of row-major operands contracted on the
+    inner axis (a GEMM) through YNNPACK. The forms:
+
+    - ``'gemm_gtx'``: :math:`(g^\top x)^\top`, the GEMM ``(O, R) @ (R, I)`` after copying ``g``
+      transposed, and the ``(O, I)`` result transposed (``O (R + I)`` values moved): for a narrow
+      ``g`` and a wide ``x``;
+    - ``'gemm_xtg'``: ``x`` copied transposed (``R I`` values), then the GEMM ``(I, R) @ (R, O)``:
+      for a narrow ``x`` and a wide ``g``;
+    - ``'fusion'``: the sum of the outer products in one loop fusion, for small products;
+    - ``'dot'``: the dot itself.
+
+    Measured per step of a scan on a 2-core AMD EPYC (jax 0.10.2), over R in {4, 16, 64, 256},
+    I in {8, ..., 2048}, O in {4, ..., 512}: these choices are within 10% of the fastest of the
+    four forms on average (the geometric mean of chosen over fastest; it was 1.56 with the fusion
+    and the dot alone) and within 2.5x everywhere. Examples, R x I x O, chosen against dot
+    (against fusion where that was the choice before): 64 x 512 x 8: 12 against 107 (38) us;
+    256 x 2048 x 8: 175 against 1331 us; 256 x 2048 x 32: 370 against 1664 us; 256 x 32 x 512
+    (``'gemm_xtg'``): 103 against 134 us; 64 x 512 x 512 (``'dot'``): all three GEMMs 365-393 us.
+    """
+    if n_out <= 32 and n_in >= 128 and (n_out <= 8 or rows >= 16):
+        return "gemm_gtx"
+    if n_out <= 8 and n_in >= 32 and rows >= 64:
+        return "gemm_gtx"
+    if n_out <= 128 and n_in >= 512 and rows * n_in >= 1 << 17:
+        return "gemm_gtx"
+    if rows * n_in * n_out <= OUTER_SUM_MAX_ELEMENTS:
+        return "fusion"
+    if n_in <= 32 and n_out >= 128:
+        return "gemm_xtg"
+    return "dot"
 
 
 def outer_sum(x, g, precision=None):
@@ -86,9 +109,9 @@ def outer_sum(x, g, precision=None):
     ``x @ W`` for the cotangent ``g``).
 
     ``x``: ``(*batch, I)``, ``g``: ``(*batch, O)`` (the same leading axes, possibly none) ->
-    ``(I, O)`` in ``jnp.result_type(x, g)``. A dot (of ``precision``) on every platform except where
-    :func:`fuses_outer_sum` holds on the CPU, where it is one fusion of the outer products (exact
-    float products, which every precision of the CPU's dot also computes).
+    ``(I, O)`` in ``jnp.result_type(x, g)``. A dot (of ``precision``) on every platform but the CPU,
+    where :func:`outer_sum_form` chooses between that dot, one fusion of the outer products and two
+    GEMMs of a transposed copy. A float narrower than float32 is summed in float32 in every form.
 
     >>> import jax.numpy as jnp
     >>> x, g = jnp.ones((2, 3)), jnp.arange(8.0).reshape(2, 4)
@@ -100,21 +123,41 @@ def outer_sum(x, g, precision=None):
     if x.shape[:-1] != g.shape[:-1]:
         raise ValueError(f"outer_sum: x and g must share their leading axes, got x {x.shape} and g {g.shape}")
     lead = tuple(range(x.ndim - 1))
+    dtype = jnp.result_type(x, g)
+    acc = jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+    n_in, n_out = x.shape[-1], g.shape[-1]
+
+    def product(a, b):
+        """``a @ b`` of two row-major matrices, accumulated in ``acc``."""
+        return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision, preferred_element_type=acc)
 
     def dot(x, g):
-        return jnp.tensordot(x, g, axes=(lead, lead), precision=precision)
+        return jnp.tensordot(x, g, axes=(lead, lead), precision=precision, preferred_element_type=acc)
 
-    def fused(x, g):
-        # at least float32 accumulation, as the CPU's dot has for a narrower float
-        dtype = jnp.result_type(x, g)
-        acc = jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
+    def fusion(x, g):
         products = x.astype(acc)[..., :, None] * g.astype(acc)[..., None, :]
-        return jnp.sum(products, axis=lead).astype(dtype)
+        return jnp.sum(products, axis=lead)
 
-    if not fuses_outer_sum(int(np.prod(x.shape[:-1])), x.shape[-1], g.shape[-1]):
-        return dot(x, g)
+    # The barriers keep each transpose a copy: XLA would fold it back into the dot's dimensions.
+    barrier = jax.lax.optimization_barrier
+
+    def gemm_gtx(x, g):
+        gt = barrier(g.reshape(-1, n_out).T)
+        return barrier(product(gt, x.reshape(-1, n_in))).T
+
+    def gemm_xtg(x, g):
+        return product(barrier(x.reshape(-1, n_in).T), g.reshape(-1, n_out))
+
+    def cast(form):
+        return lambda x, g: form(x, g).astype(dtype)
+
+    cpu = {"fusion": fusion, "gemm_gtx": gemm_gtx, "gemm_xtg": gemm_xtg, "dot": dot}[
+        outer_sum_form(int(np.prod(x.shape[:-1])), n_in, n_out)
+    ]
+    if cpu is dot:
+        return cast(dot)(x, g)
     # resolved when lowering: a program for one platform holds one of the two, no conditional
-    return jax.lax.platform_dependent(x, g, cpu=fused, default=dot)
+    return jax.lax.platform_dependent(x, g, cpu=cast(cpu), default=cast(dot))
 
 
 def row_sum(a):
