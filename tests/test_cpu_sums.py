@@ -92,15 +92,14 @@ def _lowered_ops(xshape, n_out):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU lowering")
 @pytest.mark.parametrize("xshape, n_out, form", OUTER_SUM_CASES)
 def test_outer_sum_cpu_program_holds_its_form(xshape, n_out, form):
-    """The fusion holds no dot; the GEMMs contract the inner axis of a transposed copy kept by
-    barriers (two for g^T x: the copy and the result; one for x^T g); the dot contracts the leading
-    axes."""
+    """The fusion holds no dot; the GEMMs contract the inner axis of a transposed copy held between
+    two barriers (and g^T x a third for its result); the dot contracts the leading axes."""
     dots, barriers = _lowered_ops(xshape, n_out)
     lead = len(xshape) - 1
     want = {
         "fusion": ([], 0),
-        "gemm_gtx": (["{1}, rhs_contracting_dims={0}"], 2),
-        "gemm_xtg": (["{1}, rhs_contracting_dims={0}"], 1),
+        "gemm_gtx": (["{1}, rhs_contracting_dims={0}"], 3),
+        "gemm_xtg": (["{1}, rhs_contracting_dims={0}"], 2),
         "dot": (["{%s}, rhs_contracting_dims={%s}" % ((",".join(map(str, range(lead))),) * 2)], 0),
     }[form]
     assert (dots, barriers) == want
