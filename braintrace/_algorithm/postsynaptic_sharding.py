@@ -139,9 +139,10 @@ def _trace_axes(learner, relations) -> Dict[str, object]:
                 axes[_key(r.index, gi)] = leaves
                 axes[_bar(_key(r.index, gi))] = leaves
             else:  # pp_prop: the output-shaped traces (*unit shape, n); the input trace is replicated
-                axes[f"f{r.index}_g{gi}"] = unit
-                for k in _exact_keys(r):
-                    axes[f"e{r.index}_g{gi}_{k}"] = unit
+                if learner._needs_x(r):
+                    axes[learner._f_key(r, gi)] = unit
+                if _exact_keys(r):
+                    axes[learner._e_key(r, gi)] = unit
     return axes
 
 

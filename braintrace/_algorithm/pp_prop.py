@@ -41,6 +41,7 @@ from typing import Dict
 import jax
 import jax.numpy as jnp
 
+from braintrace._compiler.sum_roots import sum_roots
 from braintrace._etrace_op._registries import BATCHED_PRIMITIVES, ETP_PP_X_REPR, ETP_X_INVAR_INDICES, get_rule
 from braintrace._etrace_op._trace_ops import rule_kwargs
 
@@ -259,13 +260,66 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         for r, gi, g in self._relation_groups():
             n = g.num_state
             if self._needs_x(r):
-                init_pp = get_rule(r.primitive, "init_pp")
-                f = init_pp(r.x_var, r.y_var, dict(r.trainable_vars), n)
-                vals[f"f{r.index}_g{gi}"] = jnp.zeros((*g.shape, n), f.dtype)
-                vals[_norm_key(f.dtype)] = jnp.zeros((), f.dtype)  # the normaliser 1 - lambda^t
-            for k in _exact_keys(r):
-                vals[f"e{r.index}_g{gi}_{k}"] = jnp.zeros((*g.shape, n), r.y_var.aval.dtype)
+                dtype = self._f_dtype(r, n)
+                vals[self._f_key(r, gi)] = jnp.zeros((*g.shape, n), dtype)
+                vals[_norm_key(dtype)] = jnp.zeros((), dtype)  # the normaliser 1 - lambda^t
+            if _exact_keys(r):
+                vals[self._e_key(r, gi)] = jnp.zeros((*g.shape, n), r.y_var.aval.dtype)
         return vals
+
+    @staticmethod
+    def _f_dtype(r, n):
+        """The dtype of relation ``r``'s output-side trace (its primitive's ``init_pp``)."""
+        return get_rule(r.primitive, "init_pp")(r.x_var, r.y_var, dict(r.trainable_vars), n).dtype
+
+    def _trace_owners(self) -> Dict[int, Dict[str, int]]:
+        """``{relation index: {'f': owner, 'e': owner}}``: the relation whose output-side traces a
+        relation uses, its own index unless it shares them.
+
+        Both output-side traces of a relation and hidden group are functions of ``D`` and
+        :math:`df = \\partial h/\\partial y` alone. Relations whose outputs have one sum root
+        (:func:`~braintrace._compiler.sum_roots.sum_roots`: added together before anything else reads
+        them, as ``tanh(x W_in + h W_rec)``) have the same ``df``, so those with the same hidden
+        groups and trace dtype keep one ``f`` trace (those that need ``x``) and one exact trace (those
+        with exact keys, e.g. ``bias``), owned by the first of them. Relations whose ``df`` is not
+        read from the cut step (``element_wise``) keep their own.
+        """
+        graph = self.graph
+        cached = getattr(self, "_trace_owner_cache", None)
+        if cached is not None and cached[0] is graph:
+            return cached[1]
+        ex = self.executor
+        cut = set(ex.cut_eqns)
+        relations = [
+            r
+            for r in graph.hidden_param_op_relations
+            if r.eqn_index in cut and ex.jaxpr.eqns[r.eqn_index].outvars[0] is r.y_var
+        ]
+        roots = sum_roots(ex.jaxpr, [r.y_var for r in relations])
+        groups = lambda r: tuple(g.index for g in r.hidden_groups)  # noqa: E731
+        owners = {r.index: {"f": r.index, "e": r.index} for r in graph.hidden_param_op_relations}
+        first: Dict = {}
+        for r in relations:
+            n = tuple(g.num_state for g in r.hidden_groups)
+            if self._needs_x(r):
+                key = ("f", roots[r.y_var], groups(r), tuple(self._f_dtype(r, k) for k in n))
+                owners[r.index]["f"] = first.setdefault(key, r.index)
+            if _exact_keys(r):
+                key = ("e", roots[r.y_var], groups(r), r.y_var.aval.dtype)
+                owners[r.index]["e"] = first.setdefault(key, r.index)
+        self._trace_owner_cache = (graph, owners)
+        return owners
+
+    def _f_key(self, r, gi) -> str:
+        """The key of the ``f`` trace relation ``r`` uses for its ``gi``-th hidden group."""
+        return f"f{self._trace_owners()[r.index]['f']}_g{gi}"
+
+    def _e_key(self, r, gi) -> str:
+        """The key of the exact trace every exact key of relation ``r`` uses for its ``gi``-th group
+        (named after its owner's first exact key)."""
+        owner = self._trace_owners()[r.index]["e"]
+        first_key = _exact_keys(self.graph.hidden_param_op_relations[owner])[0]
+        return f"e{owner}_g{gi}_{first_key}"
 
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
         lam_x, lam = self.decay_x, self.decay_f
@@ -281,11 +335,11 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                     new[k] = jax.lax.with_sharding_constraint(new[k], self.input_trace_sharding)
         for r, gi, g in self._relation_groups():
             d, df = step.d[g.index], step.df[(r.index, gi)]
-            if self._needs_x(r):
-                k = f"f{r.index}_g{gi}"
+            k = self._f_key(r, gi)
+            if self._needs_x(r) and k not in new:  # a shared trace is updated once
                 new[k] = (lam * _contract(d, traces[k]) + (1 - lam) * df).astype(traces[k].dtype)
-            for key in _exact_keys(r):
-                k = f"e{r.index}_g{gi}_{key}"
+            k = self._e_key(r, gi) if _exact_keys(r) else None
+            if k is not None and k not in new:
                 new[k] = (exact_scale * _contract(d, traces[k]) + df).astype(traces[k].dtype)
         for k in traces:  # the normalisers, with the same arithmetic as eps_f: eps_f / c is exact
             if _is_norm_key(k):
@@ -313,7 +367,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
             x_tr = traces[f"x{r.index}"] if self._needs_x(r) else None
             part = {}
             if self._needs_x(r):
-                f = traces[f"f{r.index}_g{gi}"]
+                f = traces[self._f_key(r, gi)]
                 gsig = (ct * f).sum(-1) / correction[_norm_key(f.dtype)]
                 if r.index in factored:
                     # xy_to_dw is linear in its cotangent: the groups' cotangents add up.
@@ -323,7 +377,7 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
                     full = _xy_to_dw(r, x_tr, gsig, weights[r.index], kwargs, bnd)
                     part.update({k: v for k, v in full.items() if k not in _exact_keys(r)})
             for key in _exact_keys(r):
-                gk = (ct * traces[f"e{r.index}_g{gi}_{key}"]).sum(-1)
+                gk = (ct * traces[self._e_key(r, gi)]).sum(-1)
                 x_for = (
                     x_tr
                     if x_tr is not None
