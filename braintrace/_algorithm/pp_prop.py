@@ -13,6 +13,11 @@ Keys that need no ``x`` (``bias``, and every key of an input-free primitive such
 ``element_wise``) keep the exact per-unit trace :math:`\epsilon \leftarrow D_t\epsilon + df_t`
 (the same memory as :math:`\epsilon_f`) and are solved with ``xy_to_dw`` of that trace.
 
+Both output-side traces depend on the relation only through :math:`df_t`. Relations whose outputs
+are added together before anything else reads them (``tanh(x W_in + h W_rec)``) have the same
+:math:`df_t`, so they share one :math:`\epsilon_f` and one exact trace
+(:meth:`IODimVjpAlgorithm._trace_owners`).
+
 ``decay_or_rank``: a float is :math:`\lambda \in (0, 1)`; an int ``r > 0`` means
 :math:`\lambda = (r-1)/(r+1)`; a pair sets the input and output sides apart,
 :math:`(\lambda_x, \lambda_f)` (the ``trace_factorization='io_factorized'`` coordinates of
