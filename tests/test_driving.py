@@ -173,3 +173,20 @@ def test_a_parameter_the_step_does_not_read_gets_a_zero_gradient():
         assert np.abs(np.asarray(grads[("w",)])).sum() > 0
     learner.etrace_train(xs, xs, step_fn=lambda out, y: jnp.sum((out - y) ** 2), optimizer=optax.sgd(0.1))
     assert np.all(np.asarray(model.unused.value) == 1.0)
+
+
+@pytest.mark.parametrize("form", ["output", "runs_the_learner"])
+def test_etrace_grad_writes_no_parameter(form):
+    """Telling the two forms of step_fn apart evaluates it once and restores what it wrote, and only
+    that: a parameter written there would be an output of an enclosing jit's compiled call (a copy of
+    every weight per call)."""
+    xs, ys = _data()
+    alg = _learner()
+    if form == "output":
+        step_fn = om.loss_fn
+    else:
+        step_fn = lambda x, y: om.loss_fn(alg(x), y)  # noqa: E731
+    with brainstate.StateTraceStack() as trace:
+        alg.etrace_grad(xs, ys, step_fn=step_fn)
+    written = [type(s).__name__ for s in trace.get_write_states()]
+    assert written and "ParamState" not in written

@@ -38,7 +38,9 @@ __all__ = ["step_fn_runs_the_model", "etrace_grad_driving", "etrace_evolve_drivi
 def step_fn_runs_the_model(alg, step_fn: Callable, sequences) -> bool:
     """Whether ``step_fn(*sequences[t])`` calls ``alg`` (the published form of ``step_fn``).
 
-    Evaluated abstractly on the first step; every state's value is restored afterwards.
+    Evaluated abstractly on the first step; every state the evaluation wrote is restored afterwards,
+    and only those: under an enclosing ``jit``, a state written here would become an output of the
+    compiled call (a copy of every parameter per call).
     """
     slices = [jax.tree.map(lambda a: a[0], s) for s in sequences]
     states = list(alg.states().values())
@@ -52,7 +54,8 @@ def step_fn_runs_the_model(alg, step_fn: Callable, sequences) -> bool:
     finally:
         del alg.__dict__["_call_probe"]
         for s, v in zip(states, saved):
-            s.value = v
+            if s.value is not v:
+                s.value = v
     return calls[0] > 0
 
 
