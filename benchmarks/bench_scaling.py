@@ -96,7 +96,9 @@ def test_scaling(benchmark, scale, settings, algorithm, form):
     if benchmark.stats is None:  # --benchmark-disable
         return
     seconds = benchmark.stats.stats.median / T
-    trace = jax.tree.leaves(learner.etrace.value["r1_g0" if algorithm == "d_rtrl" else "f1_g0"])[0]
+    rec = learner.graph.hidden_param_op_relations[1]  # the recurrent layer (pp_prop: its shared f trace)
+    key = "r1_g0" if algorithm == "d_rtrl" else learner._f_key(rec, 0)
+    trace = jax.tree.leaves(learner.etrace.value[key])[0]
     benchmark.extra_info.update(
         {
             "kind": "scaling",

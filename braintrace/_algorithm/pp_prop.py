@@ -323,8 +323,8 @@ class IODimVjpAlgorithm(ETraceVjpAlgorithm):
         """The key of the exact trace every exact key of relation ``r`` uses for its ``gi``-th group
         (named after its owner's first exact key)."""
         owner = self._trace_owners()[r.index]["e"]
-        first_key = _exact_keys(self.graph.hidden_param_op_relations[owner])[0]
-        return f"e{owner}_g{gi}_{first_key}"
+        (owner_relation,) = [o for o in self.graph.hidden_param_op_relations if o.index == owner]
+        return f"e{owner}_g{gi}_{_exact_keys(owner_relation)[0]}"
 
     def _update_traces(self, traces: Dict, step: StepValues) -> Dict:
         lam_x, lam = self.decay_x, self.decay_f
