@@ -276,7 +276,8 @@ class _InContext:
             return self._fn.lower(*args)
 
     def trace(self, *args):
-        """``jax.stages.Traced``: ``.lower(lowering_platforms=("cuda",))`` lowers it for a GPU anywhere."""
+        """``jax.stages.Traced``; traced in ``braintrace_kernels.triton_calls.cuda_target()``,
+        ``.lower(lowering_platforms=("cuda",))`` lowers it for a GPU anywhere."""
         with brainstate.environ.context(dt=DT):
             return self._fn.trace(*args)
 

@@ -1,7 +1,10 @@
 """Which Triton kernels a jitted function launches on a CUDA GPU, found without a GPU.
 
 Lowering for another platform needs no device: ``jax.jit(fn).trace(*args).lower(
-lowering_platforms=("cuda",))`` runs the Pallas-to-Triton lowering on any machine. Each Pallas-Triton
+lowering_platforms=("cuda",))`` runs the Pallas-to-Triton lowering on any machine. jax 0.11 also asks
+which GPU it lowers for (the Triton compute capability), and reads it from the context each equation
+was traced in: build, trace and lower inside :func:`cuda_target`, which names the GPU host's
+(:data:`ABSTRACT_GPU`) when the machine has none. Each Pallas-Triton
 kernel then appears in the lowered module as one ``stablehlo.custom_call`` whose target contains
 ``xla.gpu.triton``, carrying the kernel's name, its ``num_warps`` and ``num_stages`` and its Triton IR
 (an MLIR string attribute). :func:`triton_calls` reads them back in program order.
@@ -24,12 +27,17 @@ shows up as :class:`ValueError` from :func:`triton_calls` in the CPU test suite 
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import NamedTuple
 
 import jax
 
-__all__ = ["TritonCall", "lowered_for_cuda", "triton_calls"]
+__all__ = ["ABSTRACT_GPU", "TritonCall", "cuda_target", "lowered_for_cuda", "triton_calls"]
+
+#: The GPU a lowering for CUDA targets on a machine without one: the GPU host's H200 (compute
+#: capability 9.0, the ``sm_90`` that ``ci/inspect_kernels.py`` compiles for).
+ABSTRACT_GPU = "NVIDIA H200"
 
 _NAME = re.compile(r', name = "([^"]+)"')
 _WARPS = re.compile(r"num_warps = (\d+)")
@@ -64,9 +72,47 @@ class TritonCall(NamedTuple):
             return ir.Module.parse(self.ir).operation.get_asm()
 
 
+@contextlib.contextmanager
+def cuda_target(mesh=None):
+    """A context in which lowering for CUDA knows its GPU on any machine.
+
+    Build, trace and lower inside it: an equation keeps the context it was traced in, so a model whose
+    graph was compiled (``compile_graph``) outside it lowers its kernels without a GPU named.
+
+    On a machine whose default backend is a GPU this does nothing: the lowering asks that GPU. Else it
+    enters ``jax.sharding.use_abstract_mesh`` with an abstract mesh whose device is
+    :data:`ABSTRACT_GPU`. jax 0.11's Pallas-to-Triton lowering raises ``RuntimeError: No supported
+    GPU devices found`` without one, and takes the device from the context the function was traced
+    in; jax 0.10 lowers for compute capability 9.0 without a GPU either way.
+
+    Example::
+
+        with cuda_target():
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    Args:
+      mesh: the ``jax.sharding.Mesh`` the lowered program's shardings name, or ``None`` (no mesh
+        axes). The abstract mesh gets its axis names, sizes and types.
+    """
+    if jax.default_backend() == "gpu":
+        yield
+        return
+    device = jax.sharding.AbstractDevice(device_kind=ABSTRACT_GPU, num_cores=None, platform="gpu")
+    if mesh is None:
+        abstract = jax.sharding.AbstractMesh((), (), abstract_device=device)
+    else:
+        abstract = jax.sharding.AbstractMesh(
+            mesh.axis_sizes, mesh.axis_names, mesh.axis_types, abstract_device=device
+        )
+    with jax.sharding.use_abstract_mesh(abstract):
+        yield
+
+
 def lowered_for_cuda(fn, *args) -> str:
-    """The text of ``jax.jit(fn)`` lowered for CUDA at ``args`` (arrays or ``jax.ShapeDtypeStruct``)."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    """The text of ``jax.jit(fn)`` lowered for CUDA at ``args`` (arrays or ``jax.ShapeDtypeStruct``),
+    traced and lowered in :func:`cuda_target`."""
+    with cuda_target():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def triton_calls(lowered_text: str) -> list[TritonCall]:

@@ -94,23 +94,26 @@ def _lowered_for_cuda(workload: str, algorithm: str, scale: str) -> str:
     s = models.spec(workload, scale)
     xs = jax.ShapeDtypeStruct((3, s.batch, s.n_in), jnp.float32)
     ys = jax.ShapeDtypeStruct((3, s.batch, s.n_out), jnp.float32)
-    run = models.online_fn(s, algorithm)
-    return run.trace(xs, ys).lower(lowering_platforms=("cuda",)).as_text()
+    with kernel_module("triton_calls").cuda_target():  # the graph is compiled in it too
+        run = models.online_fn(s, algorithm)
+        return run.trace(xs, ys).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _per_step_lowered_for_cuda(kind: str, algorithm: str) -> str:
     """One jitted step of the per-step API on the backend tests' model, lowered for CUDA."""
-    model = _Model(kind)
-    brainstate.nn.init_all_states(model, batch_size=B)
-    alg = braintrace.D_RTRL(model) if algorithm == "d_rtrl" else braintrace.pp_prop(model, 0.6)
-    x, y = jnp.zeros((B, I)), jnp.zeros((B, H))
-    alg.compile_graph(x)
-    params = model.states(brainstate.ParamState)
+    with kernel_module("triton_calls").cuda_target():  # the graph is compiled in it too
+        model = _Model(kind)
+        brainstate.nn.init_all_states(model, batch_size=B)
+        alg = braintrace.D_RTRL(model) if algorithm == "d_rtrl" else braintrace.pp_prop(model, 0.6)
+        x, y = jnp.zeros((B, I)), jnp.zeros((B, H))
+        alg.compile_graph(x)
+        params = model.states(brainstate.ParamState)
 
-    def step(x, y):
-        return brainstate.transform.grad(lambda: jnp.sum((alg(x) - y) ** 2), params)()
+        def step(x, y):
+            return brainstate.transform.grad(lambda: jnp.sum((alg(x) - y) ** 2), params)()
 
-    return brainstate.transform.jit(step).trace(x, y).lower(lowering_platforms=("cuda",)).as_text()
+        traced = brainstate.transform.jit(step).trace(x, y)
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.fixture(scope="module")

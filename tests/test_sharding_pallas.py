@@ -256,9 +256,12 @@ def _per_device_program(mesh, key, rule, operand_types, result_types):
     else:
         result_shape = xc.Shape.tuple_shape([s for s, _ in outs])
         result_sharding = xc.HloSharding.tuple_sharding(result_shape, [h for _, h in outs])
-    code, _, _ = custom_partitioning._custom_partitioning_partition(
-        [s for s, _ in args], [h for _, h in args], result_shape, result_sharding, key.encode()
-    )
+    from braintrace._kernel_import import kernel_module
+
+    with kernel_module("triton_calls").cuda_target(mesh):  # the per-shard kernels are lowered here
+        code, _, _ = custom_partitioning._custom_partitioning_partition(
+            [s for s, _ in args], [h for _, h in args], result_shape, result_sharding, key.encode()
+        )
     with mlir.make_ir_context():
         text = str(ir.Module.parse(code))
     axes = [factors.index(batch) if batch in factors else None for factors in operands]
@@ -298,7 +301,9 @@ def _cuda_rows():
 
     from benchmarks import _models as M
     from braintrace._etrace_op.dense import dense_trace_update_solve_p as p
+    from braintrace._kernel_import import kernel_module
 
+    cuda_target = kernel_module("triton_calls").cuda_target
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 'pallas' without a GPU: the CPU falls back, CUDA does not
         braintrace.set_backend("pallas")
@@ -308,14 +313,16 @@ def _cuda_rows():
         s = dataclasses.replace(M.spec(workload, "cpu"), batch=CUDA_BATCH)
         xs = jax.ShapeDtypeStruct((3, s.batch, s.n_in), jnp.float32, sharding=sequence)
         ys = jax.ShapeDtypeStruct((3, s.batch, s.n_out), jnp.float32, sharding=sequence)
-        lowered = M.online_fn(s, algorithm).trace(xs, ys).lower(lowering_platforms=("cuda",))
+        with cuda_target(mesh):
+            lowered = M.online_fn(s, algorithm).trace(xs, ys).lower(lowering_platforms=("cuda",))
         _cuda_row(f"{workload}:{algorithm}", lowered, mesh)
     # The dense kernel with two states per unit (the benchmark RNNs' one-state traces are small
     # enough per device that the dispatch keeps XLA's fusion there).
     rows = NamedSharding(mesh, P("batch"))
     shapes = [(CUDA_BATCH, 5, 40, 2), (CUDA_BATCH, 40, 2, 2), (CUDA_BATCH, 5), (CUDA_BATCH, 40, 2)]
     args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=rows) for s in shapes + shapes[-1:]]
-    lowered = jax.jit(lambda *a: p.bind(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+    with cuda_target(mesh):
+        lowered = jax.jit(lambda *a: p.bind(*a)).trace(*args).lower(lowering_platforms=("cuda",))
     _cuda_row("dense_trace_update_solve", lowered, mesh)
 
 
