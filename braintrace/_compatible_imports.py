@@ -24,6 +24,7 @@ __all__ = [
     "jaxpr_of",
     "consts_of",
     "new_jaxpr_eqn_params",
+    "scan_operand_counts",
 ]
 
 Primitive = _jex.core.Primitive
@@ -52,6 +53,20 @@ def jaxpr_of(obj):
 def consts_of(obj):
     """The constants of a closed jaxpr (empty for an open one)."""
     return list(getattr(obj, "consts", ()) or ())
+
+
+def scan_operand_counts(params) -> tuple[int, int]:
+    """``(number of consts, number of carries)`` of a ``scan`` equation from its ``params``.
+
+    A ``scan`` equation's operands are ``consts, carry, xs`` and its outputs ``carry, ys``. jax 0.10
+    states the counts as ``num_consts`` and ``num_carry``; jax 0.11 as the flat tree ``ft_in`` of
+    the three operand groups (and it may move a carry the body passes through unchanged to the
+    consts).
+    """
+    if "num_consts" in params:
+        return int(params["num_consts"]), int(params["num_carry"])
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
 
 
 def new_jaxpr_eqn_params(eqn) -> dict:

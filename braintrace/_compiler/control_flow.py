@@ -25,7 +25,7 @@ from typing import List, Sequence
 import jax
 import jax.numpy as jnp
 
-from braintrace._compatible_imports import consts_of, jaxpr_of
+from braintrace._compatible_imports import consts_of, jaxpr_of, scan_operand_counts
 
 from .diagnostics import NotSupportedError
 from .jaxpr_tools import contains_etp, eval_jaxpr_hooked, sub_jaxprs
@@ -67,7 +67,7 @@ def _unrolled_scan(eqn, invals, hook, limit: int) -> List:
             f"scan_unroll_limit={limit} iterations. Raise the limit "
             f"(braintrace.ControlFlowPolicy(scan_unroll_limit=...)) or move the ETP op out of the loop."
         )
-    n_c, n_carry = p["num_consts"], p["num_carry"]
+    n_c, n_carry = scan_operand_counts(p)
     consts, carry, xs = invals[:n_c], list(invals[n_c : n_c + n_carry]), invals[n_c + n_carry :]
     ys_steps = []
     order = range(length - 1, -1, -1) if p.get("reverse", False) else range(length)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
-from braintrace._compatible_imports import Literal, jaxpr_of
+from braintrace._compatible_imports import Literal, jaxpr_of, scan_operand_counts
 
 __all__ = ["MIXED", "ELEMENTWISE", "propagate_unit_maps", "identity_map", "is_diagonal"]
 
@@ -244,7 +244,7 @@ def _carry_fixed_point(body_fn, carry_init, max_rounds: int = 8):
 def _scan(eqn, labels, hooks):
     """``scan``: operands ``consts, carry, xs``; outputs ``carry, ys`` (stacked on axis 0)."""
     p = eqn.params
-    n_c, n_carry = p["num_consts"], p["num_carry"]
+    n_c, n_carry = scan_operand_counts(p)
     consts, init, xs = labels[:n_c], labels[n_c : n_c + n_carry], labels[n_c + n_carry :]
     # the body sees one slice of each scanned operand: its axis 0 is gone (a unit axis there mixes)
     xs_body = [_along_axes(lab, [0], lambda m: m[1:]) for lab in xs]
