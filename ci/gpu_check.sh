@@ -26,9 +26,11 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     # The published package and what it adds for Python 3.12; jax, numpy, scipy, matplotlib and tqdm
     # are on the GPU host already.
     mkdir -p .whl/published
+    # jax is pinned to the GPU host's (its jaxlib wheel is tagged manylinux_2_27: without that
+    # platform the resolver finds no jaxlib at all); both are removed below.
     python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl/published "braintrace==$PUBLISHED_VERSION" || exit 1
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl/published "braintrace==$PUBLISHED_VERSION" "jax==0.11.2" || exit 1
     (cd .whl/published && rm -f jax-* jaxlib-* numpy-* scipy-* matplotlib-* ml_dtypes-* opt_einsum-* \
         nvidia_* jax_cuda* contourpy-* fonttools-* kiwisolver-* pillow-* pyparsing-* cycler-* \
         python_dateutil-* six-* packaging-* tqdm-*)
