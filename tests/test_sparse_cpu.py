@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from braintrace._etrace_op import _sparse_cpu
+from braintrace._etrace_op import _cpu_sums, _sparse_cpu
 
 
 def _pattern(rng, n_in, n_out, nnz):
@@ -92,7 +92,11 @@ def test_which_form_the_cpu_program_holds():
     assert unit_major["dot"] == 0 and unit_major["transpose"] >= 1 and unit_major["scatter"] == 1
     assert product((3,), 30, 20, 25)["transpose"] == 0  # few values: batch-major
     assert product((1,), 200, 200, 9000)["transpose"] == 0  # one row: batch-major
-    assert sddmm(4, 8, 8, 40)["dot"] == 1
+    # dense: the entries of a^T g, in the form outer_sum picks for the shape
+    assert _cpu_sums.outer_sum_form(4, 8, 8) == "fusion"
+    assert sddmm(4, 8, 8, 40)["dot"] == 0 and sddmm(4, 8, 8, 40)["gather"] == 1
+    assert _sparse_cpu.dense_on_cpu(16, 128, 128, 1024) and _cpu_sums.outer_sum_form(16, 128, 128) == "dot"
+    assert sddmm(16, 128, 128, 1024)["dot"] == 1
     assert sddmm(3, 30, 20, 25)["reduce"] >= 1  # fewer products than MIN_ELEMENTS: reduced
     assert sddmm(4, 200, 200, 2100)["reduce"] == 0  # unrolled
     assert sddmm(40, 64, 64, 50)["reduce"] >= 1  # more rows than CPU_SDDMM_UNROLLED_ROWS

@@ -12,7 +12,8 @@ rows (the product of the leading axes).
   ``y^T``); below that, the batch-major form (the two transposes would cost more than they save).
 * :func:`sddmm` :math:`v_p = \sum_b a_{b r_p} g_{b c_p}` (``a`` ``(R, I)``, ``g`` ``(R, O)``).
   Every platform but the CPU: the gathered products reduced over the rows. On the CPU: the entries
-  of :math:`a^\top g` where the pattern is dense enough; else the products summed over the rows
+  of :math:`a^\top g` (:func:`~braintrace._etrace_op._cpu_sums.outer_sum`, which picks that
+  product's CPU form by shape) where the pattern is dense enough; else the products summed over the rows
   unrolled (up to :data:`CPU_SDDMM_UNROLLED_ROWS` rows: one loop fusion), else reduced; and
   reduced below :data:`~braintrace._etrace_op._cpu_sums.MIN_ELEMENTS` products, where the reduction
   is itself one loop fusion.
@@ -133,7 +134,7 @@ def sddmm(a, g, row_ids, col_ids):
 
     def cpu(a, g, row_ids, col_ids):
         if dense:
-            full = jnp.matmul(a.T, g, precision=jax.lax.Precision.HIGHEST)  # (I, O)
+            full = _cpu_sums.outer_sum(a, g, precision=jax.lax.Precision.HIGHEST)  # (I, O)
             return full.at[row_ids, col_ids].get(mode=IN_BOUNDS)
         products = take(a, row_ids, 1) * take(g, col_ids, 1)  # (rows, nnz)
         if _cpu_sums.unrolls(products.shape, (0,), CPU_SDDMM_UNROLLED_ROWS):
