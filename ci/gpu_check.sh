@@ -23,6 +23,9 @@ PUBLISHED_VERSION="${PUBLISHED_VERSION:-0.2.6}"
 if [ "${1:-}" = "--fetch-wheels" ]; then
     shift
     bash ../shared/gpu/wheels.sh "$@" || exit 1
+    # brainstate 0.6.0 imports typing_extensions, which a bare Python 3.12 with jax lacks
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        -d .whl typing_extensions || exit 1
     # The published package and what it adds for Python 3.12; jax, numpy, scipy, matplotlib and tqdm
     # are on the GPU host already.
     mkdir -p .whl/published
