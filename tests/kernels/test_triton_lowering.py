@@ -15,6 +15,7 @@ import functools
 import braintrace_kernels as bk
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from braintrace_kernels.triton_calls import TritonCall, lowered_for_cuda, triton_calls
 from jax.experimental import pallas as pl
@@ -244,3 +245,22 @@ def test_triton_calls_reads_the_attributes_and_fails_on_a_changed_format():
     assert triton_calls("other\n" + line) == [TritonCall("k", 8, 2, b'ML\xefR\\x"y')]
     with pytest.raises(ValueError, match="without name"):
         triton_calls(line.replace('name = "k"', 'kernel = "k"'))
+
+
+def test_cuda_target_names_the_gpu_the_lowering_asks_for():
+    """Without a GPU, ``cuda_target`` puts an abstract GPU (with the mesh's axes) in the context the
+    Pallas-to-Triton lowering reads, and restores the context after; with a GPU it changes nothing."""
+    from braintrace_kernels.triton_calls import ABSTRACT_GPU, cuda_target
+
+    before = jax.sharding.get_abstract_mesh()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+    for given, axes in ((None, ()), (mesh, ("batch",))):
+        with cuda_target(given):
+            inside = jax.sharding.get_abstract_mesh()
+        if jax.default_backend() == "gpu":
+            assert inside == before
+            continue
+        assert inside.abstract_device.device_kind == ABSTRACT_GPU
+        assert inside.abstract_device.platform == "gpu"
+        assert tuple(inside.axis_names) == axes
+    assert jax.sharding.get_abstract_mesh() == before
